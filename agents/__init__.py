@@ -1,0 +1,1 @@
+"""RL algorithms for textenv: shared PPO/RLHF math (`agents.core`) and the trainers built on it."""

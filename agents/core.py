@@ -1,0 +1,258 @@
+"""Pure tensor math shared by the RL algorithms: log-probs, masked statistics, KL penalties, GAE, PPO losses.
+
+Conventions: B batch, T response length, V vocabulary. `mask` is a float or bool (B, T) tensor, 1 for real response
+tokens (up to and including EOS) and 0 for padding after EOS. Masked-out entries never influence any statistic, even
+when they hold nan/inf (we select with `torch.where`, never multiply by the mask), and every per-token output is 0
+there. References:
+  GAE: Schulman et al. 2015, https://arxiv.org/abs/1506.02438
+  PPO: Schulman et al. 2017, https://arxiv.org/abs/1707.06347
+  RLHF with a KL penalty: Ziegler et al. 2019, https://arxiv.org/abs/1909.08593
+  N implementation details: https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo
+  KL approximators: http://joschu.net/blog/kl-approx.html
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log pi(token) = log_softmax(logits / temperature)[token], shape (B, T).
+
+    The temperature used when sampling must also divide the logits here, or the PPO ratio is off from step one
+    (N details blog, "Scale the logits by sampling temperature").
+    """
+    _check_temperature(temperature)
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)  # (B, T, V)
+    return logp_all.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """H = logsumexp(z) - sum_v softmax(z)_v z_v with z = logits / temperature, shape (B, T)."""
+    _check_temperature(temperature)
+    z = logits / temperature  # (B, T, V)
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)  # (B, T)
+
+
+def _bool_mask(mask: Tensor) -> Tensor:
+    mask = mask.bool()
+    if not mask.any():
+        raise ValueError("mask has no true entry; masked statistics are undefined")
+    return mask
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """sum(x * mask) / sum(mask), over all entries (dim=None) or along `dim`; every slice needs a true entry."""
+    mask = _bool_mask(mask)
+    total = torch.where(mask, x, 0.0).sum() if dim is None else torch.where(mask, x, 0.0).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    if (count == 0).any():
+        raise ValueError(f"mask has an all-false slice along dim={dim}")
+    return total / count
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the masked entries, mean((x - mean)^2), times n / (n - 1) when `unbiased` (Bessel)."""
+    mask = _bool_mask(mask)
+    var = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n < 2:
+            raise ValueError("unbiased variance needs at least 2 true mask entries")
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) with mean/unbiased var over masked entries; masked-out entries come back as 0.
+
+    With shift_mean=False the mean is added back (only the scale changes), as in the N details blog / TRL, which
+    use it for rewards. Masked-out entries are returned as 0 so they can never leak into a later sum.
+    """
+    mask = _bool_mask(mask)
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)  # (B, T)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, 0.0)
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token estimator of KL(pi || ref) from tokens sampled from pi (Schulman, "Approximating KL divergence").
+
+    With log r = ref_logp - logp: k1 = -log r (unbiased, can be < 0); k2 = 0.5 (log r)^2 (biased, low variance,
+    >= 0); k3 = (r - 1) - log r (unbiased, >= 0). Ziegler et al. 2019 and the N details blog penalise with k1.
+    """
+    log_r = ref_logp - logp  # (B, T)
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r**2
+    if kind == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator kind {kind!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def response_lengths(mask: Tensor) -> Tensor:
+    """Number of real tokens per row, (B,); ValueError if a row is empty or its 1s are not a prefix."""
+    mask = mask.bool()
+    lengths = mask.sum(1)  # (B,)
+    if (lengths == 0).any():
+        raise ValueError(f"rows {torch.nonzero(lengths == 0).flatten().tolist()} have an all-zero mask")
+    prefix = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]  # (B, T)
+    if not torch.equal(prefix, mask):
+        raise ValueError("mask must be 1s followed by 0s in every row (left-aligned responses)")
+    return lengths
+
+
+def per_token_rewards(
+    scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float, kl_kind: str = "k1"
+) -> tuple[Tensor, Tensor]:
+    """r_t = -kl_coef * KL_t on every real token, plus the scalar score at the last real token (Ziegler et al. 2019,
+    arXiv 1909.08593; N details blog "Reward model / KL penalty"). Returns (rewards, non_score_reward), both (B, T), 0 after EOS.
+    """
+    mask = mask.bool()
+    lengths = response_lengths(mask)  # (B,)
+    kl = kl_estimate(logp, ref_logp, kl_kind)  # (B, T)
+    non_score_reward = torch.where(mask, -kl_coef * kl, 0.0)  # (B, T)
+    rewards = non_score_reward.clone()
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, lengths - 1] += scores.to(rewards.dtype)  # score at the last real token (EOS if it was sampled)
+    return rewards, non_score_reward
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """GAE (Schulman et al. 2015, arXiv 1506.02438, eq. 16), backwards over T:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = delta_t + gamma * lam * A_{t+1},
+
+    where V_{t+1} = A_{t+1} = 0 past the last real token (the episode terminates at EOS: no bootstrap). Rewards and
+    values at masked positions are ignored; advantages and returns (A + V) are 0 there. Returns (advantages, returns).
+    """
+    mask = mask.bool()
+    advantages = torch.zeros_like(rewards)  # (B, T)
+    next_value = torch.zeros_like(rewards[:, 0])  # (B,)
+    next_adv = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
+        next_adv = torch.where(mask[:, t], delta + gamma * lam * next_adv, 0.0)  # (B,)
+        next_value = torch.where(mask[:, t], values[:, t], 0.0)  # (B,)
+        advantages[:, t] = next_adv
+    returns = torch.where(mask, advantages + values, 0.0)  # (B, T)
+    return advantages, returns
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var[returns - values] / Var[returns] over masked entries; nan if Var[returns] == 0 (1 is perfect)."""
+    var_y = masked_var(returns, mask, unbiased=False).item()
+    if var_y == 0:
+        return math.nan
+    return 1.0 - masked_var(returns - values, mask, unbiased=False).item() / var_y
+
+
+def clipped_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_coef: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7) as a masked mean over tokens:
+
+        loss = mean(max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c))),  ratio = exp(logp - old_logp).
+
+    Returns (loss, clipfrac, approx_kl), the last two detached: clipfrac = fraction of tokens where the clipped term
+    is active, approx_kl = mean(0.5 * (logp - old_logp)^2), the k2 estimator logged by the N details blog.
+    """
+    log_ratio = logp - old_logp  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    pg_loss1 = -advantages * ratio  # (B, T)
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)  # (B, T)
+    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((pg_loss2 > pg_loss1).float(), mask)
+        approx_kl = masked_mean(0.5 * log_ratio**2, mask)
+    return loss, clipfrac, approx_kl
+
+
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_coef_v: float
+) -> tuple[Tensor, Tensor]:
+    """0.5 * mean(max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)) over masked tokens (N details blog,
+    "Value function loss clipping"). Returns (loss, vf_clipfrac), vf_clipfrac detached."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_coef_v, clip_coef_v)  # (B, T)
+    vf_loss1 = (values - returns) ** 2  # (B, T)
+    vf_loss2 = (v_clipped - returns) ** 2  # (B, T)
+    loss = 0.5 * masked_mean(torch.max(vf_loss1, vf_loss2), mask)
+    with torch.no_grad():
+        vf_clipfrac = masked_mean((vf_loss2 > vf_loss1).float(), mask)
+    return loss, vf_clipfrac
+
+
+def _check_positive(**kw: float) -> None:
+    for name, v in kw.items():
+        if not (math.isfinite(float(v)) and float(v) > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019 (arXiv 1909.08593) adaptive KL coefficient:
+
+        e = clip(KL / target - 1, -0.2, 0.2),    beta <- beta * (1 + e * n_steps / horizon).
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        _check_positive(init_kl_coef=init_kl_coef, target=target, horizon=horizon)
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), float(state["horizon"])
+
+
+class FixedKLController:
+    """Constant KL coefficient with the AdaptiveKLController interface; `update` leaves `value` unchanged."""
+
+    def __init__(self, kl_coef: float):
+        _check_positive(kl_coef=kl_coef)
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+def masked_first_eos(tokens: Tensor, eos_token_id: int, pad_token_id: int | None = None) -> Tensor:
+    """Float (B, T) mask: 1 up to and including the first EOS, 0 after it.
+
+    A row with no EOS ends before its first PAD (a generator that already padded), else it is all 1s (truncated at
+    the length limit). The EOS check comes first, so eos_token_id == pad_token_id (GPT-2 style) is fine.
+    """
+    is_eos = tokens == eos_token_id  # (B, T)
+    is_pad = (tokens == pad_token_id) & ~is_eos if pad_token_id is not None else torch.zeros_like(is_eos)
+    after_eos = torch.cat([torch.zeros_like(is_eos[:, :1]), is_eos[:, :-1]], dim=1)  # (B, T): previous token is EOS
+    ended = torch.cumsum((after_eos | is_pad).int(), dim=1) > 0  # (B, T)
+    return (~ended).float()
+
+
+def truncate_after_eos(tokens: Tensor, eos_token_id: int, pad_token_id: int) -> Tensor:
+    """`tokens` with every position after the first EOS set to PAD (N details blog, "truncate_token")."""
+    return torch.where(masked_first_eos(tokens, eos_token_id, pad_token_id).bool(), tokens, pad_token_id)
