@@ -1,0 +1,153 @@
+"""The KV-cached sampler that drives a TextGenVectorEnv: every agent's rollouts go through here.
+
+One model forward per env step: the prompt is encoded once (prefill), then each step feeds only the token just
+sampled, reusing the key/value cache. Sampling is inverse-CDF (cumsum + searchsorted), which on 32 x 4096
+logits costs about 0.1 ms against about 3 ms for `torch.multinomial` (which draws an exponential variate for
+every vocabulary entry); that alone is a third of a decode step on a small CPU model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from transformers import PreTrainedModel
+
+from textenv.vector_env import TextGenVectorEnv
+
+
+def sample_from_logits(
+    logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Draw one token per row from softmax(logits / temperature), optionally restricted to top-k / top-p.
+
+    (B, V) logits -> (B,) int64 token ids.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float() / temperature  # (B, V)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        sorted_probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already cover top_p (the first token always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # (B, V)
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)  # (B, V)
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]  # (B, 1)
+    # right=True: the first index whose cdf exceeds u, so a zero-probability token is never chosen
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)  # (B,)
+
+
+@dataclass
+class Rollout:
+    """One episode per env: the prompts, the sampled responses and the env's scores."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, T) PAD after the last real token
+    response_mask: torch.Tensor  # (B, T) 1 for real response tokens, EOS included
+    scores: torch.Tensor  # (B,) the env's reward at each episode's last step
+    terminated: torch.Tensor  # (B,) bool: ended with EOS (False: hit max_new_tokens)
+    prompts: list[str]
+    responses: list[str]
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, P+T)
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P+T)
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token among the real ones (0 for padding): correct positions under left padding."""
+    return (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # (B, L)
+
+
+@torch.inference_mode()
+def rollout(
+    model: PreTrainedModel,
+    envs: TextGenVectorEnv,
+    generator: torch.Generator | None = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> Rollout:
+    """Play one episode in every sub-env of `envs` with `model` and return what happened.
+
+    `envs` must use NEXT_STEP autoreset (Gymnasium's default). A sub-env that finishes early is reset by the
+    env on the following step and then fed PAD (never EOS, so that throw-away episode can neither end nor cost
+    a reward call) until the others finish; the next rollout's `reset()` discards it. The batched forward costs
+    the same with or without those rows.
+    """
+    spec = envs.setup
+    if envs.autoreset_mode != AutoresetMode.NEXT_STEP:
+        raise ValueError(f"rollout needs autoreset_mode NEXT_STEP, got {envs.autoreset_mode}")
+    B, P, T = envs.num_envs, spec.max_prompt_tokens, spec.max_new_tokens
+    V = spec.vocab_size
+    device = next(model.parameters()).device
+
+    obs, _ = envs.reset(seed=seed)
+    prompt_ids = torch.from_numpy(obs["input_ids"][:, :P])  # (B, P)
+    prompt_mask = torch.from_numpy(obs["attention_mask"][:, :P])  # (B, P)
+    full_mask = torch.ones(B, P + T, dtype=torch.long, device=device)  # (B, P+T) grows into the response
+    full_mask[:, :P] = prompt_mask
+    next_position = prompt_mask.sum(-1, keepdim=True).to(device)  # (B, 1)
+
+    out = model(
+        input_ids=prompt_ids.to(device),
+        attention_mask=full_mask[:, :P],
+        position_ids=position_ids_from_mask(prompt_mask).to(device),
+        use_cache=True,
+    )
+    cache, logits = out.cache, out.logits[:, -1, :V]  # (B, V)
+
+    response_ids = np.full((B, T), spec.pad_token_id, dtype=np.int64)  # (B, T)
+    lengths = np.zeros(B, dtype=np.int64)  # (B,)
+    scores = np.zeros(B, dtype=np.float64)
+    terminated = np.zeros(B, dtype=bool)
+    done = np.zeros(B, dtype=bool)
+    prompts, responses = [""] * B, [""] * B
+    for t in range(T):
+        tokens = sample_from_logits(logits, generator, temperature, top_k, top_p)  # (B,)
+        actions = tokens.cpu().numpy()
+        actions[done] = spec.pad_token_id
+        _, rewards, term, trunc, infos = envs.step(actions)
+        live = ~done
+        response_ids[live, t] = actions[live]
+        lengths[live] += 1
+        for i in np.flatnonzero(live & (term | trunc)):
+            scores[i], terminated[i] = rewards[i], term[i]
+            prompts[i], responses[i] = infos["prompt"][i], infos["response"][i]
+        done |= term | trunc
+        if done.all():
+            break
+        out = model(
+            input_ids=torch.from_numpy(actions).to(device)[:, None],  # (B, 1)
+            attention_mask=full_mask[:, : P + t + 1],
+            position_ids=next_position + t,  # (B, 1)
+            cache=cache,
+            use_cache=True,
+        )
+        cache, logits = out.cache, out.logits[:, -1, :V]
+
+    response_mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)  # (B, T)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=torch.from_numpy(response_ids),
+        response_mask=torch.from_numpy(response_mask),
+        scores=torch.from_numpy(scores).float(),
+        terminated=torch.from_numpy(terminated),
+        prompts=prompts,
+        responses=responses,
+    )

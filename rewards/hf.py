@@ -1,0 +1,108 @@
+"""Hugging Face sequence classifiers as rewards: any `AutoModelForSequenceClassification` folder or hub id,
+our learned reward models included (they are such folders).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from textenv.models import load_sequence_classifier
+
+
+def reward_model_text(prompt: str, completion: str) -> str:
+    """What a reward model reads: the prompt followed by the completion. Training and scoring both use this."""
+    return prompt + completion
+
+
+class SequenceClassifierReward:
+    """Score (prompt, completion) pairs with a sequence-classification model.
+
+    The score is the logit of `label` (an index or a name from ``config.id2label``); a single-logit model (a
+    reward model) needs no label. A model with several labels and no `label` is an error that lists the labels,
+    since guessing "positive" would silently reward the wrong thing. Sequences are truncated on the left, so the
+    completion is always seen.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | PreTrainedModel,
+        tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+        *,
+        label: int | str | None = None,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        device: str | torch.device | None = None,
+        trust_remote_code: bool = False,
+    ):
+        if isinstance(model, PreTrainedModel):
+            self.model = model
+            self.name = model.config.name_or_path or type(model).__name__
+        else:
+            self.model = load_sequence_classifier(model, trust_remote_code=trust_remote_code)
+            self.name = str(model)
+        if tokenizer is None:
+            tokenizer = self.model.config.name_or_path
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"reward model {self.name!r}: its tokenizer has no PAD token, needed to batch inputs")
+        self.tokenizer = tokenizer
+        self.model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.device = next(self.model.parameters()).device
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.max_length = max_length or min(tokenizer.model_max_length, self.model.config.max_position_embeddings)
+        self.label_index = self._resolve_label(label)
+
+    def _resolve_label(self, label: int | str | None) -> int:
+        num_labels = self.model.config.num_labels
+        id2label = self.model.config.id2label
+        if label is None:
+            if num_labels == 1:
+                return 0
+            raise ValueError(
+                f"reward model {self.name!r} has {num_labels} labels {id2label}; pass label= to choose the one to reward"
+            )
+        if isinstance(label, str):
+            matches = [i for i, name in id2label.items() if name == label]
+            if not matches:
+                raise ValueError(f"label {label!r} is not one of {self.name!r}'s labels {list(id2label.values())}")
+            return int(matches[0])
+        if not 0 <= label < num_labels:
+            raise ValueError(f"label index {label} is out of range for {self.name!r} with {num_labels} labels")
+        return label
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        texts = [reward_model_text(p, c) for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            ids = self.tokenizer(texts[start : start + self.batch_size])["input_ids"]
+            # Keep the end of over-long inputs (the completion) without touching the caller's truncation_side.
+            ids = [row[-self.max_length :] for row in ids]
+            batch = _right_pad(ids, self.tokenizer.pad_token_id, self.device)
+            logits = self.model(**batch).logits  # (B, num_labels)
+            scores.extend(logits[:, self.label_index].float().tolist())
+        return scores
+
+    def __repr__(self) -> str:
+        return f"SequenceClassifierReward({self.name!r}, label={self.label_index})"
+
+
+def _right_pad(rows: list[list[int]], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Batch token-id lists with right padding; the model reads its score at the last non-PAD token."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}

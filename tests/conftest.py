@@ -1,0 +1,41 @@
+"""Shared fixtures: a small tokenizer and prompt set built in milliseconds, so env tests need no corpus."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from textenv.models import build_model
+from textenv.tokenizer import train_tokenizer
+
+torch.set_num_threads(2)
+
+WORDS = {
+    "subject": ["film", "movie", "book", "song", "show", "play"],
+    "verdict": ["good", "bad", "great", "awful", "fine", "dull"],
+    "extra": ["fun", "slow", "long", "short", "warm", "cold"],
+}
+TEXTS = [f"the {s} was {v} and {e}." for s, v, e in itertools.product(*WORDS.values())]
+PROMPTS = [f"the {s} was" for s in WORDS["subject"]] + ["I think that the show", "a"]
+
+
+def length_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """A deterministic toy reward: the completion's length in characters."""
+    return [float(len(c)) for c in completions]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(TEXTS * 10, vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    return build_model("tiny", tokenizer, seed=0).eval()
+
+
+@pytest.fixture
+def env_kwargs(tokenizer):
+    return dict(prompts=PROMPTS, tokenizer=tokenizer, reward_fn=length_reward, max_new_tokens=6, max_prompt_tokens=16)

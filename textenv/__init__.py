@@ -1,0 +1,37 @@
+"""textenv: the ChatGPT/InstructGPT recipe as Gymnasium text environments.
+
+Importing this package registers the environment ids:
+
+- ``textenv/TextGen-v0``: the generic env; bring your own prompts, tokenizer and reward.
+- ``textenv/PositiveReview-v0``, ``textenv/Arithmetic-v0``, ``textenv/CommonGen-v0``: the embedded tasks
+  (offline, no downloads); see `textenv.tasks`.
+
+Each id has ``TextGenVectorEnv`` as its ``vector_entry_point``, so ``gym.make_vec(id, num_envs=N)`` is natively
+batched.
+"""
+
+from gymnasium.envs.registration import register, registry
+
+from textenv.env import TextGenEnv
+from textenv.vector_env import TextGenVectorEnv
+
+__all__ = ["TextGenEnv", "TextGenVectorEnv"]
+__version__ = "0.1.0"
+
+# (id, kwargs); versioned ids, entry points as "module:Class" strings.
+ENV_IDS = {
+    "textenv/TextGen-v0": {},
+    "textenv/PositiveReview-v0": {"task": "sentiment"},
+    "textenv/Arithmetic-v0": {"task": "arithmetic"},
+    "textenv/CommonGen-v0": {"task": "commongen"},
+}
+
+for _env_id, _kwargs in ENV_IDS.items():
+    if _env_id not in registry:  # importlib.reload must not warn about re-registration
+        register(
+            id=_env_id,
+            entry_point="textenv.env:TextGenEnv",
+            vector_entry_point="textenv.vector_env:TextGenVectorEnv",
+            kwargs=_kwargs,
+            disable_env_checker=False,
+        )

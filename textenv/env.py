@@ -1,0 +1,162 @@
+"""TextGenEnv: text generation as a Gymnasium environment, one token per action, one response per episode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.error import ResetNeeded
+
+from rewards.base import call_reward
+from textenv.envsetup import check_action, make_setup
+
+
+class TextGenEnv(gym.Env):
+    """
+    ## Description
+    An episode is one response to one prompt. Each step the agent emits one token (the action), which is
+    appended to the response; the episode ends when the agent emits EOS or the response reaches
+    `max_new_tokens`. The reward is a reward function's score of the (prompt, response) pair, paid at the last
+    step, as in RLHF (Ziegler et al. 2019, arXiv 1909.08593; Ouyang et al. 2022, arXiv 2203.02155). The env
+    never sees a policy: a KL penalty to a reference policy is the agent's business.
+
+    ## Action Space
+    `Discrete(V)`: the token id to append, with V = `vocab_size` (default: the tokenizer's length; pass the
+    model's logits width when it is larger). Any id is accepted, PAD included (it is then a real response
+    token); EOS ends the episode and is not part of the decoded response.
+
+    ## Observation Space
+    `Dict(input_ids=Box(0, V-1, (P+T,), int64), attention_mask=Box(0, 1, (P+T,), int64))` with
+    P = `max_prompt_tokens` and T = `max_new_tokens`. The prompt is left-padded into columns [0, P), so response
+    token t always sits in column P+t; unfilled columns hold PAD with mask 0. Position ids for a model are
+    `cumsum(attention_mask) - 1`.
+
+    ## Rewards
+    0.0 on every step but the last; on the last, `reward_fn([prompt], [response])[0]`, where `response` is the
+    decoded text of the response tokens without special tokens. A reward that raises or returns anything but one
+    finite number raises `rewards.RewardError`, and the env is left as it was before that step.
+
+    ## Starting State
+    `reset()` draws a prompt uniformly from the prompt source with `self.np_random`.
+
+    ## Episode End
+    - Termination: the action is the EOS token.
+    - Truncation: the response holds `max_new_tokens` tokens without EOS.
+    Stepping before `reset()` or after the episode ended raises `gymnasium.error.ResetNeeded`.
+
+    ## Info
+    `reset` and every step return `{"prompt_index": int}`; the last step adds `"prompt"` and `"response"` (str).
+
+    ## Arguments
+    - `task`: name of an embedded task (`textenv.tasks.TASKS`); it supplies defaults for everything below.
+    - `prompts`: list of str, a `.jsonl`/`.csv`/`.parquet`/`.txt` path, a `datasets.Dataset` or hub id, a Task.
+    - `tokenizer`: a hub id, a folder, or a loaded tokenizer; it must have distinct PAD and EOS tokens (it is
+      checked, never modified).
+    - `reward_fn`: a callable `(prompts, completions, **kw) -> list[float]`, a `"module:attr"` string, a
+      sequence-classification model folder or hub id (ours or any HF classifier), or a dict of them to weights.
+    - `max_new_tokens` (48), `max_prompt_tokens` (64): the response and prompt budgets in tokens.
+    - `truncation_side` ("left"): an over-long prompt keeps its last tokens ("left"), its first ("right"), or
+      is an error at construction (None).
+    - `vocab_size`, `prompt_column` ("prompt"), `reward_kwargs` (passed to the reward model adapter, e.g.
+      `{"label": "POSITIVE"}`), `trust_remote_code` (False), `render_mode` (None or "ansi").
+
+    ## Version History
+    - v0: initial release.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        task: str | None = None,
+        prompts: Any = None,
+        tokenizer: Any = None,
+        reward_fn: Any = None,
+        max_new_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
+        truncation_side: str | None = "left",
+        vocab_size: int | None = None,
+        prompt_column: str = "prompt",
+        reward_kwargs: dict | None = None,
+        trust_remote_code: bool = False,
+        render_mode: str | None = None,
+    ):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.render_mode = render_mode
+        self.setup = make_setup(
+            task=task,
+            prompts=prompts,
+            tokenizer=tokenizer,
+            reward_fn=reward_fn,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            truncation_side=truncation_side,
+            vocab_size=vocab_size,
+            prompt_column=prompt_column,
+            reward_kwargs=reward_kwargs,
+            trust_remote_code=trust_remote_code,
+        )
+        self.observation_space = self.setup.observation_space
+        self.action_space = self.setup.action_space
+        width = self.setup.max_prompt_tokens + self.setup.max_new_tokens
+        self._ids = np.full(width, self.setup.pad_token_id, dtype=np.int64)  # (P+T,)
+        self._mask = np.zeros(width, dtype=np.int64)  # (P+T,)
+        self._prompt_index: int | None = None  # None until the first reset
+        self._length = 0  # response tokens so far
+        self._done = False
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {"input_ids": self._ids.copy(), "attention_mask": self._mask.copy()}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        s = self.setup
+        self._prompt_index = int(self.np_random.integers(len(s.prompts)))
+        self._ids[:] = s.pad_token_id
+        self._mask[:] = 0
+        self._ids[: s.max_prompt_tokens] = s.prompt_ids[self._prompt_index]
+        self._mask[: s.max_prompt_tokens] = s.prompt_mask[self._prompt_index]
+        self._length = 0
+        self._done = False
+        return self._obs(), {"prompt_index": self._prompt_index}
+
+    def step(self, action):
+        if self._prompt_index is None:
+            raise ResetNeeded("call reset() before step()")
+        if self._done:
+            raise ResetNeeded("the episode has ended (terminated or truncated); call reset() before step()")
+        s = self.setup
+        token = check_action(action, s.vocab_size)
+        length = self._length + 1
+        terminated = token == s.eos_token_id
+        truncated = not terminated and length == s.max_new_tokens
+        reward = 0.0
+        info: dict[str, Any] = {"prompt_index": self._prompt_index}
+        if terminated or truncated:
+            start = s.max_prompt_tokens
+            response_ids = np.append(self._ids[start : start + self._length], token)
+            prompt, response = s.prompts[self._prompt_index], s.decode_response(response_ids)
+            reward = call_reward(s.reward_fn, [prompt], [response])[0]  # raises before any state changes
+            info.update(prompt=prompt, response=response)
+        column = s.max_prompt_tokens + self._length
+        self._ids[column] = token
+        self._mask[column] = 1
+        self._length = length
+        self._done = terminated or truncated
+        return self._obs(), reward, bool(terminated), bool(truncated), info
+
+    def render(self) -> str | None:
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; pass render_mode='ansi' to the env")
+            return None
+        if self._prompt_index is None:
+            return ""
+        s = self.setup
+        start = s.max_prompt_tokens
+        response = s.tokenizer.decode(self._ids[start : start + self._length].tolist())
+        return f"{s.prompts[self._prompt_index]}\u2502{response}"
+
+    def close(self) -> None:
+        """Nothing to release: the reward function owns its resources. Safe to call any number of times."""

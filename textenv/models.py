@@ -1,0 +1,81 @@
+"""GPT-2-family model presets and loaders for causal LMs and reward models.
+
+Our models are plain `transformers` models built from a config, saved with `save_pretrained` (safetensors), so
+anything we write loads with `AutoModelForCausalLM.from_pretrained` and anything on the hub loads here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+# n_positions covers the longest prompt + response of the embedded tasks with room to spare.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),  # tests: seconds
+    "small": dict(n_layer=4, n_head=4, n_embd=256, n_positions=256),  # default: the anchor model, 4.3M params
+    "medium": dict(n_layer=6, n_head=6, n_embd=384, n_positions=256),  # 12M params
+}
+
+
+def preset_config(preset: str, tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
+    """A GPT-2 config for `preset`, sized to the tokenizer, with dropout off (RLHF needs reproducible log-probs)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        summary_first_dropout=0.0,
+        **PRESETS[preset],
+    )
+
+
+def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2 causal LM for `preset` (deterministic given `seed`)."""
+    config = preset_config(preset, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set p=0 on every Dropout module so that train-mode forwards are deterministic (RLHF detail #1)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def load_causal_lm(
+    name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Any Hugging Face causal LM, by hub id or local folder, with dropout off."""
+    model = AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
+    )
+    return disable_dropout(model)
+
+
+def load_sequence_classifier(
+    name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Any Hugging Face sequence-classification model (a reward model), by hub id or local folder, dropout off."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    return disable_dropout(model)

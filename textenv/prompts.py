@@ -1,0 +1,91 @@
+"""Prompt sources for the text environments, and their tokenization into a fixed-width observation.
+
+A source is one of: a list of strings; a local ``.jsonl``/``.csv``/``.parquet`` file (column ``prompt`` unless
+told otherwise) or ``.txt`` file (one prompt per line); a ``datasets.Dataset``; a hub data set id (when online);
+or an embedded task (`textenv.tasks.Task`), whose train prompts are used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+TRUNCATION_SIDES = ("left", "right", None)
+
+
+def load_prompts(source: Any, *, column: str = "prompt", split: str = "train") -> list[str]:
+    """The prompts of `source` as a list of str (ValueError if there are none, TypeError on a non-str entry)."""
+    if type(source).__module__.startswith("textenv.tasks"):  # an embedded Task
+        prompts = source.prompts(split)
+    elif isinstance(source, (str, Path)) and Path(source).suffix in (".jsonl", ".csv", ".parquet", ".txt"):
+        prompts = _prompts_from_file(Path(source), column)
+    elif isinstance(source, (list, tuple)):
+        prompts = list(source)
+    elif isinstance(source, str):
+        import datasets  # a hub id: needs the network, so import only then
+
+        prompts = datasets.load_dataset(source, split=split)[column]
+    elif type(source).__module__.startswith("datasets"):
+        if column not in source.column_names:
+            raise ValueError(f"data set has no column {column!r}; its columns are {source.column_names}")
+        prompts = list(source[column])
+    else:
+        raise TypeError(
+            "prompts must be a list of str, a .jsonl/.csv/.parquet/.txt path, a datasets.Dataset, a hub id or a "
+            f"Task; got {type(source).__name__}"
+        )
+    if len(prompts) == 0:
+        raise ValueError(f"the prompt source {source if isinstance(source, (str, Path)) else type(source).__name__!r} holds no prompts")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {i} is a {type(prompt).__name__} ({prompt!r}), expected str")
+    return prompts
+
+
+def _prompts_from_file(path: Path, column: str) -> list[str]:
+    if not path.is_file():
+        raise ValueError(f"prompt file {str(path)!r} does not exist")
+    if path.suffix == ".txt":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from agents.data import read_records
+
+    records = read_records(path)
+    if records and column not in records[0]:
+        raise ValueError(f"prompt file {str(path)!r} has no column {column!r}; its columns are {sorted(records[0])}")
+    return [r[column] for r in records]
+
+
+def tokenize_prompts(
+    prompts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_tokens: int,
+    truncation_side: str | None = "left",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad every prompt to `max_prompt_tokens` ids: returns (ids, mask), both int64 (N, max_prompt_tokens).
+
+    Left padding puts every prompt's last token in the same column, so that response token t always sits at
+    column max_prompt_tokens + t. An over-long prompt keeps its last tokens (``truncation_side="left"``, the
+    default: the end of a prompt is what the response continues), its first tokens (``"right"``), or is an
+    error (``None``). A prompt with no tokens is an error: the policy would condition on nothing.
+    """
+    if truncation_side not in TRUNCATION_SIDES:
+        raise ValueError(f"truncation_side must be one of {TRUNCATION_SIDES}, got {truncation_side!r}")
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    ids = np.full((len(prompts), max_prompt_tokens), tokenizer.pad_token_id, dtype=np.int64)  # (N, P)
+    mask = np.zeros((len(prompts), max_prompt_tokens), dtype=np.int64)  # (N, P)
+    for i, row in enumerate(encoded):
+        if len(row) == 0:
+            raise ValueError(f"prompt {i} ({prompts[i]!r}) has no tokens")
+        if len(row) > max_prompt_tokens:
+            if truncation_side is None:
+                raise ValueError(
+                    f"prompt {i} has {len(row)} tokens, more than max_prompt_tokens={max_prompt_tokens} "
+                    "(pass truncation_side='left' or 'right' to truncate instead)"
+                )
+            row = row[-max_prompt_tokens:] if truncation_side == "left" else row[:max_prompt_tokens]
+        ids[i, max_prompt_tokens - len(row) :] = row
+        mask[i, max_prompt_tokens - len(row) :] = 1
+    return ids, mask
