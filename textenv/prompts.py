@@ -18,7 +18,9 @@ TRUNCATION_SIDES = ("left", "right", None)
 
 def load_prompts(source: Any, *, column: str = "prompt", split: str = "train") -> list[str]:
     """The prompts of `source` as a list of str (ValueError if there are none, TypeError on a non-str entry)."""
-    if type(source).__module__.startswith("textenv.tasks"):  # an embedded Task
+    from textenv.tasks import Task  # imported here: textenv.tasks imports the corpus, which is heavier
+
+    if isinstance(source, Task):
         prompts = source.prompts(split)
     elif isinstance(source, (str, Path)) and Path(source).suffix in (".jsonl", ".csv", ".parquet", ".txt"):
         prompts = _prompts_from_file(Path(source), column)

@@ -1,0 +1,1 @@
+"""Embedded, generated data: the pretraining corpus and the worlds the tasks draw from."""
