@@ -81,13 +81,15 @@ def rollout(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
+    prompt_index: np.ndarray | None = None,
 ) -> Rollout:
     """Play one episode in every sub-env of `envs` with `model` and return what happened.
 
     `envs` must use NEXT_STEP autoreset (Gymnasium's default). A sub-env that finishes early is reset by the
     env on the following step and then fed PAD (never EOS, so that throw-away episode can neither end nor cost
     a reward call) until the others finish; the next rollout's `reset()` discards it. The batched forward costs
-    the same with or without those rows.
+    the same with or without those rows. `prompt_index` (num_envs,) picks each sub-env's prompt instead of
+    letting the envs draw them (see `TextGenVectorEnv.reset`).
     """
     spec = envs.setup
     if envs.autoreset_mode != AutoresetMode.NEXT_STEP:
@@ -96,7 +98,7 @@ def rollout(
     V = spec.vocab_size
     device = next(model.parameters()).device
 
-    obs, _ = envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=seed, options=None if prompt_index is None else {"prompt_index": prompt_index})
     prompt_ids = torch.from_numpy(obs["input_ids"][:, :P])  # (B, P)
     prompt_mask = torch.from_numpy(obs["attention_mask"][:, :P])  # (B, P)
     full_mask = torch.ones(B, P + T, dtype=torch.long, device=device)  # (B, P+T) grows into the response

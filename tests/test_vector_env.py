@@ -117,3 +117,20 @@ def test_make_vec_uses_native_vector_env(env_id):
     obs, _ = envs.reset(seed=0)
     assert obs["input_ids"].shape[0] == 4
     envs.close()
+
+
+def test_reset_with_chosen_prompts(env_kwargs, tokenizer):
+    vec = TextGenVectorEnv(num_envs=3, **env_kwargs)
+    single = TextGenEnv(**env_kwargs)
+    obs, infos = vec.reset(seed=0, options={"prompt_index": np.array([2, 2, 5])})
+    assert infos["prompt_index"].tolist() == [2, 2, 5]
+    for i, index in enumerate([2, 2, 5]):
+        single_obs, info = single.reset(options={"prompt_index": index})
+        assert info["prompt_index"] == index
+        np.testing.assert_array_equal(single_obs["input_ids"], obs["input_ids"][i])
+    with pytest.raises(ValueError, match="prompt_index 99 is out of range"):
+        vec.reset(options={"prompt_index": np.array([0, 1, 99])})
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        vec.reset(options={"prompt_index": np.array([0, 1])})
+    with pytest.raises(TypeError, match="prompt_index must be an int"):
+        single.reset(options={"prompt_index": 1.5})

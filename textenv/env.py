@@ -9,7 +9,7 @@ import numpy as np
 from gymnasium.error import ResetNeeded
 
 from rewards.base import call_reward
-from textenv.envsetup import check_action, make_setup
+from textenv.envsetup import check_action, check_prompt_index, make_setup
 
 
 class TextGenEnv(gym.Env):
@@ -38,7 +38,9 @@ class TextGenEnv(gym.Env):
     finite number raises `rewards.RewardError`, and the env is left as it was before that step.
 
     ## Starting State
-    `reset()` draws a prompt uniformly from the prompt source with `self.np_random`.
+    `reset()` draws a prompt uniformly from the prompt source with `self.np_random`;
+    `reset(options={"prompt_index": i})` starts from prompt i instead (no draw), e.g. to sample several
+    responses to one prompt (comparisons, GRPO groups) or to evaluate a fixed prompt set.
 
     ## Episode End
     - Termination: the action is the EOS token.
@@ -113,7 +115,10 @@ class TextGenEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         s = self.setup
-        self._prompt_index = int(self.np_random.integers(len(s.prompts)))
+        if options is not None and "prompt_index" in options:
+            self._prompt_index = check_prompt_index(options["prompt_index"], len(s.prompts))
+        else:
+            self._prompt_index = int(self.np_random.integers(len(s.prompts)))
         self._ids[:] = s.pad_token_id
         self._mask[:] = 0
         self._ids[: s.max_prompt_tokens] = s.prompt_ids[self._prompt_index]

@@ -116,3 +116,12 @@ def check_action(action: Any, n: int) -> int:
     if not 0 <= action < n:
         raise ValueError(f"action {int(action)} is outside the action space Discrete({n})")
     return int(action)
+
+
+def check_prompt_index(index: Any, n: int) -> int:
+    """A prompt index chosen through reset options: an integer in [0, n)."""
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"prompt_index must be an int, got {index!r} ({type(index).__name__})")
+    if not 0 <= index < n:
+        raise ValueError(f"prompt_index {int(index)} is out of range for {n} prompts")
+    return int(index)

@@ -11,7 +11,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from rewards.base import call_reward
-from textenv.envsetup import make_setup
+from textenv.envsetup import check_prompt_index, make_setup
 
 
 class TextGenVectorEnv(VectorEnv):
@@ -23,6 +23,8 @@ class TextGenVectorEnv(VectorEnv):
     a learned reward model affordable.
 
     `reset(seed=s)` seeds sub-env i with `s + i`, as SyncVectorEnv does; a list of seeds is taken as is.
+    `reset(options={"prompt_index": idx})` with an int array of shape (num_envs,) starts sub-env i from prompt
+    idx[i] (no draw): K copies of one index give K responses to one prompt.
 
     Autoreset (`autoreset_mode`, default `AutoresetMode.NEXT_STEP`, Gymnasium's default; see
     https://farama.org/Vector-Autoreset-Mode):
@@ -93,11 +95,13 @@ class TextGenVectorEnv(VectorEnv):
     def _obs(self) -> dict[str, np.ndarray]:
         return {"input_ids": self._ids.copy(), "attention_mask": self._mask.copy()}
 
-    def _reset_row(self, i: int) -> dict[str, Any]:
+    def _reset_row(self, i: int, prompt_index: int | None = None) -> dict[str, Any]:
         s = self.setup
         if self._rngs[i] is None:
             self._rngs[i], _ = seeding.np_random(None)
-        self._prompt_index[i] = int(self._rngs[i].integers(len(s.prompts)))
+        if prompt_index is None:
+            prompt_index = int(self._rngs[i].integers(len(s.prompts)))
+        self._prompt_index[i] = prompt_index
         self._ids[i] = s.pad_token_id
         self._mask[i] = 0
         self._ids[i, : s.max_prompt_tokens] = s.prompt_ids[self._prompt_index[i]]
@@ -119,11 +123,17 @@ class TextGenVectorEnv(VectorEnv):
             mask = np.asarray(options["reset_mask"])
             if mask.shape != (self.num_envs,) or mask.dtype != np.bool_:
                 raise ValueError(f"reset_mask must be a bool array of shape ({self.num_envs},), got {mask!r}")
+        chosen: list[int | None] = [None] * self.num_envs
+        if options is not None and "prompt_index" in options:
+            index = np.asarray(options["prompt_index"])
+            if index.shape != (self.num_envs,):
+                raise ValueError(f"prompt_index must have shape ({self.num_envs},), got {index.shape}")
+            chosen = [check_prompt_index(i, len(self.setup.prompts)) for i in index.tolist()]
         infos: dict[str, Any] = {}
         for i in np.flatnonzero(mask):
             if seed[i] is not None:
                 self._rngs[i], _ = seeding.np_random(seed[i])
-            infos = self._add_info(infos, self._reset_row(i), i)
+            infos = self._add_info(infos, self._reset_row(i, chosen[i]), i)
         return self._obs(), infos
 
     def _check_actions(self, actions: Any) -> np.ndarray:
