@@ -72,10 +72,18 @@ def load_causal_lm(
 
 
 def load_sequence_classifier(
-    name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    name_or_path: str | Path,
+    *,
+    num_labels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """Any Hugging Face sequence-classification model (a reward model), by hub id or local folder, dropout off."""
+    """Any Hugging Face sequence-classification model (a reward model), by hub id or local folder, dropout off.
+
+    `num_labels=1` turns a causal LM folder into a scalar model with a new head (a reward or value model).
+    """
+    extra = {} if num_labels is None else {"num_labels": num_labels}
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+        str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, **extra
     )
     return disable_dropout(model)

@@ -1,0 +1,222 @@
+"""Training plumbing shared by every stage (pretrain, SFT, reward model, PPO): run folders, metrics, checkpoints.
+
+A run folder holds:
+  config.json           the run's configuration; a rerun with another configuration is refused
+  metrics.jsonl         one JSON object per log call, {"step": s, "train/loss": ..., ...}
+  tb/                   the same scalars for TensorBoard
+  checkpoint/           model (safetensors) + optimizer.pt + scheduler.pt + trainer_state.json, replaced atomically
+  summary.json          written last, atomically: the stage is complete (`is_complete`)
+
+Only the main process writes (under `accelerate launch` every rank runs this code); the model weights and
+optimizer state are identical on all ranks under DDP, so rank 0's copy is the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import extract_model_from_parallel
+from safetensors.torch import load_file, save_model
+from transformers import PreTrainedModel
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.tensorboard import SummaryWriter
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> LambdaLR:
+    """Linear warmup to the optimizer's lr, then cosine decay to min_lr_ratio * lr at total_steps (as in nanoGPT)."""
+
+    def lr_factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_lr_ratio)
+
+    return LambdaLR(optimizer, lr_factor)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    # write-then-rename: a reader (or a crash) never sees half a file
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def check_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) -> Path:
+    """Create `out_dir` for a run with `config` (a JSON-able dict), refusing to mix runs.
+
+    - holds a config.json with other values -> ValueError naming the fields (overwrite=True: the old run is deleted)
+    - exists, is non-empty and has no config.json (not a run folder) -> ValueError, even with overwrite
+    Every rank checks (so every rank raises the same error); only the main process writes.
+    """
+    out_dir, state = Path(out_dir), PartialState()
+    config = json.loads(json.dumps(config))  # normalise (tuples -> lists, Paths rejected) to compare with the file
+    config_file = out_dir / "config.json"
+    delete_old = False
+    if config_file.exists():
+        old = json.loads(config_file.read_text())
+        differ = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
+        if differ and not overwrite:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differ)
+            raise ValueError(
+                f"{out_dir} holds a run with a different configuration ({details}); "
+                "use another out_dir, or overwrite=True to delete that run"
+            )
+        delete_old = overwrite
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty and is not a run folder (no config.json); refusing to write into it")
+    state.wait_for_everyone()  # nobody writes before every rank has checked
+    if state.is_main_process:
+        if delete_old:
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(config_file, config)
+    state.wait_for_everyone()
+    return out_dir
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    """True once a stage has written its summary.json (the last thing it writes)."""
+    return (Path(out_dir) / "summary.json").exists()
+
+
+def write_summary(out_dir: str | Path, summary: dict) -> None:
+    """Mark the stage complete: summary.json, written atomically by the main process."""
+    if PartialState().is_main_process:
+        _write_json_atomic(Path(out_dir) / "summary.json", summary)
+
+
+class RunLogger:
+    """metrics.jsonl + TensorBoard. On resume from step s, the lines a crashed run logged after s are dropped first,
+    so the resumed run re-logs them once: no duplicates, no gaps. A fresh run (resume_step=None) starts empty."""
+
+    def __init__(self, out_dir: str | Path, resume_step: int | None):
+        self.enabled = PartialState().is_main_process
+        if not self.enabled:
+            return
+        self.path = Path(out_dir) / "metrics.jsonl"
+        keep_until = -1 if resume_step is None else resume_step
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= keep_until]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        # purge_step: TensorBoard drops the crashed run's events at steps >= purge_step
+        self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=keep_until + 1)
+        self.file = self.path.open("a")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        for name, value in metrics.items():
+            self.tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def _rng_state() -> dict:
+    """Every RNG as JSON-able lists (so trainer_state.json needs no pickle)."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_state = np.random.get_state()  # ('MT19937', keys (624,), pos, has_gauss, cached_gaussian)
+    return {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(rng: dict) -> None:
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+
+
+def _save_model(model, folder: Path) -> None:
+    model = extract_model_from_parallel(model)
+    if isinstance(model, PreTrainedModel):
+        model.save_pretrained(folder)  # safetensors + config: plain transformers can load it
+    else:  # a bare module, e.g. PPO's value head on the policy trunk
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(folder / "model.safetensors"))
+
+
+def save_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler, state: dict) -> None:
+    """Write model(s)/optimizer/scheduler/state (+ RNG states) to `ckpt_dir`, atomically.
+
+    `models` is one model (saved at the top of the folder) or a dict {name: model} (one subfolder each, e.g.
+    PPO's policy and value). Everything goes to `<ckpt_dir>.tmp` first; then the previous checkpoint is moved to
+    `<ckpt_dir>.old`, the new one renamed into place, and the old one deleted. A crash at any moment leaves a
+    complete checkpoint at `ckpt_dir` or (between the two renames) at `<ckpt_dir>.old`, which `load_checkpoint`
+    falls back to.
+    """
+    ckpt_dir, dist = Path(ckpt_dir), PartialState()
+    if dist.is_main_process:
+        tmp, old = ckpt_dir.with_name(ckpt_dir.name + ".tmp"), ckpt_dir.with_name(ckpt_dir.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
+        for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
+            _save_model(model, tmp / name)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _write_json_atomic(tmp / "trainer_state.json", {**state, "rng": _rng_state()})
+        if ckpt_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(ckpt_dir, old)
+        os.replace(tmp, ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.wait_for_everyone()
+
+
+def _load_weights(model, folder: Path) -> None:
+    model = extract_model_from_parallel(model)
+    weights = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # save_pretrained stores a tied tensor once (lm_head.weight is wte.weight): missing is fine iff it shares storage
+    ptrs = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    loaded = {ptrs[name] for name in weights if name in ptrs}
+    missing = [name for name in missing if ptrs[name] not in loaded]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {folder} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def load_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler) -> dict | None:
+    """Restore a `save_checkpoint` folder in place (weights, optimizer, scheduler, RNG); return its state dict,
+    or None when there is no checkpoint. Only safetensors and `torch.load(weights_only=True)`: no pickle."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "trainer_state.json").exists():
+        ckpt_dir = ckpt_dir.with_name(ckpt_dir.name + ".old")  # a crash between the two renames of a save
+        if not (ckpt_dir / "trainer_state.json").exists():
+            return None
+    for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
+        _load_weights(model, ckpt_dir / name)
+    optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    _set_rng_state(state.pop("rng"))
+    return state

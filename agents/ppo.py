@@ -1,0 +1,386 @@
+"""Stage 4 of the InstructGPT recipe: token-level PPO in a TextGenVectorEnv, with a per-token KL penalty to the
+frozen SFT policy. Read it top to bottom; the formulas live, tested, in `agents/core.py`.
+
+References: Ziegler et al. 2019 (arXiv 1909.08593), Ouyang et al. 2022 (arXiv 2203.02155), and Huang et al.,
+"The N Implementation Details of RLHF with PPO" (https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo).
+
+    python -m agents.ppo --policy runs/x/sft/model --reward runs/x/rm/model --out-dir runs/x/ppo
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from agents.common import (
+    RunLogger,
+    check_run_dir,
+    is_complete,
+    load_checkpoint,
+    save_checkpoint,
+    write_summary,
+)
+from agents.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    compute_gae,
+    entropy_from_logits,
+    explained_variance,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+)
+from agents.sampler import Rollout, position_ids_from_mask, rollout
+from rewards.base import as_reward_fn
+from rewards.hf import SequenceClassifierReward
+from textenv.models import load_causal_lm, load_sequence_classifier
+from textenv.tasks import get_task
+from textenv.tokenizer import load_tokenizer
+from textenv.vector_env import TextGenVectorEnv
+
+
+@dataclass
+class PPOConfig:
+    policy: str = "runs/default/sft/model"
+    """Hub id or folder of the SFT policy; it is also the frozen reference for the KL penalty."""
+    reward: str = "runs/default/rm/model"
+    """The reward: a sequence-classification folder or hub id (our learned RM or an HF classifier), a
+    'module:attr' callable, or 'gold' for the task's gold scorer."""
+    out_dir: str = "runs/default/ppo"
+    """Run folder: config, metrics.jsonl, tb/, samples.jsonl, checkpoint/, and the final policy in model/."""
+    task: str = "sentiment"
+    """Embedded task whose train prompts are used and whose gold score is logged beside the proxy score."""
+    prompts: str | None = None
+    """Other prompts (a .jsonl/.csv/.parquet/.txt file or hub id) instead of the task's."""
+    reward_label: str | None = None
+    """For a classifier reward with several labels: the label whose logit is the reward (e.g. POSITIVE)."""
+    value_model: str | None = None
+    """Folder of the value model's initialisation (a sequence-classification model). Default: the reward model
+    (InstructGPT), or the policy with a new scalar head when the reward is not a model."""
+    shared_value_head: bool = False
+    """Memory-saving option: a value head on the policy's trunk instead of a separate value model."""
+    num_envs: int = 64
+    """Episodes per rollout (the batch): one prompt per sub-env."""
+    max_new_tokens: int | None = None
+    """Response budget; default: the task's."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs for the loss and the KL use logits divided by it too."""
+    iterations: int = 60
+    """PPO iterations (rollout + update)."""
+    update_epochs: int = 4
+    """Passes over each rollout."""
+    num_minibatches: int = 4
+    """Minibatches per epoch."""
+    lr: float = 3e-5
+    """Adam learning rate, annealed linearly to 0."""
+    adam_eps: float = 1e-5
+    """Adam epsilon: 1e-5 as in the original TF code; PyTorch's 1e-8 makes early steps more aggressive."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clipping."""
+    clip_coef: float = 0.2
+    """PPO ratio clipping."""
+    vf_clip_coef: float = 0.2
+    """Value clipping around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount; 1 in RLHF: the score arrives at the last token."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    kl_coef: float = 0.1
+    """Initial coefficient of the per-token KL penalty."""
+    kl_target: float | None = 6.0
+    """Adaptive controller target KL in nats per response (Ziegler et al.); None keeps kl_coef fixed."""
+    kl_horizon: int = 10000
+    """Adaptive controller horizon in episodes."""
+    missing_eos_penalty: float | None = -1.0
+    """Score given instead of the reward to a response with no EOS; None keeps the reward."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards before GAE."""
+    ptx_coef: float = 0.0
+    """PPO-ptx (InstructGPT): weight of a pretraining LM loss mixed into every minibatch; 0 disables it."""
+    ptx_data: str | None = None
+    """Text for PPO-ptx (as pretrain's --data); default: the embedded corpus."""
+    ptx_seq_len: int = 64
+    """Tokens per PPO-ptx sequence."""
+    sample_every: int = 10
+    """Write a table of sample responses to samples.jsonl every this many iterations (and at the end)."""
+    save_every: int = 10
+    """Checkpoint every this many iterations; a rerun with the same config resumes from the last one."""
+    seed: int = 0
+    """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
+    device: str | None = None
+    """torch device; default: cuda if available, else cpu."""
+    overwrite: bool = False
+    """Delete a previous run with another configuration in out_dir instead of refusing."""
+
+    def __post_init__(self):
+        for name in ("num_envs", "iterations", "update_epochs", "num_minibatches", "save_every", "sample_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_envs % self.num_minibatches:
+            raise ValueError(f"num_envs={self.num_envs} is not divisible by num_minibatches={self.num_minibatches}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, reward or gradient became NaN/inf; the run stops and the last good checkpoint stays as it was."""
+
+
+class ValueHead(torch.nn.Module):
+    """A scalar head on the policy's last hidden state (the shared-trunk, memory-saving option); zero-init so
+    the first values are 0 rather than noise."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.score.weight)
+        torch.nn.init.zeros_(self.score.bias)
+
+
+def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float, hidden: bool = False):
+    """Temperature-scaled log-probs, entropies (and last hidden states) of the response tokens.
+
+    The logits at position P-1+t predict response token t; only those T positions go through the LM head.
+    """
+    T = input_ids.shape[1] - P
+    out = policy(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),  # correct positions under left padding
+        logits_to_keep=T + 1,
+        output_hidden_states=hidden,
+    )
+    logits = out.logits[:, :-1] / temperature  # (B, T, V)
+    logp = logprobs_from_logits(logits, input_ids[:, P:])  # (B, T)
+    states = out.hidden_states[-1][:, P - 1 : -1] if hidden else None  # (B, T, H)
+    return logp, entropy_from_logits(logits), states
+
+
+def value_forward(value_model, input_ids, attention_mask, P: int) -> torch.Tensor:
+    """Per-token values V(prompt + response[:t]) from a sequence-classification model's `score` head: (B, T)."""
+    hidden = value_model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state  # (B, L, H)
+    return value_model.score(hidden[:, P - 1 : -1]).squeeze(-1)  # (B, T)
+
+
+def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generator:
+    """An RNG that is a pure function of (seed, iteration, stream): resuming at an iteration replays it exactly."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 16 + stream)
+
+
+def ppo(cfg: PPOConfig) -> Path:
+    out_dir = Path(cfg.out_dir)
+    if is_complete(out_dir) and not cfg.overwrite:
+        return out_dir / "model"
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
+    check_run_dir(out_dir, config, cfg.overwrite)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+
+    # --- models: policy (trained), reference (frozen SFT), value (trained), reward (inside the env) ---
+    tokenizer = load_tokenizer(cfg.policy)
+    policy = load_causal_lm(cfg.policy).to(device)  # dropout off: log-probs are reproducible
+    ref_policy = load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False)
+    task = get_task(cfg.task)
+    # model kwargs reach only a model adapter; a 'module:attr' callable ignores them
+    reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, label=cfg.reward_label, device=device)
+    reward_is_model = isinstance(reward_fn, SequenceClassifierReward)
+    if cfg.shared_value_head:
+        value_model = ValueHead(policy.config.hidden_size).to(device)
+    else:
+        value_init = cfg.value_model or (cfg.reward if reward_is_model else cfg.policy)
+        value_model = load_sequence_classifier(value_init, num_labels=1).to(device)  # new head on a causal LM
+        value_model.config.pad_token_id = tokenizer.pad_token_id
+    envs = TextGenVectorEnv(
+        num_envs=cfg.num_envs,
+        task=cfg.task,
+        prompts=cfg.prompts,
+        tokenizer=tokenizer,
+        reward_fn=reward_fn,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    P, T, B = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, cfg.num_envs
+    mb_size = B // cfg.num_minibatches
+    ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
+
+    params = list(policy.parameters()) + list(value_model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal
+    kl_ctl = (
+        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if cfg.kl_target is not None
+        else FixedKLController(cfg.kl_coef)
+    )
+    models = {"policy": policy, "value": value_model}
+    state = load_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler)
+    start = 0 if state is None else state["iteration"]
+    if state is not None:
+        kl_ctl.load_state_dict(state["kl_ctl"])
+    logger = RunLogger(out_dir, resume_step=None if state is None else start)
+
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
+    for iteration in bar:
+        t0 = time.perf_counter()
+        # ---- 1. rollout: one episode per sub-env; the env pays the reward model's score at the last token ----
+        policy.eval()
+        batch = rollout(
+            policy, envs, iteration_generator(cfg.seed, iteration, 0), temperature=cfg.temperature,
+            seed=(cfg.seed * 1_000_003 + iteration) * B,
+        )
+        input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # (B, P+T)
+        mask = batch.response_mask.to(device).float()  # (B, T) 1 up to and including EOS
+        scores = batch.scores.to(device)  # (B,)
+        if cfg.missing_eos_penalty is not None:  # the EOS trick: a truncated response gets a fixed penalty
+            scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        with torch.no_grad():
+            logp, _, states = policy_forward(policy, input_ids, attention_mask, P, cfg.temperature, cfg.shared_value_head)
+            ref_logp, _, _ = policy_forward(ref_policy, input_ids, attention_mask, P, cfg.temperature)
+            if cfg.shared_value_head:
+                values = value_model.score(states).squeeze(-1)  # (B, T)
+            else:
+                values = value_forward(value_model, input_ids, attention_mask, P)  # (B, T)
+            # per-token reward: -kl_coef * (logp - ref_logp), plus the score at the last real token
+            rewards, non_score_reward = per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value)  # (B, T)
+            if cfg.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
+            advantages = masked_whiten(advantages, mask)
+        kl = (kl_estimate(logp, ref_logp) * mask).sum(1)  # (B,) k1 KL of each response, in nats
+        check_finite(iteration, scores=scores, kl=kl, values=values)
+        t_rollout = time.perf_counter() - t0
+
+        # ---- 2. update: epochs x minibatches of the clipped PPO objective ----
+        policy.train()  # dropout is off, so train mode changes nothing but intent
+        order_rng = iteration_generator(cfg.seed, iteration, 1)
+        stats = []
+        for epoch in range(cfg.update_epochs):
+            order = torch.randperm(B, generator=order_rng)
+            for start_i in range(0, B, mb_size):
+                mb = order[start_i : start_i + mb_size].to(device)
+                mb_mask = mask[mb]
+                new_logp, entropy, mb_states = policy_forward(
+                    policy, input_ids[mb], attention_mask[mb], P, cfg.temperature, cfg.shared_value_head
+                )
+                if cfg.shared_value_head:
+                    new_values = value_model.score(mb_states).squeeze(-1)
+                else:
+                    new_values = value_forward(value_model, input_ids[mb], attention_mask[mb], P)
+                pg_loss, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp[mb], advantages[mb], mb_mask, cfg.clip_coef)
+                vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[mb], returns[mb], mb_mask, cfg.vf_clip_coef)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if ptx_blocks is not None:  # PPO-ptx: keep the pretraining distribution's log-likelihood up
+                    loss = loss + cfg.ptx_coef * ptx_loss(policy, ptx_blocks, mb_size, order_rng, device)
+                check_finite(iteration, loss=loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                check_finite(iteration, grad_norm=grad_norm)
+                optimizer.step()
+                stats.append(
+                    torch.stack([pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, masked_mean(entropy, mb_mask), grad_norm]).detach()
+                )
+        scheduler.step()
+        kl_ctl.update(kl.mean().item(), B)
+        t_update = time.perf_counter() - t0 - t_rollout
+
+        # ---- 3. log, sample, checkpoint ----
+        pg, vf, cf, vcf, akl, ent, gn = torch.stack(stats).mean(0).tolist()
+        gold = task.gold(batch.prompts, batch.responses)
+        n_tokens = int(mask.sum())
+        metrics = {
+            "objective/scores": batch.scores.mean().item(),
+            "objective/gold": float(np.mean(gold)),
+            "objective/kl": kl.mean().item(),
+            "objective/entropy": -(logp * mask).sum(1).mean().item(),  # Monte-Carlo, nats per response
+            "objective/non_score_reward": (non_score_reward * mask).sum(1).mean().item(),
+            "objective/rlhf_reward": (scores + (non_score_reward * mask).sum(1)).mean().item(),
+            "objective/kl_coef": kl_ctl.value,
+            "losses/policy_loss": pg,
+            "losses/value_loss": vf,
+            "losses/clipfrac": cf,
+            "losses/vf_clipfrac": vcf,
+            "losses/approx_kl": akl,
+            "losses/entropy": ent,
+            "losses/grad_norm": gn,
+            "losses/explained_variance": explained_variance(values, returns, mask),
+            "charts/episode_length": mask.sum(1).mean().item(),
+            "charts/eos_rate": batch.terminated.float().mean().item(),
+            "charts/lr": scheduler.get_last_lr()[0],
+            "charts/tokens_per_s": n_tokens / (t_rollout + t_update),
+            "charts/rollout_tokens_per_s": n_tokens / t_rollout,
+            "time/rollout_s": t_rollout,
+            "time/update_s": t_update,
+        }
+        logger.log(iteration + 1, metrics)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
+        done = iteration + 1 == cfg.iterations
+        if (iteration + 1) % cfg.sample_every == 0 or done:
+            write_samples(out_dir / "samples.jsonl", iteration + 1, batch, gold, n=8)
+        if (iteration + 1) % cfg.save_every == 0 or done:
+            save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler, {"iteration": iteration + 1, "kl_ctl": kl_ctl.state_dict()})
+    logger.close()
+
+    final = out_dir / "model"
+    policy.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    write_summary(out_dir, {"iterations": cfg.iterations, "final_kl_coef": kl_ctl.value})
+    return final
+
+
+def check_finite(iteration: int, **values: torch.Tensor) -> None:
+    for name, value in values.items():
+        if not torch.isfinite(value).all():
+            raise NonFiniteError(
+                f"non-finite {name} at iteration {iteration + 1}; stopping before the update, "
+                "the last checkpoint is intact (try a lower lr or a larger kl_coef)"
+            )
+
+
+def write_samples(path: Path, iteration: int, batch: Rollout, gold: list[float], n: int) -> None:
+    import json
+
+    with path.open("a") as f:
+        for i in range(min(n, len(batch.prompts))):
+            row = {"iteration": iteration, "prompt": batch.prompts[i], "response": batch.responses[i],
+                   "score": batch.scores[i].item(), "gold": gold[i]}
+            f.write(json.dumps(row) + "\n")
+
+
+def load_ptx_blocks(cfg: PPOConfig, tokenizer) -> torch.Tensor:
+    from agents.data import load_text_source
+    from agents.pretrain import pack_blocks
+
+    blocks, _ = pack_blocks(tokenizer, load_text_source(cfg.ptx_data), cfg.ptx_seq_len)
+    return blocks
+
+
+def ptx_loss(policy, blocks: torch.Tensor, n: int, generator: torch.Generator, device) -> torch.Tensor:
+    """Next-token cross-entropy on n random pretraining blocks (InstructGPT's PPO-ptx term, as a loss)."""
+    idx = torch.randint(len(blocks), (n,), generator=generator)
+    x = blocks[idx].to(device)  # (n, S+1)
+    logits = policy(input_ids=x[:, :-1]).logits  # (n, S, V)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+
+def main() -> None:
+    import tyro
+
+    ppo(tyro.cli(PPOConfig))
+
+
+if __name__ == "__main__":
+    main()

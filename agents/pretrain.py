@@ -1,0 +1,256 @@
+"""Stage 1 of the InstructGPT recipe: pretrain a causal LM on plain text (next-token prediction).
+
+Documents are tokenized, joined with EOS and packed into blocks of seq_len + 1 tokens (x = block[:-1],
+y = block[1:], as in nanoGPT); every 100th block is held out for validation. The batch at step s is a pure
+function of (seed, s), so a checkpoint needs only the step counter to resume the data stream exactly.
+
+    python -m agents.pretrain --out-dir runs/pretrain            # our GPT-2 "small", on the generated corpus
+    accelerate launch -m agents.pretrain --out-dir runs/pretrain  # the same, data-parallel (DDP)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from agents.common import (
+    RunLogger,
+    check_run_dir,
+    cosine_schedule,
+    is_complete,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    write_summary,
+)
+from agents.data import batch_indices, load_text_source
+from textenv.models import PRESETS, build_model, load_causal_lm
+from textenv.tokenizer import load_tokenizer, train_tokenizer
+
+VALID_EVERY_NTH_BLOCK = 100  # 1% of the blocks, spread over the whole corpus
+
+
+@dataclass
+class PretrainConfig:
+    out_dir: str = "runs/pretrain"
+    """Run folder: config, metrics.jsonl, tb/, checkpoint/, and the final model/ (model + tokenizer)."""
+    preset: str = "small"
+    """Model size to build from scratch: one of textenv.models.PRESETS (tiny, small, medium)."""
+    model: str | None = None
+    """Hub id or local folder of a causal LM to continue pretraining instead of building `preset`."""
+    tokenizer: str | None = None
+    """Hub id or folder of a tokenizer (needs distinct PAD and EOS). Default: `model`'s tokenizer if `model` is
+    set, else a byte-level BPE (vocab 4096) trained on the data."""
+    data: str | None = None
+    """A .txt file (documents separated by blank lines), a .jsonl/.csv/.parquet file with a `text` column, or a
+    datasets hub id. Default: the embedded generated corpus (~2.4M tokens)."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    batch_size: int = 16
+    """Sequences per optimizer step, over all processes."""
+    max_steps: int = 400
+    """Optimizer steps."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (betas 0.9, 0.95)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, on 2-D parameters (matmuls, embeddings) only; biases and LayerNorms are not decayed."""
+    warmup_steps: int = 40
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at min_lr_ratio * lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this."""
+    mixed_precision: str = "bf16"
+    """Accelerate's mixed precision: "bf16" (autocast; ~2x faster on CPUs with AVX512-BF16 and on GPUs), "fp16"
+    (GPU) or "no" (fp32)."""
+    log_every: int = 10
+    """Log the training loss, lr and tokens/s every this many steps."""
+    eval_every: int = 100
+    """Validation loss/perplexity every this many steps (and always at the end, on the whole valid split)."""
+    eval_batches: int = 8
+    """Validation batches per periodic evaluation."""
+    save_every: int = 100
+    """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
+    seed: int = 0
+    """Seed for initialisation and the data order."""
+    overwrite: bool = False
+    """Delete a previous run with another configuration in out_dir instead of refusing."""
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.model is None and self.seq_len > PRESETS[self.preset]["n_positions"]:
+            raise ValueError(f"seq_len={self.seq_len} exceeds the {self.preset} preset's context length")
+
+
+def run_config(cfg) -> dict:
+    """What must match for a rerun to resume: every field but where the run lives and whether to overwrite."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite")}
+
+
+def pack_blocks(tokenizer, docs: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize, join with EOS, cut into blocks of seq_len + 1; return (train, valid) int64 (N, seq_len + 1)."""
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    stream = np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=np.int64)
+    n_blocks = len(stream) // (seq_len + 1)
+    if n_blocks < 2:
+        raise ValueError(f"the data has {len(stream)} tokens, too few for two blocks of seq_len + 1 = {seq_len + 1}")
+    blocks = torch.from_numpy(stream[: n_blocks * (seq_len + 1)].reshape(n_blocks, seq_len + 1))
+    is_valid = torch.arange(n_blocks) % VALID_EVERY_NTH_BLOCK == 0
+    return blocks[~is_valid], blocks[is_valid]
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D parameters only (GPT-3 / nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, batch_size: int, accelerator: Accelerator) -> float:
+    """Mean next-token loss over `blocks`; each process takes every num_processes-th block."""
+    model.eval()
+    mine = blocks[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, device=accelerator.device)  # (sum of token losses, token count)
+    for i in range(0, len(mine), batch_size):
+        block = mine[i : i + batch_size].to(accelerator.device)  # (B, T + 1)
+        logits = model(input_ids=block[:, :-1]).logits  # (B, T, V)
+        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten(), reduction="sum")
+        total[1] += block[:, 1:].numel()
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def _tokenizer(cfg: PretrainConfig, out_dir: Path, docs: list[str], accelerator: Accelerator):
+    if cfg.tokenizer is not None or cfg.model is not None:
+        return load_tokenizer(cfg.tokenizer or cfg.model)
+    path = out_dir / "tokenizer"  # trained once per run folder; a resumed run reloads it
+    if accelerator.is_main_process and not path.exists():
+        tmp = out_dir / "tokenizer.tmp"
+        train_tokenizer(docs, vocab_size=4096).save_pretrained(tmp)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    return load_tokenizer(path)
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Run (or resume, or skip if already complete) stage 1; return the final model folder out_dir/model."""
+    out_dir = check_run_dir(cfg.out_dir, {"stage": "pretrain", **run_config(cfg)}, cfg.overwrite)
+    if is_complete(out_dir):
+        print(f"{out_dir} is complete (summary.json); nothing to do")
+        return out_dir / "model"
+    t_start = time.time()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
+    seed_everything(cfg.seed)
+
+    docs = load_text_source(cfg.data)
+    tokenizer = _tokenizer(cfg, out_dir, docs, accelerator)
+    train_blocks, valid_blocks = pack_blocks(tokenizer, docs, cfg.seq_len)  # (N, T + 1) each
+    if len(train_blocks) < cfg.batch_size:
+        raise ValueError(f"only {len(train_blocks)} training blocks of {cfg.seq_len + 1} tokens, fewer than "
+                         f"batch_size={cfg.batch_size}; give more data or lower seq_len/batch_size")
+    if cfg.model is None:
+        model = build_model(cfg.preset, tokenizer, seed=cfg.seed)  # dropout off
+    else:
+        model = load_causal_lm(cfg.model)  # dropout off
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {cfg.model} only "
+                             f"{model.get_input_embeddings().num_embeddings} embeddings")
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, fused=accelerator.device.type in ("cpu", "cuda"))
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    # the scheduler stays ours: accelerate's wrapper would step it num_processes times per step
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    resumed = load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
+    start = resumed["step"] if resumed else 0
+    elapsed_before = resumed["elapsed_s"] if resumed else 0.0  # wall time of the runs this one resumes
+    logger = RunLogger(out_dir, resume_step=start if resumed else None)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    if accelerator.is_main_process:
+        print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(train_blocks)} train / "
+              f"{len(valid_blocks)} valid blocks of {cfg.seq_len} tokens, on {accelerator.device}"
+              + (f", resuming at step {start}" if resumed else ""))
+
+    model.train()
+    valid_loss = math.nan
+    loss_sum, n_loss = torch.zeros((), device=accelerator.device), 0  # since the last train/loss log
+    t_timed, n_timed = time.time(), 0  # training steps since t_timed (evaluation and saving excluded)
+    pbar = tqdm(total=cfg.max_steps, initial=start, desc="pretrain", disable=not accelerator.is_main_process)
+    for step in range(start, cfg.max_steps):
+        idx = batch_indices(len(train_blocks), cfg.batch_size, step, cfg.seed)
+        idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share of the batch
+        block = train_blocks[idx].to(accelerator.device)  # (B, T + 1)
+        x, y = block[:, :-1], block[:, 1:]  # (B, T) each: predict token t + 1 from tokens <= t
+        logits = model(input_ids=x).logits  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, n_loss, n_timed = loss_sum + loss.detach(), n_loss + 1, n_timed + 1
+        done = step + 1  # steps completed: what metrics and checkpoints are keyed by
+        pbar.update(1)
+
+        last = done == cfg.max_steps
+        if done % cfg.log_every == 0 or last:
+            train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / n_loss
+            tokens_per_s = n_timed * tokens_per_step / (time.time() - t_timed)
+            logger.log(done, {"train/loss": train_loss, "charts/lr": scheduler.get_last_lr()[0],
+                              "charts/tokens_per_s": tokens_per_s})
+            pbar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            loss_sum, n_loss = torch.zeros_like(loss_sum), 0
+            t_timed, n_timed = time.time(), 0
+        if done % cfg.eval_every == 0 or last:
+            subset = valid_blocks if last else valid_blocks[: cfg.eval_batches * cfg.batch_size]
+            valid_loss = evaluate(model, subset, cfg.batch_size, accelerator)
+            logger.log(done, {"valid/loss": valid_loss, "valid/perplexity": math.exp(valid_loss)})
+            t_timed, n_timed = time.time(), 0
+        if done % cfg.save_every == 0 and not last:
+            ckpt = {"step": done, "config": run_config(cfg), "elapsed_s": elapsed_before + time.time() - t_start}
+            save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, ckpt)
+            t_timed, n_timed = time.time(), 0
+    pbar.close()
+    logger.close()
+
+    final = out_dir / "model"
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    write_summary(out_dir, {
+        "stage": "pretrain",
+        "wall_time_s": elapsed_before + time.time() - t_start,
+        "steps": cfg.max_steps,
+        "tokens_seen": cfg.max_steps * tokens_per_step,
+        "valid_loss": valid_loss,
+        "valid_perplexity": math.exp(valid_loss),
+        "model": str(final),
+    })
+    if accelerator.is_main_process:
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
+    accelerator.wait_for_everyone()
+    return final
+
+
+if __name__ == "__main__":
+    import tyro
+
+    pretrain(tyro.cli(PretrainConfig))

@@ -1,0 +1,361 @@
+"""Stage 3 of the InstructGPT recipe: a reward model learned from ranked comparisons.
+
+A transformer with a scalar head (`AutoModelForSequenceClassification`, num_labels=1) reads
+`rewards.hf.reward_model_text(prompt, response)` and returns its score at the last non-PAD token. Following
+InstructGPT (arXiv 2203.02155, section 3.5), each of a prompt's K ranked responses is forwarded once and all
+C(K, 2) pairs are formed from those K scores, as ONE batch element (training on the pairs as separate examples
+overfits, since each response then appears in K - 1 gradient updates):
+
+    loss = -1 / C(K, 2) * E_(x, y_w, y_l) [log sigmoid(r(x, y_w) - r(x, y_l))]
+
+After training the scores are shifted (and with normalize_std scaled) so that the reference responses (the SFT
+samples of the comparison data) score mean 0 (std 1), and that affine map is folded into the weights: the saved
+folder, loaded with plain `AutoModelForSequenceClassification.from_pretrained`, already gives normalised scores
+and plugs into any env as `reward_fn="runs/rm/model"`.
+
+    python -m agents.reward_model --data runs/comparisons --model runs/sft/model --out-dir runs/rm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from agents.common import (RunLogger, check_run_dir, cosine_schedule, is_complete, load_checkpoint, save_checkpoint,
+                           seed_everything, write_summary)
+from agents.comparisons import load_preferences, sample_responses
+from agents.data import batch_indices
+from agents.pretrain import adamw, run_config
+from agents.sampler import position_ids_from_mask
+from rewards.hf import SequenceClassifierReward, reward_model_text
+from textenv.models import disable_dropout
+from textenv.tasks import get_task
+from textenv.tokenizer import load_tokenizer
+
+
+@dataclass
+class RMConfig:
+    out_dir: str = "runs/rm"
+    """Run folder: config, metrics.jsonl, tb/, checkpoint/, summary.json and the final model/ (model + tokenizer)."""
+    data: str = "runs/comparisons"
+    """Comparisons: a collect_comparisons run folder, a save_to_disk folder, a .jsonl/.csv/.parquet file or a hub
+    id, in any layout `agents.comparisons.load_preferences` reads."""
+    model: str = "runs/sft/model"
+    """Initialisation: the SFT folder, or any HF model id/folder (a fresh scalar head is put on top)."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id (needs distinct PAD and EOS). Default: `model`'s."""
+    task: str | None = "sentiment"
+    """Task whose valid prompts and gold score evaluate the RM on fresh policy samples (Spearman); None: skip."""
+    policy: str | None = None
+    """Causal LM that draws those fresh samples. Default: `model` (the SFT policy the RM starts from)."""
+    n_eval_samples: int = 256
+    """Fresh samples (one per valid prompt) for the Spearman correlation with the gold."""
+    eval_fraction: float = 0.1
+    """Fraction of the prompts held out to measure pairwise accuracy."""
+    epochs: int = 1
+    """Passes over the training comparisons (InstructGPT: 1; more overfits)."""
+    batch_size: int = 16
+    """Prompts per optimizer step, each with all of its responses and pairs."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate (betas 0.9, 0.95)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on 2-D parameters."""
+    warmup_steps: int = 5
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at min_lr_ratio * lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this."""
+    max_length: int | None = None
+    """Keep the last max_length tokens of an input. Default: the model's context length."""
+    normalize_std: bool = False
+    """Also scale the scores to std 1 on the reference responses (the shift to mean 0 is always applied)."""
+    score_batch_size: int = 64
+    """Sequences per forward when scoring without gradients (normalisation, evaluation)."""
+    log_every: int = 10
+    """Log training loss, pairwise accuracy and lr every this many steps."""
+    eval_every: int = 50
+    """Held-out loss and accuracy every this many steps (and at the end)."""
+    save_every: int = 50
+    """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
+    seed: int = 0
+    """Seed for the head's initialisation, the held-out split, the data order and the fresh samples."""
+    overwrite: bool = False
+    """Delete a previous run with another configuration in out_dir instead of refusing."""
+
+    def __post_init__(self):
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        for name in ("epochs", "batch_size", "score_batch_size", "n_eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+
+def ranking_pairs(rankings: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(winners, losers, prompt) (P,) int64 for all C(K, 2) pairs of every ranking (best first). Indices point into
+    the flat list of all responses, prompt b's at offset sum_{c < b} K_c; `prompt` is each pair's prompt index."""
+    winners, losers, prompt, offset = [], [], [], 0
+    for b, ranking in enumerate(rankings):
+        for i in range(len(ranking)):
+            for j in range(i + 1, len(ranking)):
+                winners.append(offset + ranking[i])
+                losers.append(offset + ranking[j])
+                prompt.append(b)
+        offset += len(ranking)
+    return torch.tensor(winners), torch.tensor(losers), torch.tensor(prompt)
+
+
+def ranking_loss(scores: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """mean over prompts of mean over their pairs of -log sigmoid(r_w - r_l): each prompt weighs the same however
+    many pairs it has (the 1 / C(K, 2) of InstructGPT's loss). scores (N,), the rest (P,) from `ranking_pairs`."""
+    pair_loss = -F.logsigmoid(scores[winners] - scores[losers])  # (P,)
+    n_prompts = int(prompt.max()) + 1
+    total = torch.zeros(n_prompts, dtype=pair_loss.dtype, device=pair_loss.device).index_add_(0, prompt, pair_loss)
+    return (total / torch.bincount(prompt, minlength=n_prompts)).mean()
+
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of the RM inputs, as `rewards.hf.SequenceClassifierReward` makes them: the last max_length kept."""
+    ids = tokenizer([reward_model_text(p, r) for p, r in zip(prompts, responses)])["input_ids"]
+    return [row[-max_length:] for row in ids]
+
+
+def pad(rows: list[list[int]], pad_token_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (B, T) from token-id lists, padded on `side` ("right" or "left")."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[i, cols], mask[i, cols] = torch.tensor(row, dtype=torch.long), 1
+    return ids, mask
+
+
+def forward_scores(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, side: str = "right") -> torch.Tensor:
+    """(B,) float32 scores. The model reads its score at the last non-PAD token (GPT-2 style). Under left padding
+    the position ids must skip the padding, so they are passed (the model must take `position_ids`)."""
+    device = next(model.parameters()).device
+    kwargs = {"position_ids": position_ids_from_mask(mask).to(device)} if side == "left" else {}
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits[:, 0].float()
+
+
+@torch.no_grad()
+def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
+                *, batch_size: int = 64, max_length: int | None = None, side: str = "right") -> torch.Tensor:
+    """(N,) scores of (prompt, response) pairs, in eval mode (restored afterwards)."""
+    max_length = max_length or model.config.max_position_embeddings
+    rows = encode(tokenizer, prompts, responses, max_length)
+    was_training = model.training
+    model.eval()
+    out = [forward_scores(model, *pad(rows[i : i + batch_size], tokenizer.pad_token_id, side), side).cpu()
+           for i in range(0, len(rows), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+# Models whose score head has no bias: the LayerNorm that feeds the head directly, whose bias can carry the shift.
+FINAL_LAYER_NORM = {"gpt2": "transformer.ln_f", "gpt_neo": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
+
+
+def score_head(model: PreTrainedModel) -> torch.nn.Linear:
+    """The single-output Linear that makes the score (GPT-2/Llama `score`, BERT `classifier`, RoBERTa
+    `classifier.out_proj`): the last one registered."""
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    if not heads:
+        raise ValueError(f"{type(model).__name__} ({model.config.model_type}) has no single-output Linear score head")
+    return heads[-1]
+
+
+@torch.no_grad()
+def fold_normalization(model: PreTrainedModel, mean: float, std: float = 1.0) -> None:
+    """Edit `model` IN PLACE so that it scores (r - mean) / std, where r is its current score.
+
+    The gain 1/std multiplies the head (weight and bias). The shift goes into the head's bias if it has one; else
+    into the bias of the final LayerNorm h = LN(x) that feeds the head: adding delta * w / ||w||^2 to it adds
+    exactly delta to w.h. ValueError for a model with neither.
+    """
+    if not std > 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    head, delta = score_head(model), -mean / std
+    head.weight.mul_(1 / std)
+    if head.bias is not None:
+        head.bias.mul_(1 / std).add_(delta)
+        return
+    model_type = model.config.model_type
+    if model_type not in FINAL_LAYER_NORM:
+        raise ValueError(f"cannot fold the reward shift into a {model_type!r} model: its score head has no bias and "
+                         f"no final LayerNorm with a bias is known for it (known: {sorted(FINAL_LAYER_NORM)})")
+    norm = model.get_submodule(FINAL_LAYER_NORM[model_type])
+    w = head.weight[0]  # (H,)
+    norm.bias.add_(delta * w / w.dot(w))
+
+
+
+@torch.no_grad()
+def evaluate_pairs(model, tokenizer, rows: list[dict], batch_size: int, max_length: int) -> dict[str, float]:
+    """Held-out ranking loss and pairwise accuracy; with gold scores, the annotator ceiling: how often the gold
+    itself orders the pairs as the (noisy) labels do. Ties count 1/2 in both."""
+    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
+    scores = score_texts(model, tokenizer, prompts, [r for row in rows for r in row["responses"]],
+                         batch_size=batch_size, max_length=max_length)  # (N,)
+    winners, losers, prompt = ranking_pairs([row["ranking"] for row in rows])
+    diff = scores[winners] - scores[losers]  # (P,)
+    out = {"loss": ranking_loss(scores, winners, losers, prompt).item(),
+           "accuracy": ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item(), "pairs": len(diff)}
+    if all("gold" in row for row in rows):
+        gold = torch.tensor([g for row in rows for g in row["gold"]])
+        gold_diff = gold[winners] - gold[losers]
+        out["ceiling"] = ((gold_diff > 0).float() + 0.5 * (gold_diff == 0).float()).mean().item()
+    return out
+
+
+def fresh_sample_eval(rm: PreTrainedModel, rm_tokenizer, policy_path: str, task_name: str, n: int, seed: int,
+                      batch_size: int) -> dict[str, float]:
+    """Spearman correlation of the RM with the gold on fresh policy samples of the task's valid prompts, and the
+    RM's mean and std there (about 0 and 1 after normalisation when the policy is the SFT policy)."""
+    from scipy.stats import spearmanr
+
+    samples = sample_responses(policy_path, task_name, get_task(task_name).prompts("valid", n=n, seed=seed), 1,
+                               batch_size, 1.0, seed)
+    seen, responses, gold = ([s[0] for s in samples], [s[1][0] for s in samples], [s[2][0] for s in samples])
+    rm_scores = SequenceClassifierReward(rm, rm_tokenizer, batch_size=batch_size)(seen, responses)
+    return {"spearman": float(spearmanr(rm_scores, gold).statistic), "rm_mean": float(np.mean(rm_scores)),
+            "rm_std": float(np.std(rm_scores)), "gold_mean": float(np.mean(gold)), "samples": n}
+
+
+def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) by prompt, so that no held-out prompt is trained on; seeded."""
+    prompts = sorted({row["prompt"] for row in rows})
+    n_eval = max(1, round(eval_fraction * len(prompts)))
+    if n_eval >= len(prompts):
+        raise ValueError(f"only {len(prompts)} distinct prompts: too few to hold out {eval_fraction:.0%} of them")
+    held_out = {prompts[i] for i in np.random.default_rng(seed).permutation(len(prompts))[:n_eval]}
+    return [r for r in rows if r["prompt"] not in held_out], [r for r in rows if r["prompt"] in held_out]
+
+
+def load_rm_init(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """`name_or_path` with a scalar head (a fresh one unless it already is a 1-label classifier), dropout off."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    return disable_dropout(model)
+
+
+def train_reward_model(cfg: RMConfig) -> Path:
+    """Train (or resume, or skip if complete) the RM, normalise it, evaluate it; return out_dir/model."""
+    out_dir = check_run_dir(cfg.out_dir, {"stage": "reward_model", **run_config(cfg)}, cfg.overwrite)
+    if is_complete(out_dir):
+        print(f"{out_dir} is complete (summary.json); nothing to do")
+        return out_dir / "model"
+    if PartialState().num_processes > 1:
+        raise ValueError("train_reward_model runs in one process; launch it with python, not accelerate launch")
+    t_start = time.time()
+    seed_everything(cfg.seed)
+    prefs = load_preferences(cfg.data)
+    train_rows, eval_rows = split_rows(prefs.rows, cfg.eval_fraction, cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    model = load_rm_init(cfg.model, tokenizer)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    max_length = cfg.max_length or min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    # tokenized once: row b's responses, each a token-id list
+    train_ids = [encode(tokenizer, [row["prompt"]] * len(row["responses"]), row["responses"], max_length)
+                 for row in train_rows]
+    max_steps = cfg.epochs * (len(train_rows) // cfg.batch_size)
+    if max_steps < 1:
+        raise ValueError(f"only {len(train_rows)} training prompts, fewer than batch_size={cfg.batch_size}")
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
+    resumed = load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
+    start = resumed["step"] if resumed else 0
+    train_time = resumed["train_time_s"] if resumed else 0.0  # of the runs this one resumes
+    logger = RunLogger(out_dir, resume_step=start if resumed else None)
+    print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(train_rows)} train / "
+          f"{len(eval_rows)} held-out prompts ({prefs.layout} layout, {sum(prefs.skipped.values())} rows skipped), "
+          f"{max_steps} steps on {device}" + (f", resuming at step {start}" if resumed else ""))
+
+    sums, n_sums = torch.zeros(2), 0  # (loss, accuracy) summed over the n_sums steps since the last log
+    valid: dict[str, float] = {}
+    t_loop = time.time()
+    pbar = tqdm(total=max_steps, initial=start, desc="reward model")
+    for step in range(start, max_steps):
+        idx = batch_indices(len(train_rows), cfg.batch_size, step, cfg.seed)
+        ids, mask = pad([seq for b in idx for seq in train_ids[b]], tokenizer.pad_token_id)  # (N, T), N = sum K_b
+        winners, losers, prompt = (t.to(device) for t in ranking_pairs([train_rows[b]["ranking"] for b in idx]))
+        scores = forward_scores(model, ids, mask)  # (N,) each response forwarded once
+        loss = ranking_loss(scores, winners, losers, prompt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums += torch.tensor([loss.item(), (scores[winners] > scores[losers]).float().mean().item()])
+        n_sums, done = n_sums + 1, step + 1
+        pbar.update(1)
+        if done % cfg.log_every == 0 or done == max_steps:
+            train_loss, train_acc = (sums / n_sums).tolist()
+            logger.log(done, {"train/loss": train_loss, "train/accuracy": train_acc, "charts/lr": scheduler.get_last_lr()[0]})
+            pbar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}")
+            sums, n_sums = torch.zeros(2), 0
+        if done % cfg.eval_every == 0 or done == max_steps:
+            valid = evaluate_pairs(model, tokenizer, eval_rows, cfg.score_batch_size, max_length)
+            logger.log(done, {f"valid/{k}": v for k, v in valid.items() if k != "pairs"})
+        if done % cfg.save_every == 0 and done != max_steps:
+            save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler,
+                            {"step": done, "config": run_config(cfg), "train_time_s": train_time + time.time() - t_loop})
+    pbar.close()
+    logger.close()
+    train_time += time.time() - t_loop
+
+    # Normalise on the reference responses: the SFT samples the comparisons were made of.
+    model.eval()
+    reference = score_texts(model, tokenizer, [row["prompt"] for row in prefs.rows for _ in row["responses"]],
+                            [r for row in prefs.rows for r in row["responses"]],
+                            batch_size=cfg.score_batch_size, max_length=max_length)
+    mean, std = reference.mean().item(), reference.std().item()
+    fold_normalization(model, mean, std if cfg.normalize_std else 1.0)
+    final, tmp = out_dir / "model", out_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+    summary = {
+        "stage": "reward_model", "layout": prefs.layout, "source_rows": prefs.n_source_rows,
+        "skipped_rows": sum(prefs.skipped.values()), "skipped_by_reason": prefs.skipped,
+        "train_prompts": len(train_rows), "heldout_prompts": len(eval_rows), "heldout_pairs": valid["pairs"],
+        "steps": max_steps, "train_time_s": train_time, "heldout_loss": valid["loss"],
+        "heldout_accuracy": valid["accuracy"], "annotator_ceiling": valid.get("ceiling"),  # None: no gold in the data
+        "accuracy_over_ceiling": valid["accuracy"] / valid["ceiling"] if "ceiling" in valid else None,
+        "normalization": {"mean": mean, "std": std, "gain_applied": cfg.normalize_std},
+    }
+    if cfg.task is not None:
+        fresh = fresh_sample_eval(model, tokenizer, cfg.policy or cfg.model, cfg.task, cfg.n_eval_samples, cfg.seed,
+                                  cfg.score_batch_size)
+        summary.update({f"fresh_{k}": v for k, v in fresh.items()})
+    summary.update(wall_time_s=time.time() - t_start, model=str(final))
+    write_summary(out_dir, summary)
+    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
+    print(json.dumps(summary))
+    return final
+
+
+if __name__ == "__main__":
+    import tyro
+
+    train_reward_model(tyro.cli(RMConfig))

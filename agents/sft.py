@@ -1,0 +1,259 @@
+"""Stage 2 of the InstructGPT recipe: supervised fine-tuning (SFT) on (prompt, response) demonstrations.
+
+The loss is next-token cross-entropy on the response tokens only (Ouyang et al. 2022): prompt and response are
+tokenized separately (the prompt exactly as the RL environment tokenizes it: no special tokens, long prompts
+keep their end), their ids concatenated, EOS appended to the response as a trained target -- the policy must learn
+to stop -- and labels are -100 on the prompt and the padding.
+
+    python -m agents.sft --model runs/pretrain/model --out-dir runs/sft                 # embedded sentiment task
+    python -m agents.sft --model gpt2-folder --data demos.jsonl --out-dir runs/sft-mine  # a user's demonstrations
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from agents.common import (
+    RunLogger,
+    check_run_dir,
+    cosine_schedule,
+    is_complete,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    write_summary,
+)
+from agents.data import batch_indices, load_pairs
+from agents.pretrain import adamw, run_config
+from textenv.models import load_causal_lm
+from textenv.tokenizer import load_tokenizer
+
+IGNORE = -100  # the label of positions without a loss (F.cross_entropy's ignore_index)
+VALID_EVERY_NTH_RECORD = 20  # a user's file: 5% held out for validation
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = "runs/sft"
+    """Run folder: config, metrics.jsonl, tb/, checkpoint/, and the final model/ (model + tokenizer)."""
+    model: str = "runs/pretrain/model"
+    """The causal LM to fine-tune: the pretrain stage's model folder, any local HF folder or a hub id. Its
+    tokenizer is loaded from the same place and needs distinct PAD and EOS tokens."""
+    task: str = "sentiment"
+    """Embedded task whose demonstrations to learn (sentiment, arithmetic, commongen); ignored when `data` is set."""
+    data: str | None = None
+    """A .jsonl/.csv/.parquet file or datasets hub id of demonstrations (instead of `task`); 5% is held out."""
+    prompt_column: str = "prompt"
+    """Column of `data` holding the prompts."""
+    response_column: str = "response"
+    """Column of `data` holding the responses."""
+    max_prompt_tokens: int = 64
+    """Longer prompts keep their last tokens (the end is what the response continues)."""
+    max_response_tokens: int = 64
+    """Responses are cut to this many tokens, EOS included (a cut response loses its EOS: it did not end there)."""
+    batch_size: int = 32
+    """Demonstrations per optimizer step, over all processes."""
+    epochs: float = 2.0
+    """Passes over the demonstrations (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps; overrides `epochs`."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate (betas 0.9, 0.95)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on 2-D parameters."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at min_lr_ratio * lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this."""
+    mixed_precision: str = "bf16"
+    """Accelerate's mixed precision: "bf16" (autocast; ~2x faster on CPUs with AVX512-BF16 and on GPUs), "fp16"
+    (GPU) or "no" (fp32)."""
+    log_every: int = 10
+    """Log the training loss, lr and tokens/s every this many steps."""
+    eval_every: int = 50
+    """Validation loss every this many steps (and always at the end, on the whole valid split)."""
+    eval_batches: int = 16
+    """Validation batches per periodic evaluation."""
+    save_every: int = 100
+    """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
+    seed: int = 0
+    """Seed for the data order."""
+    overwrite: bool = False
+    """Delete a previous run with another configuration in out_dir instead of refusing."""
+
+    def __post_init__(self):
+        if self.data is None:
+            from textenv.tasks import get_task
+
+            get_task(self.task)  # ValueError naming the unknown task and the known ones
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_prompt_tokens: int, max_response_tokens: int):
+    """(input ids, labels) of one demonstration: labels are IGNORE on the prompt, the response ids + EOS after."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = response_ids[:max_response_tokens]
+    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids / attention_mask / labels, each (B, L) with L the longest example."""
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the token at t + 1 given tokens <= t, over positions whose label is not IGNORE."""
+    logits, targets = logits[:, :-1], labels[:, 1:]  # (B, L - 1, V), (B, L - 1)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
+
+
+def load_demonstrations(cfg: SFTConfig) -> tuple[list[dict], list[dict]]:
+    """(train, valid) demonstrations: the task's own splits, or a user's records with every 20th held out."""
+    if cfg.data is None:
+        from textenv.tasks import get_task
+
+        task = get_task(cfg.task)
+        return task.demonstrations("train"), task.demonstrations("valid")
+    pairs = load_pairs(cfg.data, cfg.prompt_column, cfg.response_column)
+    if len(pairs) < 2:
+        raise ValueError(f"{cfg.data} has {len(pairs)} demonstration(s); need at least 2 (train and valid)")
+    valid = [p for i, p in enumerate(pairs) if i % VALID_EVERY_NTH_RECORD == 0]
+    train = [p for i, p in enumerate(pairs) if i % VALID_EVERY_NTH_RECORD != 0]
+    return train, valid
+
+
+@torch.no_grad()
+def evaluate(model, examples: list, batch_size: int, pad_token_id: int, accelerator: Accelerator) -> float:
+    """Mean loss per response token over `examples`; each process takes every num_processes-th example."""
+    model.eval()
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, device=accelerator.device)  # (sum of token losses, token count)
+    for i in range(0, len(mine), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate(mine[i : i + batch_size], pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+        total[0] += sft_loss(logits, batch["labels"], reduction="sum")
+        total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def sft(cfg: SFTConfig) -> Path:
+    """Run (or resume, or skip if already complete) stage 2; return the final model folder out_dir/model."""
+    out_dir = check_run_dir(cfg.out_dir, {"stage": "sft", **run_config(cfg)}, cfg.overwrite)
+    if is_complete(out_dir):
+        print(f"{out_dir} is complete (summary.json); nothing to do")
+        return out_dir / "model"
+    t_start = time.time()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
+    seed_everything(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model)  # checks PAD and EOS exist and differ
+    train_pairs, valid_pairs = load_demonstrations(cfg)
+    train, valid = (
+        [encode_pair(tokenizer, d["prompt"], d["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for d in ds]
+        for ds in (train_pairs, valid_pairs)
+    )
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"only {len(train)} training demonstrations, fewer than batch_size={cfg.batch_size}")
+    max_steps = cfg.max_steps or max(1, round(cfg.epochs * (len(train) // cfg.batch_size)))
+
+    model = load_causal_lm(cfg.model)  # dropout off
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, fused=accelerator.device.type in ("cpu", "cuda"))
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours (see pretrain.py)
+
+    resumed = load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
+    start = resumed["step"] if resumed else 0
+    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
+    logger = RunLogger(out_dir, resume_step=start if resumed else None)
+    if accelerator.is_main_process:
+        print(f"sft: {len(train)} train / {len(valid)} valid demonstrations, {max_steps} steps, on {accelerator.device}"
+              + (f", resuming at step {start}" if resumed else ""))
+
+    model.train()
+    valid_loss = math.nan
+    loss_sum, n_loss = torch.zeros((), device=accelerator.device), 0  # since the last train/loss log
+    t_timed, n_tokens = time.time(), 0  # non-pad tokens trained on since t_timed (evaluation and saving excluded)
+    pbar = tqdm(total=max_steps, initial=start, desc="sft", disable=not accelerator.is_main_process)
+    for step in range(start, max_steps):
+        idx = batch_indices(len(train), cfg.batch_size, step, cfg.seed)
+        idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share of the batch
+        batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in idx], tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+        loss = sft_loss(logits, batch["labels"])
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, n_loss = loss_sum + loss.detach(), n_loss + 1
+        n_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes  # ~ all processes' tokens
+        done = step + 1
+        pbar.update(1)
+
+        last = done == max_steps
+        if done % cfg.log_every == 0 or last:
+            train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / n_loss
+            tokens_per_s = n_tokens / (time.time() - t_timed)
+            logger.log(done, {"train/loss": train_loss, "charts/lr": scheduler.get_last_lr()[0],
+                              "charts/tokens_per_s": tokens_per_s})
+            pbar.set_postfix(loss=f"{train_loss:.3f}")
+            loss_sum, n_loss = torch.zeros_like(loss_sum), 0
+            t_timed, n_tokens = time.time(), 0
+        if done % cfg.eval_every == 0 or last:
+            subset = valid if last else valid[: cfg.eval_batches * cfg.batch_size]
+            valid_loss = evaluate(model, subset, cfg.batch_size, tokenizer.pad_token_id, accelerator)
+            logger.log(done, {"valid/loss": valid_loss, "valid/perplexity": math.exp(valid_loss)})
+            t_timed, n_tokens = time.time(), 0
+        if done % cfg.save_every == 0 and not last:
+            ckpt = {"step": done, "config": run_config(cfg), "elapsed_s": elapsed_before + time.time() - t_start}
+            save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, ckpt)
+            t_timed, n_tokens = time.time(), 0
+    pbar.close()
+    logger.close()
+
+    final = out_dir / "model"
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    write_summary(out_dir, {
+        "stage": "sft",
+        "wall_time_s": elapsed_before + time.time() - t_start,
+        "steps": max_steps,
+        "train_demonstrations": len(train),
+        "valid_loss": valid_loss,
+        "valid_perplexity": math.exp(valid_loss),
+        "model": str(final),
+    })
+    if accelerator.is_main_process:
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
+    accelerator.wait_for_everyone()
+    return final
+
+
+if __name__ == "__main__":
+    import tyro
+
+    sft(tyro.cli(SFTConfig))

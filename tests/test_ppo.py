@@ -1,0 +1,183 @@
+"""PPO: the implementation details that the RLHF references agree on, a smoke run, resume and failure stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agents.core import clipped_policy_loss, clipped_value_loss, kl_estimate
+from agents.ppo import NonFiniteError, PPOConfig, policy_forward, ppo, value_forward
+from agents.sampler import rollout
+from textenv import TextGenVectorEnv
+from textenv.embedded import default_tokenizer
+from textenv.models import build_model, load_sequence_classifier
+
+
+@pytest.fixture(scope="module")
+def sft_folder(tmp_path_factory):
+    """A tiny 'SFT' policy saved as a transformers folder, with the embedded tokenizer."""
+    folder = tmp_path_factory.mktemp("sft")
+    tok = default_tokenizer()
+    build_model("tiny", tok, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(sft_folder, out_dir, **kw):
+    base = dict(
+        policy=str(sft_folder), reward="tests.conftest:length_reward", out_dir=str(out_dir), num_envs=8,
+        num_minibatches=2, update_epochs=2, iterations=3, max_new_tokens=6, save_every=1, sample_every=1,
+        lr=1e-3, device="cpu",
+    )
+    return PPOConfig(**{**base, **kw})
+
+
+def test_first_minibatch_kl_zero_ratio_one(sft_folder):
+    from textenv.models import load_causal_lm
+
+    policy, ref = load_causal_lm(sft_folder), load_causal_lm(sft_folder)
+    envs = TextGenVectorEnv(num_envs=8, task="sentiment", tokenizer=default_tokenizer(), reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=6)
+    batch = rollout(policy.eval(), envs, torch.Generator().manual_seed(0), temperature=0.7, seed=0)
+    P = envs.setup.max_prompt_tokens
+    with torch.no_grad():
+        logp, _, _ = policy_forward(policy, batch.input_ids, batch.attention_mask, P, 0.7)
+        ref_logp, _, _ = policy_forward(ref, batch.input_ids, batch.attention_mask, P, 0.7)
+    mask = batch.response_mask.float()
+    assert torch.equal(kl_estimate(logp, ref_logp) * mask, torch.zeros_like(mask))
+    policy.train()  # the update runs in train mode: with dropout off, the ratio is exactly 1
+    new_logp, _, _ = policy_forward(policy, batch.input_ids, batch.attention_mask, P, 0.7)
+    ratio = torch.exp(new_logp - logp)[mask.bool()]
+    assert torch.equal(ratio, torch.ones_like(ratio))
+    _, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp, torch.randn_like(logp), mask, 0.2)
+    assert clipfrac.item() == 0.0 and approx_kl.item() == 0.0
+
+
+def test_logprobs_equal_plain_hf_forward_and_ignore_left_padding(sft_folder):
+    from textenv.models import load_causal_lm
+
+    policy = load_causal_lm(sft_folder).eval()
+    tok = default_tokenizer()
+    prompts, responses = ["The film was", "I watched this movie last night and it"], [" good and fun.", " bored me"]
+    P = 12
+    rows = []
+    for p, r in zip(prompts, responses):
+        p_ids, r_ids = tok(p)["input_ids"], tok(r)["input_ids"]
+        rows.append((p_ids, r_ids))
+    T = max(len(r) for _, r in rows)
+    ids = torch.full((2, P + T), tok.pad_token_id)
+    mask = torch.zeros(2, P + T, dtype=torch.long)
+    for i, (p_ids, r_ids) in enumerate(rows):
+        ids[i, P - len(p_ids) : P] = torch.tensor(p_ids)
+        ids[i, P : P + len(r_ids)] = torch.tensor(r_ids)
+        mask[i, P - len(p_ids) : P + len(r_ids)] = 1
+    with torch.no_grad():
+        logp, _, _ = policy_forward(policy, ids, mask, P, temperature=0.5)
+        for i, (p_ids, r_ids) in enumerate(rows):  # each alone, unpadded, through a plain HF forward
+            x = torch.tensor([p_ids + r_ids])
+            logits = policy(input_ids=x).logits[0, len(p_ids) - 1 : -1] / 0.5
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(r_ids)[:, None]).squeeze(-1)
+            torch.testing.assert_close(logp[i, : len(r_ids)], want, atol=1e-5, rtol=1e-5)
+
+
+def test_nothing_after_eos_carries_loss(sft_folder):
+    torch.manual_seed(0)
+    logp = torch.randn(2, 4, requires_grad=True)
+    values = torch.randn(2, 4, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    pg, _, _ = clipped_policy_loss(logp, logp.detach() + 0.1, torch.randn(2, 4), mask, 0.2)
+    vf, _ = clipped_value_loss(values, values.detach() + 0.1, torch.randn(2, 4), mask, 0.2)
+    (pg + vf).backward()
+    assert (logp.grad[0, 2:] == 0).all() and (values.grad[0, 2:] == 0).all()
+    assert (logp.grad[1] != 0).all() and (values.grad[1] != 0).all()
+
+
+def test_value_model_reads_per_token_values(sft_folder):
+    value_model = load_sequence_classifier(sft_folder, num_labels=1).eval()
+    value_model.config.pad_token_id = 0
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        v = value_forward(value_model, ids, mask, P=4)  # (1, 2): values before response tokens 0 and 1
+        # V(prompt + response[:1]) is the classifier's score of the unpadded [5, 6, 7]
+        full = value_model(input_ids=torch.tensor([[5, 6, 7]])).logits[0, 0]
+    assert v.shape == (1, 2)
+    torch.testing.assert_close(v[0, 1], full, atol=1e-5, rtol=1e-5)
+
+
+def test_smoke_run_changes_every_parameter(sft_folder, tmp_path):
+    final = ppo(tiny_config(sft_folder, tmp_path / "run"))
+    before = load_file(sft_folder / "model.safetensors")
+    after = load_file(final / "model.safetensors")
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines] == [1, 2, 3]
+    for row in lines:
+        for key in ("objective/kl", "objective/scores", "objective/entropy", "objective/non_score_reward",
+                    "losses/policy_loss", "losses/value_loss", "losses/approx_kl", "losses/clipfrac",
+                    "losses/explained_variance", "charts/tokens_per_s", "objective/kl_coef", "objective/gold"):
+            assert key in row and row[key] == row[key], key  # present and not NaN
+    value_after = load_file(tmp_path / "run" / "checkpoint" / "value" / "model.safetensors")
+    assert any(not torch.equal(value_after[k], v) for k, v in load_file(sft_folder / "model.safetensors").items() if k in value_after)
+    samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    assert json.loads(samples[0]).keys() == {"iteration", "prompt", "response", "score", "gold"}
+
+
+def test_shared_value_head_runs(sft_folder, tmp_path):
+    ppo(tiny_config(sft_folder, tmp_path / "run", shared_value_head=True, iterations=1, ptx_coef=0.5))
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_sigkill_then_resume_equals_uninterrupted(sft_folder, tmp_path):
+    cfg = tiny_config(sft_folder, tmp_path / "straight", iterations=4)
+    ppo(cfg)
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "agents.ppo", "--policy", str(sft_folder), "--reward", cfg.reward,
+            "--out-dir", str(killed), "--num-envs", "8", "--num-minibatches", "2", "--update-epochs", "2",
+            "--iterations", "4", "--max-new-tokens", "6", "--save-every", "1", "--sample-every", "1",
+            "--lr", "0.001", "--device", "cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    state = killed / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["iteration"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    ppo(tiny_config(sft_folder, killed, iterations=4))
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(killed / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+SCORED = {"n": 0}
+
+
+def overflowing_reward(prompts, completions, **kw):
+    """Length reward for the first 16 completions (two iterations of 8 envs), then a finite score whose square
+    overflows float32, so the value loss turns inf in iteration 3."""
+    SCORED["n"] += len(completions)
+    return [3e38 if SCORED["n"] > 16 else float(len(c)) for c in completions]
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(sft_folder, tmp_path):
+    SCORED["n"] = 0
+    with pytest.raises(NonFiniteError, match="non-finite .* at iteration 3"):
+        ppo(tiny_config(sft_folder, tmp_path / "run", iterations=4, reward="tests.test_ppo:overflowing_reward", missing_eos_penalty=None))
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["iteration"] == 2
+    weights = load_file(ckpt / "policy" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (tmp_path / "run" / "summary.json").exists()
