@@ -96,8 +96,10 @@ def stage_configs(cfg: PipelineConfig) -> dict:
 def check_out_dir(out: Path) -> None:
     """Fail early, naming the folder, when --out cannot be written."""
     probe = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not probe.is_dir():
+        raise ValueError(f"--out {str(out)!r} is not writable: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK):
-        raise ValueError(f"--out {str(out)!r} is not writable ({probe} is read-only)")
+        raise ValueError(f"--out {str(out)!r} is not writable: {probe} is read-only")
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:

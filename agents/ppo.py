@@ -325,6 +325,7 @@ def ppo(cfg: PPOConfig) -> Path:
             "time/rollout_s": t_rollout,
             "time/update_s": t_update,
         }
+        metrics["time/iteration_s"] = time.perf_counter() - t0  # rollout + update + scoring and metrics
         logger.log(iteration + 1, metrics)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
         done = iteration + 1 == cfg.iterations

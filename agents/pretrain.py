@@ -35,6 +35,7 @@ from agents.common import (
     write_summary,
 )
 from agents.data import batch_indices, load_text_source
+from textenv.embedded import default_tokenizer
 from textenv.models import PRESETS, build_model, load_causal_lm
 from textenv.tokenizer import load_tokenizer, train_tokenizer
 
@@ -59,21 +60,21 @@ class PretrainConfig:
     """Tokens per training sequence."""
     batch_size: int = 16
     """Sequences per optimizer step, over all processes."""
-    max_steps: int = 400
+    max_steps: int = 300
     """Optimizer steps."""
     lr: float = 2e-3
     """Peak AdamW learning rate (betas 0.9, 0.95)."""
     weight_decay: float = 0.1
     """AdamW weight decay, on 2-D parameters (matmuls, embeddings) only; biases and LayerNorms are not decayed."""
-    warmup_steps: int = 40
+    warmup_steps: int = 30
     """Linear warmup steps."""
     min_lr_ratio: float = 0.1
     """The cosine decay ends at min_lr_ratio * lr."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this."""
-    mixed_precision: str = "bf16"
-    """Accelerate's mixed precision: "bf16" (autocast; ~2x faster on CPUs with AVX512-BF16 and on GPUs), "fp16"
-    (GPU) or "no" (fp32)."""
+    bf16: bool = True
+    """Forward passes under bfloat16 autocast (weights and optimizer state stay fp32): ~2x faster on GPUs and on CPUs
+    with AVX512-BF16/AMX; pass --no-bf16 on older CPUs, where it is slower than fp32."""
     log_every: int = 10
     """Log the training loss, lr and tokens/s every this many steps."""
     eval_every: int = 100
@@ -122,14 +123,15 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -
 
 
 @torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, batch_size: int, accelerator: Accelerator) -> float:
+def evaluate(model, blocks: torch.Tensor, batch_size: int, accelerator: Accelerator, bf16: bool) -> float:
     """Mean next-token loss over `blocks`; each process takes every num_processes-th block."""
     model.eval()
     mine = blocks[accelerator.process_index :: accelerator.num_processes]
     total = torch.zeros(2, device=accelerator.device)  # (sum of token losses, token count)
     for i in range(0, len(mine), batch_size):
         block = mine[i : i + batch_size].to(accelerator.device)  # (B, T + 1)
-        logits = model(input_ids=block[:, :-1]).logits  # (B, T, V)
+        with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=block[:, :-1]).logits  # (B, T, V)
         total[0] += F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten(), reduction="sum")
         total[1] += block[:, 1:].numel()
     total = accelerator.reduce(total, reduction="sum")
@@ -140,6 +142,10 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int, accelerator: Accelera
 def _tokenizer(cfg: PretrainConfig, out_dir: Path, docs: list[str], accelerator: Accelerator):
     if cfg.tokenizer is not None or cfg.model is not None:
         return load_tokenizer(cfg.tokenizer or cfg.model)
+    if cfg.data is None:
+        # The embedded corpus gets the embedded tokenizer, so that our policies fit the spaces of the
+        # registered envs (gym.make("textenv/PositiveReview-v0")).
+        return default_tokenizer()
     path = out_dir / "tokenizer"  # trained once per run folder; a resumed run reloads it
     if accelerator.is_main_process and not path.exists():
         tmp = out_dir / "tokenizer.tmp"
@@ -156,7 +162,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         print(f"{out_dir} is complete (summary.json); nothing to do")
         return out_dir / "model"
     t_start = time.time()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = Accelerator()
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
     seed_everything(cfg.seed)
@@ -199,7 +205,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share of the batch
         block = train_blocks[idx].to(accelerator.device)  # (B, T + 1)
         x, y = block[:, :-1], block[:, 1:]  # (B, T) each: predict token t + 1 from tokens <= t
-        logits = model(input_ids=x).logits  # (B, T, V)
+        with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.bf16):
+            logits = model(input_ids=x).logits  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -221,7 +228,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             t_timed, n_timed = time.time(), 0
         if done % cfg.eval_every == 0 or last:
             subset = valid_blocks if last else valid_blocks[: cfg.eval_batches * cfg.batch_size]
-            valid_loss = evaluate(model, subset, cfg.batch_size, accelerator)
+            valid_loss = evaluate(model, subset, cfg.batch_size, accelerator, cfg.bf16)
             logger.log(done, {"valid/loss": valid_loss, "valid/perplexity": math.exp(valid_loss)})
             t_timed, n_timed = time.time(), 0
         if done % cfg.save_every == 0 and not last:
@@ -231,10 +238,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
     pbar.close()
     logger.close()
 
-    final = out_dir / "model"
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(final)
-        tokenizer.save_pretrained(final)
+    final, tmp = out_dir / "model", out_dir / "model.tmp"
+    if accelerator.is_main_process:  # written next to its place, then renamed: never half a model folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     write_summary(out_dir, {
         "stage": "pretrain",
         "wall_time_s": elapsed_before + time.time() - t_start,

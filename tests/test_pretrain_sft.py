@@ -48,6 +48,16 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from a 2nd thread, and on a shared, busy machine OpenMP's barriers make two
+    threads wait for each other's time slices (10x slower steps); restored afterwards for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A text file, a trained tokenizer folder, a demonstrations file and a tiny base model folder."""
@@ -147,8 +157,10 @@ def test_sft_loss_ignores_prompt_targets(files):
     assert not torch.equal(loss(a), loss(c))
     loss(a).backward()
     n_prompt = a[1].count(IGNORE)
-    assert (logits.grad[0, : n_prompt - 1] == 0).all()  # predictions of prompt tokens get no gradient
-    assert (logits.grad[0, n_prompt - 1 :].abs().sum(-1) > 0).all()  # those of response tokens + EOS do
+    grad = logits.grad[0].abs().sum(-1)  # (L,): position t predicts token t + 1
+    assert (grad[: n_prompt - 1] == 0).all()  # predictions of prompt tokens get no gradient
+    assert (grad[n_prompt - 1 : -1] > 0).all()  # those of the response tokens and EOS do
+    assert grad[-1] == 0  # nothing follows EOS
 
 
 # ---------------------------------------------------------------- checkpoints and resume
@@ -197,20 +209,28 @@ def test_resume_after_a_crash_gives_the_same_weights(files, tmp_path, monkeypatc
 
 def test_checkpoint_survives_a_crash_between_the_renames(files, tmp_path):
     tok = AutoTokenizer.from_pretrained(files / "tokenizer")
-    model = build_model("tiny", tok, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = cosine_schedule(optimizer, 2, 10, 0.1)
-    model(torch.tensor([[2, 3, 4]]), labels=torch.tensor([[2, 3, 4]])).loss.backward()
-    optimizer.step(), scheduler.step()
-    save_checkpoint(tmp_path / "checkpoint", model, optimizer, scheduler, {"step": 1})
-    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # the state right after the first rename
 
-    fresh = build_model("tiny", tok, seed=1)
-    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    fresh_sched = cosine_schedule(fresh_opt, 2, 10, 0.1)
+    def make(seed):  # a dict of models, as PPO saves them: an HF model and a plain module
+        torch.manual_seed(seed)
+        models = {"policy": build_model("tiny", tok, seed=seed), "value": torch.nn.Linear(64, 1)}
+        optimizer = torch.optim.AdamW([p for m in models.values() for p in m.parameters()], lr=1e-3)
+        return models, optimizer, cosine_schedule(optimizer, 2, 10, 0.1)
+
+    models, optimizer, scheduler = make(0)
+    ids = torch.tensor([[2, 3, 4]])
+    (models["policy"](ids, labels=ids).loss + models["value"](torch.ones(64)).sum()).backward()
+    optimizer.step(), scheduler.step()
+    save_checkpoint(tmp_path / "checkpoint", models, optimizer, scheduler, {"step": 1})
+    assert (tmp_path / "checkpoint" / "policy" / "model.safetensors").exists()
+    save_checkpoint(tmp_path / "checkpoint", models, optimizer, scheduler, {"step": 2})  # replaces the first
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # the state right after a third save's 1st rename
+
+    fresh, fresh_opt, fresh_sched = make(1)
     state = load_checkpoint(tmp_path / "checkpoint", fresh, fresh_opt, fresh_sched)
-    assert state["step"] == 1 and fresh_sched.last_epoch == 1
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
+    assert state == {"step": 2} and fresh_sched.last_epoch == 1
+    for name in models:
+        assert all(torch.equal(p, q) for p, q in zip(models[name].state_dict().values(), fresh[name].state_dict().values()))
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     assert load_checkpoint(tmp_path / "nothing", fresh, fresh_opt, fresh_sched) is None
 
 

@@ -1,0 +1,69 @@
+"""`textenv pipeline --preset tiny` end to end: every artefact exists and loads, reruns skip, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from textenv.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    main(["pipeline", "--preset", "tiny", "--out", str(out)])
+    return out
+
+
+def test_every_artefact_exists_and_loads(run):
+    for stage in ("pretrain", "sft", "ppo"):
+        AutoModelForCausalLM.from_pretrained(run / stage / "model")
+        AutoTokenizer.from_pretrained(run / stage / "model")
+        assert (run / stage / "model" / "model.safetensors").exists()
+    rm = AutoModelForSequenceClassification.from_pretrained(run / "rm" / "model")
+    assert rm.config.num_labels == 1
+    for stage in ("pretrain", "sft", "rm", "ppo"):
+        rows = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows and all("step" in r for r in rows), stage
+        assert any((run / stage / "tb").iterdir()), stage
+        json.loads((run / stage / "summary.json").read_text())
+    assert (run / "comparisons" / "comparisons.jsonl").exists()
+    plots = sorted((run / "plots").glob("*.png"))
+    assert {p.name for p in plots} >= {"pretrain_loss.png", "sft_loss.png", "rm_accuracy.png", "ppo_scores.png", "ppo_kl.png", "gold_vs_sqrt_kl.png"}
+    for p in plots:
+        assert p.read_bytes()[:8] == PNG_MAGIC, p
+    report = (run / "report.md").read_text()
+    assert "| pretrained (few-shot) |" in report and "| SFT |" in report and "| PPO |" in report
+    evals = json.loads((run / "eval.json").read_text())
+    assert set(evals) == {"pretrained (few-shot)", "SFT", "PPO"}
+    assert len((run / "ppo" / "samples.jsonl").read_text().splitlines()) > 0
+
+
+def test_rerun_skips_completed_stages_and_changes_nothing(run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    main(["pipeline", "--preset", "tiny", "--out", str(run)])
+    assert capsys.readouterr().out.count("already complete") == 5
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+
+
+def test_bad_input(run, tmp_path):
+    with pytest.raises(ValueError, match="different configuration .*seed"):
+        main(["pipeline", "--preset", "tiny", "--out", str(run), "--seed", "1"])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a run folder"):
+        main(["pipeline", "--preset", "tiny", "--out", str(foreign)])
+    assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        main(["pipeline", "--task", "poetry", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        main(["pipeline", "--preset", "huge", "--out", str(tmp_path / "y")])
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="not writable: .*is a file"):
+        main(["pipeline", "--preset", "tiny", "--out", str(a_file / "run")])
