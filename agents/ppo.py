@@ -76,13 +76,13 @@ class PPOConfig:
     """Response budget; default: the task's."""
     temperature: float = 0.7
     """Sampling temperature; log-probs for the loss and the KL use logits divided by it too."""
-    iterations: int = 60
+    iterations: int = 30
     """PPO iterations (rollout + update)."""
     update_epochs: int = 4
     """Passes over each rollout."""
     num_minibatches: int = 4
     """Minibatches per epoch."""
-    lr: float = 3e-5
+    lr: float = 1e-4
     """Adam learning rate, annealed linearly to 0."""
     adam_eps: float = 1e-5
     """Adam epsilon: 1e-5 as in the original TF code; PyTorch's 1e-8 makes early steps more aggressive."""
@@ -98,12 +98,13 @@ class PPOConfig:
     """Discount; 1 in RLHF: the score arrives at the last token."""
     gae_lambda: float = 0.95
     """GAE lambda."""
-    kl_coef: float = 0.1
+    kl_coef: float = 0.2
     """Initial coefficient of the per-token KL penalty."""
     kl_target: float | None = 6.0
     """Adaptive controller target KL in nats per response (Ziegler et al.); None keeps kl_coef fixed."""
-    kl_horizon: int = 10000
-    """Adaptive controller horizon in episodes."""
+    kl_horizon: int = 1000
+    """Adaptive controller horizon in episodes. Ziegler et al. used 10000 over millions of episodes; our runs
+    are a few thousand episodes, and a horizon that long would leave the coefficient where it started."""
     missing_eos_penalty: float | None = -1.0
     """Score given instead of the reward to a response with no EOS; None keeps the reward."""
     whiten_rewards: bool = False
