@@ -10,8 +10,6 @@ import torch
 from textenv.models import build_model
 from textenv.tokenizer import train_tokenizer
 
-torch.set_num_threads(2)
-
 WORDS = {
     "subject": ["film", "movie", "book", "song", "show", "play"],
     "verdict": ["good", "bad", "great", "awful", "fine", "dull"],
