@@ -48,15 +48,16 @@ class CollectConfig:
     """The SFT policy to sample from: a causal LM folder or hub id (its tokenizer is loaded from there too)."""
     task: str = "sentiment"
     """Embedded task: its train prompts are ranked, its gold score is the annotator's utility."""
-    n_prompts: int = 1024
+    n_prompts: int = 3072
     """Train prompts to sample for (the first n of `task.prompts("train", n, seed)`)."""
-    k: int = 4
-    """Responses sampled and ranked per prompt (InstructGPT: 4 to 9)."""
+    k: int = 8
+    """Responses sampled and ranked per prompt (InstructGPT: 4 to 9). A ranking of K holds log2(K!) bits, more per
+    response as K grows, and the RM forwards each response once whatever K: large K is cheap information."""
     annotator_temperature: float = 0.1
     """Labelling noise: P(a ranked above b) = sigmoid((gold_a - gold_b) / T); 0 ranks by the gold exactly."""
     temperature: float = 1.0
     """Policy sampling temperature."""
-    prompts_per_batch: int = 32
+    prompts_per_batch: int = 16
     """Prompts per rollout; the vector env has prompts_per_batch * k sub-envs."""
     seed: int = 0
     """Seeds the prompts, the sampling and the annotator."""
@@ -157,9 +158,9 @@ def collect_comparisons(cfg: CollectConfig) -> Path:
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    jsonl = out_dir / "comparisons.jsonl"
-    jsonl.with_suffix(".tmp").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(jsonl.with_suffix(".tmp"), jsonl)
+    jsonl, tmp = out_dir / "comparisons.jsonl", out_dir / "comparisons.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, jsonl)
 
     measured, expected, n_pairs = gold_agreement(rows, cfg.annotator_temperature)
     summary = {

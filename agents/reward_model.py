@@ -8,8 +8,8 @@ overfits, since each response then appears in K - 1 gradient updates):
 
     loss = -1 / C(K, 2) * E_(x, y_w, y_l) [log sigmoid(r(x, y_w) - r(x, y_l))]
 
-After training the scores are shifted (and with normalize_std scaled) so that the reference responses (the SFT
-samples of the comparison data) score mean 0 (std 1), and that affine map is folded into the weights: the saved
+After training the scores are shifted (and with normalize_std scaled) so that reference responses (a sample of
+the comparisons' responses: the SFT policy's samples) score mean 0 (std 1), and that affine map is folded into the weights: the saved
 folder, loaded with plain `AutoModelForSequenceClassification.from_pretrained`, already gives normalised scores
 and plugs into any env as `reward_fn="runs/rm/model"`.
 
@@ -67,7 +67,7 @@ class RMConfig:
     """Passes over the training comparisons (InstructGPT: 1; more overfits)."""
     batch_size: int = 16
     """Prompts per optimizer step, each with all of its responses and pairs."""
-    lr: float = 3e-4
+    lr: float = 1e-3
     """Peak AdamW learning rate (betas 0.9, 0.95)."""
     weight_decay: float = 0.0
     """AdamW weight decay on 2-D parameters."""
@@ -77,17 +77,22 @@ class RMConfig:
     """The cosine decay ends at min_lr_ratio * lr."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this."""
+    mixed_precision: str = "bf16"
+    """"bf16": autocast the training forward (~1.8x faster on CPUs with AVX512-BF16, and on GPUs); "no": fp32.
+    Scoring for the normalisation and the evaluations is always fp32."""
     max_length: int | None = None
     """Keep the last max_length tokens of an input. Default: the model's context length."""
     normalize_std: bool = False
     """Also scale the scores to std 1 on the reference responses (the shift to mean 0 is always applied)."""
-    score_batch_size: int = 64
+    n_reference: int = 2048
+    """Reference responses for the normalisation: a seeded sample of all the comparisons' responses."""
+    score_batch_size: int = 128
     """Sequences per forward when scoring without gradients (normalisation, evaluation)."""
     log_every: int = 10
     """Log training loss, pairwise accuracy and lr every this many steps."""
-    eval_every: int = 50
+    eval_every: int = 100
     """Held-out loss and accuracy every this many steps (and at the end)."""
-    save_every: int = 50
+    save_every: int = 100
     """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
     seed: int = 0
     """Seed for the head's initialisation, the held-out split, the data order and the fresh samples."""
@@ -97,7 +102,9 @@ class RMConfig:
     def __post_init__(self):
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        for name in ("epochs", "batch_size", "score_batch_size", "n_eval_samples"):
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        for name in ("epochs", "batch_size", "score_batch_size", "n_eval_samples", "n_reference"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -290,13 +297,14 @@ def train_reward_model(cfg: RMConfig) -> Path:
 
     sums, n_sums = torch.zeros(2), 0  # (loss, accuracy) summed over the n_sums steps since the last log
     valid: dict[str, float] = {}
-    t_loop = time.time()
+    t_loop, eval_time = time.time(), 0.0  # evaluation time is left out of the training time
     pbar = tqdm(total=max_steps, initial=start, desc="reward model")
     for step in range(start, max_steps):
         idx = batch_indices(len(train_rows), cfg.batch_size, step, cfg.seed)
         ids, mask = pad([seq for b in idx for seq in train_ids[b]], tokenizer.pad_token_id)  # (N, T), N = sum K_b
         winners, losers, prompt = (t.to(device) for t in ranking_pairs([train_rows[b]["ranking"] for b in idx]))
-        scores = forward_scores(model, ids, mask)  # (N,) each response forwarded once
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            scores = forward_scores(model, ids, mask)  # (N,) fp32, each response forwarded once
         loss = ranking_loss(scores, winners, losers, prompt)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -312,20 +320,23 @@ def train_reward_model(cfg: RMConfig) -> Path:
             pbar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}")
             sums, n_sums = torch.zeros(2), 0
         if done % cfg.eval_every == 0 or done == max_steps:
+            t_eval = time.time()
             valid = evaluate_pairs(model, tokenizer, eval_rows, cfg.score_batch_size, max_length)
             logger.log(done, {f"valid/{k}": v for k, v in valid.items() if k != "pairs"})
+            eval_time += time.time() - t_eval
         if done % cfg.save_every == 0 and done != max_steps:
             save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler,
-                            {"step": done, "config": run_config(cfg), "train_time_s": train_time + time.time() - t_loop})
+                            {"step": done, "config": run_config(cfg),
+                             "train_time_s": train_time + time.time() - t_loop - eval_time})
     pbar.close()
     logger.close()
-    train_time += time.time() - t_loop
+    train_time += time.time() - t_loop - eval_time
 
-    # Normalise on the reference responses: the SFT samples the comparisons were made of.
-    model.eval()
-    reference = score_texts(model, tokenizer, [row["prompt"] for row in prefs.rows for _ in row["responses"]],
-                            [r for row in prefs.rows for r in row["responses"]],
-                            batch_size=cfg.score_batch_size, max_length=max_length)
+    # Normalise on reference responses: the SFT samples the comparisons were made of.
+    pairs = [(row["prompt"], r) for row in prefs.rows for r in row["responses"]]
+    pick = np.random.default_rng(cfg.seed).permutation(len(pairs))[: cfg.n_reference]
+    reference = score_texts(model, tokenizer, [pairs[i][0] for i in pick], [pairs[i][1] for i in pick],
+                            batch_size=cfg.score_batch_size, max_length=max_length)  # (n_reference,)
     mean, std = reference.mean().item(), reference.std().item()
     fold_normalization(model, mean, std if cfg.normalize_std else 1.0)
     final, tmp = out_dir / "model", out_dir / "model.tmp"
@@ -342,7 +353,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
         "steps": max_steps, "train_time_s": train_time, "heldout_loss": valid["loss"],
         "heldout_accuracy": valid["accuracy"], "annotator_ceiling": valid.get("ceiling"),  # None: no gold in the data
         "accuracy_over_ceiling": valid["accuracy"] / valid["ceiling"] if "ceiling" in valid else None,
-        "normalization": {"mean": mean, "std": std, "gain_applied": cfg.normalize_std},
+        "normalization": {"mean": mean, "std": std, "gain_applied": cfg.normalize_std, "reference": len(pick)},
     }
     if cfg.task is not None:
         fresh = fresh_sample_eval(model, tokenizer, cfg.policy or cfg.model, cfg.task, cfg.n_eval_samples, cfg.seed,

@@ -21,14 +21,19 @@ from pathlib import Path
 
 import torch
 
+from agents.common import is_complete
 from agents.comparisons import CollectConfig, collect_comparisons
 from agents.reward_model import RMConfig, train_reward_model
 
 
 def sft_policy(work: Path) -> Path:
+    """work/sft/model, made by pretrain + SFT at their defaults unless a complete one is there (whatever defaults
+    made it: the cache outlives changes to those stages)."""
     from agents.pretrain import PretrainConfig, pretrain
     from agents.sft import SFTConfig, sft
 
+    if is_complete(work / "sft"):
+        return work / "sft" / "model"
     base = pretrain(PretrainConfig(out_dir=str(work / "pretrain"), preset="small"))
     return sft(SFTConfig(out_dir=str(work / "sft"), model=str(base), task="sentiment"))
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, LlamaConfig,
+                          LlamaForSequenceClassification)
 
 import agents.reward_model as rm_module
 from agents.comparisons import CollectConfig, annotate, collect_comparisons, gold_agreement, load_preferences
@@ -88,6 +89,17 @@ def test_normalisation_is_folded_into_the_saved_weights(sft_dir, tokenizer, tmp_
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path)  # what `reward_fn=folder` loads
     assert torch.allclose(score_texts(plain, tokenizer, prompts, texts), after, atol=1e-5)
     assert np.allclose(SequenceClassifierReward(str(tmp_path))(prompts, texts), after.numpy(), atol=1e-5)
+
+
+def test_normalisation_goes_into_the_head_bias_when_there_is_one(tokenizer):
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    model = BertForSequenceClassification(config).eval()
+    prompts = ["the film was", "a", "the show was", "the book was"]
+    before = score_texts(model, tokenizer, prompts, TEXTS)
+    fold_normalization(model, before.mean().item(), before.std().item())
+    after = score_texts(model, tokenizer, prompts, TEXTS)
+    assert after.mean().item() == pytest.approx(0.0, abs=1e-5) and after.std().item() == pytest.approx(1.0, rel=1e-4)
 
 
 def test_normalisation_without_any_bias_is_a_clear_error(tokenizer):
