@@ -76,7 +76,7 @@ class PPOConfig:
     """Response budget; default: the task's."""
     temperature: float = 0.7
     """Sampling temperature; log-probs for the loss and the KL use logits divided by it too."""
-    iterations: int = 30
+    iterations: int = 20
     """PPO iterations (rollout + update)."""
     update_epochs: int = 4
     """Passes over each rollout."""
