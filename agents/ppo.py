@@ -98,7 +98,7 @@ class PPOConfig:
     """Discount; 1 in RLHF: the score arrives at the last token."""
     gae_lambda: float = 0.95
     """GAE lambda."""
-    kl_coef: float = 0.2
+    kl_coef: float = 0.3
     """Initial coefficient of the per-token KL penalty."""
     kl_target: float | None = 6.0
     """Adaptive controller target KL in nats per response (Ziegler et al.); None keeps kl_coef fixed."""
