@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        args.epochs = args.epochs[0]  # a worker runs one setting
         print(json.dumps(worker(args)))
         return
 
