@@ -184,6 +184,10 @@ def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generat
 
 
 def ppo(cfg: PPOConfig) -> Path:
+    from accelerate import PartialState
+
+    if PartialState().num_processes > 1:  # every rank would sample and write the same run folder
+        raise ValueError("PPO runs in a single process for now; launch it without accelerate launch/torchrun")
     out_dir = Path(cfg.out_dir)
     if is_complete(out_dir) and not cfg.overwrite:
         return out_dir / "model"
