@@ -10,7 +10,6 @@ References: Ziegler et al. 2019 (arXiv 1909.08593), Ouyang et al. 2022 (arXiv 22
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +217,7 @@ def ppo(cfg: PPOConfig) -> Path:
         reward_fn=reward_fn,
         max_new_tokens=cfg.max_new_tokens,
     )
-    P, T, B = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, cfg.num_envs
+    P, B = envs.setup.max_prompt_tokens, cfg.num_envs
     mb_size = B // cfg.num_minibatches
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 

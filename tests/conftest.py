@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
 from textenv.models import build_model
 from textenv.tokenizer import train_tokenizer
