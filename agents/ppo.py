@@ -177,6 +177,13 @@ def value_forward(value_model, input_ids, attention_mask, P: int) -> torch.Tenso
     return value_model.score(hidden[:, P - 1 : -1]).squeeze(-1)  # (B, T)
 
 
+def predict_values(value_model, states, input_ids, attention_mask, P: int) -> torch.Tensor:
+    """(B, T) values: from the policy's hidden `states` with the shared head, else a forward of the value model."""
+    if states is not None:  # shared_value_head: the policy forward already computed the trunk
+        return value_model.score(states).squeeze(-1)
+    return value_forward(value_model, input_ids, attention_mask, P)
+
+
 def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generator:
     """An RNG that is a pure function of (seed, iteration, stream): resuming at an iteration replays it exactly."""
     return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 16 + stream)
@@ -253,10 +260,7 @@ def ppo(cfg: PPOConfig) -> Path:
         with torch.no_grad():
             logp, _, states = policy_forward(policy, input_ids, attention_mask, P, cfg.temperature, cfg.shared_value_head)
             ref_logp, _, _ = policy_forward(ref_policy, input_ids, attention_mask, P, cfg.temperature)
-            if cfg.shared_value_head:
-                values = value_model.score(states).squeeze(-1)  # (B, T)
-            else:
-                values = value_forward(value_model, input_ids, attention_mask, P)  # (B, T)
+            values = predict_values(value_model, states, input_ids, attention_mask, P)  # (B, T)
             # per-token reward: -kl_coef * (logp - ref_logp), plus the score at the last real token
             rewards, non_score_reward = per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value)  # (B, T)
             if cfg.whiten_rewards:
@@ -279,10 +283,7 @@ def ppo(cfg: PPOConfig) -> Path:
                 new_logp, entropy, mb_states = policy_forward(
                     policy, input_ids[mb], attention_mask[mb], P, cfg.temperature, cfg.shared_value_head
                 )
-                if cfg.shared_value_head:
-                    new_values = value_model.score(mb_states).squeeze(-1)
-                else:
-                    new_values = value_forward(value_model, input_ids[mb], attention_mask[mb], P)
+                new_values = predict_values(value_model, mb_states, input_ids[mb], attention_mask[mb], P)
                 pg_loss, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp[mb], advantages[mb], mb_mask, cfg.clip_coef)
                 vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[mb], returns[mb], mb_mask, cfg.vf_clip_coef)
                 loss = pg_loss + cfg.vf_coef * vf_loss
