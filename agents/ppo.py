@@ -81,6 +81,10 @@ class PPOConfig:
     """Passes over each rollout."""
     num_minibatches: int = 4
     """Minibatches per epoch."""
+    micro_batch_size: int | None = 8
+    """Rows per forward/backward pass: a minibatch is processed in micro-batches whose token-weighted gradients
+    add up to the minibatch's (the same update, up to float rounding), which caps the activation memory (the
+    (rows, T, V) logits dominate it). None: a whole minibatch at once."""
     lr: float = 1e-4
     """Adam learning rate, annealed linearly to 0."""
     adam_eps: float = 1e-5
@@ -129,6 +133,8 @@ class PPOConfig:
         for name in ("num_envs", "iterations", "update_epochs", "num_minibatches", "save_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
         if self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} is not divisible by num_minibatches={self.num_minibatches}")
         if self.temperature <= 0:
@@ -166,7 +172,9 @@ def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float
     logits = out.logits[:, :-1] / temperature  # (B, T, V)
     logp = logprobs_from_logits(logits, input_ids[:, P:])  # (B, T)
     states = out.hidden_states[-1][:, P - 1 : -1] if hidden else None  # (B, T, H)
-    return logp, entropy_from_logits(logits), states
+    with torch.no_grad():  # logged only (RLHF's PPO has no entropy bonus): no (B, T, V) graph for it
+        entropy = entropy_from_logits(logits)  # (B, T)
+    return logp, entropy, states
 
 
 def value_forward(value_model, input_ids, attention_mask, P: int) -> torch.Tensor:
@@ -182,6 +190,18 @@ def predict_values(value_model, states, input_ids, attention_mask, P: int) -> to
     if states is not None:  # shared_value_head: the policy forward already computed the trunk
         return value_model.score(states).squeeze(-1)
     return value_forward(value_model, input_ids, attention_mask, P)
+
+
+def value_states(policy, cfg: PPOConfig, input_ids, attention_mask, P: int):
+    """The policy's hidden states for the shared value head (B, T, H), or None with a separate value model."""
+    if not cfg.shared_value_head:
+        return None
+    return policy_forward(policy, input_ids, attention_mask, P, cfg.temperature, hidden=True)[2]
+
+
+def chunked(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn over chunks of `rows` rows of the tensors, concatenated: a no-grad forward's memory stays that of a chunk."""
+    return torch.cat([fn(*(t[i : i + rows] for t in tensors)) for i in range(0, len(tensors[0]), rows)])
 
 
 def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generator:
@@ -257,10 +277,15 @@ def ppo(cfg: PPOConfig) -> Path:
         scores = batch.scores.to(device)  # (B,)
         if cfg.missing_eos_penalty is not None:  # the EOS trick: a truncated response gets a fixed penalty
             scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        rows = cfg.micro_batch_size or B
         with torch.no_grad():
-            logp, _, states = policy_forward(policy, input_ids, attention_mask, P, cfg.temperature, cfg.shared_value_head)
-            ref_logp, _, _ = policy_forward(ref_policy, input_ids, attention_mask, P, cfg.temperature)
-            values = predict_values(value_model, states, input_ids, attention_mask, P)  # (B, T)
+            # the "old" log-probs are the sampler's: same model, same temperature, so a full forward of the policy
+            # would only repeat them (up to float rounding) at the cost of a third of the rollout
+            logp = batch.logprobs.to(device)  # (B, T)
+            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature)[0],
+                               rows, input_ids, attention_mask)  # (B, T)
+            values = chunked(lambda ids, am: predict_values(value_model, value_states(policy, cfg, ids, am, P), ids, am, P),
+                             rows, input_ids, attention_mask)  # (B, T)
             # per-token reward: -kl_coef * (logp - ref_logp), plus the score at the last real token
             rewards, non_score_reward = per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value)  # (B, T)
             if cfg.whiten_rewards:
@@ -279,25 +304,33 @@ def ppo(cfg: PPOConfig) -> Path:
             order = torch.randperm(B, generator=order_rng)
             for start_i in range(0, B, mb_size):
                 mb = order[start_i : start_i + mb_size].to(device)
-                mb_mask = mask[mb]
-                new_logp, entropy, mb_states = policy_forward(
-                    policy, input_ids[mb], attention_mask[mb], P, cfg.temperature, cfg.shared_value_head
-                )
-                new_values = predict_values(value_model, mb_states, input_ids[mb], attention_mask[mb], P)
-                pg_loss, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp[mb], advantages[mb], mb_mask, cfg.clip_coef)
-                vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[mb], returns[mb], mb_mask, cfg.vf_clip_coef)
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if ptx_blocks is not None:  # PPO-ptx: keep the pretraining distribution's log-likelihood up
-                    loss = loss + cfg.ptx_coef * ptx_loss(policy, ptx_blocks, mb_size, order_rng, device)
-                check_finite(iteration, loss=loss)
+                mb_tokens = mask[mb].sum()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                mb_stats = torch.zeros(6, device=device)
+                # gradient accumulation over micro-batches: each one's masked means weighted by its share of the
+                # minibatch's tokens, so the summed gradient is that of the minibatch's token mean
+                for j in range(0, mb_size, rows):
+                    mu = mb[j : j + rows]
+                    mu_mask = mask[mu]
+                    weight = mu_mask.sum() / mb_tokens
+                    new_logp, entropy, mu_states = policy_forward(
+                        policy, input_ids[mu], attention_mask[mu], P, cfg.temperature, cfg.shared_value_head
+                    )
+                    new_values = predict_values(value_model, mu_states, input_ids[mu], attention_mask[mu], P)
+                    pg_loss, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp[mu], advantages[mu], mu_mask, cfg.clip_coef)
+                    vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[mu], returns[mu], mu_mask, cfg.vf_clip_coef)
+                    loss = weight * (pg_loss + cfg.vf_coef * vf_loss)
+                    check_finite(iteration, loss=loss)
+                    loss.backward()
+                    mb_stats += weight * torch.stack([pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, masked_mean(entropy, mu_mask)]).detach()
+                if ptx_blocks is not None:  # PPO-ptx: keep the pretraining distribution's log-likelihood up
+                    loss = cfg.ptx_coef * ptx_loss(policy, ptx_blocks, mb_size, order_rng, device)
+                    check_finite(iteration, loss=loss)
+                    loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 check_finite(iteration, grad_norm=grad_norm)
                 optimizer.step()
-                stats.append(
-                    torch.stack([pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, masked_mean(entropy, mb_mask), grad_norm]).detach()
-                )
+                stats.append(torch.cat([mb_stats, grad_norm.detach()[None]]))
         scheduler.step()
         kl_ctl.update(kl.mean().item(), B)
         t_update = time.perf_counter() - t0 - t_rollout

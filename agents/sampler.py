@@ -52,6 +52,7 @@ class Rollout:
     prompt_mask: torch.Tensor  # (B, P)
     response_ids: torch.Tensor  # (B, T) PAD after the last real token
     response_mask: torch.Tensor  # (B, T) 1 for real response tokens, EOS included
+    logprobs: torch.Tensor  # (B, T) log-prob of each sampled token under softmax(logits / temperature), 0 after the end
     scores: torch.Tensor  # (B,) the env's reward at each episode's last step
     terminated: torch.Tensor  # (B,) bool: ended with EOS (False: hit max_new_tokens)
     prompts: list[str]
@@ -118,9 +119,13 @@ def rollout(
     scores = np.zeros(B, dtype=np.float64)
     terminated = np.zeros(B, dtype=bool)
     done = np.zeros(B, dtype=bool)
+    logprobs = torch.zeros(B, T, device=device)  # (B, T)
     prompts, responses = [""] * B, [""] * B
     for t in range(T):
         tokens = sample_from_logits(logits, generator, temperature, top_k, top_p)  # (B,)
+        # the behaviour policy's log-prob, as PPO's loss computes it (temperature only, no top-k/top-p): an
+        # agent can use it as the "old" log-prob instead of re-running the policy over the whole rollout
+        logprobs[:, t] = torch.log_softmax(logits.float() / temperature, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         actions = tokens.cpu().numpy()
         actions[done] = spec.pad_token_id
         _, rewards, term, trunc, infos = envs.step(actions)
@@ -143,11 +148,13 @@ def rollout(
         cache, logits = out.cache, out.logits[:, -1, :V]
 
     response_mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)  # (B, T)
+    logprobs = logprobs.cpu() * torch.from_numpy(response_mask)  # (B, T) 0 after the end (and for PAD-fed rows)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=torch.from_numpy(response_ids),
         response_mask=torch.from_numpy(response_mask),
+        logprobs=logprobs,
         scores=torch.from_numpy(scores).float(),
         terminated=torch.from_numpy(terminated),
         prompts=prompts,

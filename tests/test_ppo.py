@@ -48,16 +48,20 @@ def test_first_minibatch_kl_zero_ratio_one(sft_folder):
     batch = rollout(policy.eval(), envs, torch.Generator().manual_seed(0), temperature=0.7, seed=0)
     P = envs.setup.max_prompt_tokens
     with torch.no_grad():
-        logp, _, _ = policy_forward(policy, batch.input_ids, batch.attention_mask, P, 0.7)
+        full_logp, _, _ = policy_forward(policy, batch.input_ids, batch.attention_mask, P, 0.7)
         ref_logp, _, _ = policy_forward(ref, batch.input_ids, batch.attention_mask, P, 0.7)
     mask = batch.response_mask.float()
-    assert torch.equal(kl_estimate(logp, ref_logp) * mask, torch.zeros_like(mask))
-    policy.train()  # the update runs in train mode: with dropout off, the ratio is exactly 1
+    assert torch.equal(kl_estimate(full_logp, ref_logp) * mask, torch.zeros_like(mask))  # same computation: exact
+    # PPO's "old" log-probs are the sampler's (KV-cached, one token at a time): equal up to float rounding
+    logp = batch.logprobs
+    assert torch.equal(logp * mask, logp) and (logp[mask.bool()] < 0).all()
+    torch.testing.assert_close(kl_estimate(logp, ref_logp) * mask, torch.zeros_like(mask), atol=1e-5, rtol=0)
+    policy.train()  # the update runs in train mode: with dropout off, the ratio is 1
     new_logp, _, _ = policy_forward(policy, batch.input_ids, batch.attention_mask, P, 0.7)
     ratio = torch.exp(new_logp - logp)[mask.bool()]
-    assert torch.equal(ratio, torch.ones_like(ratio))
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
     _, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp, torch.randn_like(logp), mask, 0.2)
-    assert clipfrac.item() == 0.0 and approx_kl.item() == 0.0
+    assert clipfrac.item() == 0.0 and approx_kl.item() < 1e-10
 
 
 def test_logprobs_equal_plain_hf_forward_and_ignore_left_padding(sft_folder):
@@ -129,6 +133,18 @@ def test_smoke_run_changes_every_parameter(sft_folder, tmp_path):
     assert any(not torch.equal(value_after[k], v) for k, v in load_file(sft_folder / "model.safetensors").items() if k in value_after)
     samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert json.loads(samples[0]).keys() == {"iteration", "prompt", "response", "score", "gold"}
+
+
+def test_micro_batches_make_the_same_update(sft_folder, tmp_path):
+    """Gradient accumulation over micro-batches is the minibatch's update, up to float rounding."""
+    kw = dict(iterations=1, update_epochs=1, num_minibatches=1, lr=1e-4)
+    whole = ppo(tiny_config(sft_folder, tmp_path / "whole", micro_batch_size=None, **kw))
+    micro = ppo(tiny_config(sft_folder, tmp_path / "micro", micro_batch_size=3, **kw))  # 8 rows: 3 + 3 + 2
+    a, b = load_file(whole / "model.safetensors"), load_file(micro / "model.safetensors")
+    before = load_file(sft_folder / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    assert any(not torch.equal(a[k], before[k]) for k in a)
 
 
 def test_shared_value_head_runs(sft_folder, tmp_path):
