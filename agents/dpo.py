@@ -1,0 +1,292 @@
+"""Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290): RLHF without a reward model or PPO.
+
+The KL-regularised RL objective max E[r] - beta KL(pi || pi_ref) has the closed-form optimum
+pi*(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x), so r(x, y) = beta log pi(y|x) / pi_ref(y|x) + beta log Z(x) and
+the Bradley-Terry likelihood of the stage-3 comparisons becomes a loss on the policy itself (paper eq. 7):
+
+    loss = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+log pi(y|x) is the sum of the response tokens' log-probs (EOS included), at temperature 1: the objective's KL is
+to the model's own distribution, sampling temperature is a choice made later. pi_ref is the frozen SFT policy
+(which is also the initialisation); its log-probs are computed once, before training, then the reference is freed.
+
+    python -m agents.dpo --policy runs/default/sft/model --comparisons runs/default/comparisons --out-dir runs/dpo
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from agents.common import (RunLogger, check_run_dir, cosine_schedule, is_complete, load_checkpoint, save_checkpoint,
+                           seed_everything, write_summary)
+from agents.comparisons import load_preferences
+from agents.core import logprobs_from_logits
+from agents.data import batch_indices
+from agents.pretrain import adamw, run_config
+from agents.sampler import position_ids_from_mask
+from agents.sft import IGNORE, encode_pair
+from textenv.models import load_causal_lm
+from textenv.tokenizer import load_tokenizer
+
+LOSS_TYPES = ("sigmoid", "ipo")
+PAIRINGS = ("best_vs_worst", "all")
+
+
+@dataclass
+class DPOConfig:
+    out_dir: str = "runs/default/dpo"
+    """Run folder: config, metrics.jsonl, tb/, checkpoint/, summary.json and the final model/ (model + tokenizer)."""
+    policy: str = "runs/default/sft/model"
+    """The SFT policy folder: the initialisation AND the frozen reference pi_ref (its tokenizer is loaded too)."""
+    comparisons: str = "runs/default/comparisons"
+    """Preferences, anything `agents.comparisons.load_preferences` reads: a collect run folder, a save_to_disk
+    folder, a .jsonl/.csv/.parquet file (ranked, TRL or Anthropic-HH layout) or a hub id."""
+    pairs: str = "best_vs_worst"
+    """Which pairs a ranking of K responses gives: "best_vs_worst" (one per prompt: the widest, so most reliably
+    labelled, gap, and every prompt weighs the same) or "all" (the C(K, 2) pairs as separate examples: more data,
+    but each response enters K - 1 updates, which InstructGPT (arXiv 2203.02155, sec. 3.5) found to overfit)."""
+    beta: float = 0.1
+    """KL strength: the implicit reward is beta * log pi/pi_ref (paper: 0.1; smaller drifts further from pi_ref)."""
+    loss_type: str = "sigmoid"
+    """"sigmoid": DPO's Bradley-Terry loss; "ipo": (h - 1/(2 beta))^2 (Azar et al. 2023, arXiv 2310.12036), which
+    does not push the margin h to infinity on deterministic preferences."""
+    label_smoothing: float = 0.0
+    """cDPO (Mitchell 2023, https://ericmitchell.ai/cdpo.pdf): the probability that a label is flipped, in
+    [0, 0.5); sigmoid loss only."""
+    temperature: float = 1.0
+    """Divides the logits of the sequence log-probs. Keep 1: DPO's optimum is stated for the model's own
+    distribution; another value trains the tempered distribution instead."""
+    max_prompt_tokens: int = 64
+    """Longer prompts keep their last tokens (as the env tokenizes them)."""
+    max_response_tokens: int = 64
+    """Responses are cut to this many tokens, EOS included (a cut response loses its EOS, as in SFT)."""
+    batch_size: int = 16
+    """Preference pairs per optimizer step, over all processes."""
+    epochs: float = 1.0
+    """Passes over the pairs (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps; overrides `epochs`."""
+    lr: float = 1e-5
+    """Peak AdamW learning rate (betas 0.9, 0.95); DPO wants a small one (paper: 1e-6, batch 64). Untuned here."""
+    warmup_steps: int = 10
+    """Linear warmup steps, then constant (the paper's schedule)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this."""
+    bf16: bool = False
+    """Forward passes under bfloat16 autocast (the reference's too); fp32 by default: log-prob differences are small."""
+    log_every: int = 10
+    """Log the loss, implicit rewards, lr and tokens/s (averaged since the last log) every this many steps."""
+    save_every: int = 100
+    """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
+    seed: int = 0
+    """Seed for the data order."""
+    overwrite: bool = False
+    """Delete a previous run with another configuration in out_dir instead of refusing."""
+
+    def __post_init__(self):
+        _check_loss_args(self.beta, self.label_smoothing, self.loss_type)
+        if self.pairs not in PAIRINGS:
+            raise ValueError(f"pairs must be one of {PAIRINGS}, got {self.pairs!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("max_prompt_tokens", "max_response_tokens", "batch_size", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _check_loss_args(beta: float, label_smoothing: float, loss_type: str) -> None:
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only, not {loss_type!r}")
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
+    """(mean loss, chosen rewards, rejected rewards) from (B,) sequence log-probs; the implicit rewards
+    beta * (logp - ref_logp) are detached (they are for logging). With h the log-ratio margin:
+    sigmoid: -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h) (ls = 0: paper eq. 7; ls > 0: cDPO);
+    ipo: (h - 1 / (2 beta))^2 (Azar et al. 2023, eq. 17)."""
+    _check_loss_args(beta, label_smoothing, loss_type)
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)  # (B,)
+    else:
+        losses = (h - 1 / (2 * beta)) ** 2  # (B,)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
+    return losses.mean(), chosen_rewards, rejected_rewards
+
+
+def preference_pairs(rows: list[dict], pairs: str) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) texts from ranked rows (`ranking` lists indices into `responses`, best first)."""
+    out = []
+    for row in rows:
+        ranked = [row["responses"][j] for j in row["ranking"]]
+        if pairs == "best_vs_worst":
+            out.append((row["prompt"], ranked[0], ranked[-1]))
+        else:
+            out += [(row["prompt"], w, l) for i, w in enumerate(ranked) for l in ranked[i + 1 :]]
+    return out
+
+
+def encode_triple(tokenizer, prompt: str, chosen: str, rejected: str, cfg: DPOConfig) -> tuple[list[int], ...]:
+    """(prompt ids, chosen ids, rejected ids), each response + EOS exactly as SFT encodes it (`sft.encode_pair`)."""
+    ids_w, labels_w = encode_pair(tokenizer, prompt, chosen, cfg.max_prompt_tokens, cfg.max_response_tokens)
+    ids_l, _ = encode_pair(tokenizer, prompt, rejected, cfg.max_prompt_tokens, cfg.max_response_tokens)
+    n = labels_w.count(IGNORE)
+    if n == 0:
+        raise ValueError(f"prompt {prompt!r} has no tokens: the policy would condition on nothing")
+    return ids_w[:n], ids_w[n:], ids_l[n:]
+
+
+def collate(triples: list[tuple[list[int], ...]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The B chosen rows then the B rejected rows, one forward for both (2B, P + T): prompts left-padded to P so
+    response token t sits at column P + t for every row, responses right-padded to T; response_mask (2B, T)."""
+    rows = [(p, w) for p, w, _ in triples] + [(p, l) for p, _, l in triples]
+    P, T = max(len(p) for p, _ in rows), max(len(r) for _, r in rows)
+    input_ids = torch.full((len(rows), P + T), pad_token_id, dtype=torch.long)  # (2B, P + T)
+    attention_mask = torch.zeros((len(rows), P + T), dtype=torch.long)  # (2B, P + T)
+    for i, (p, r) in enumerate(rows):
+        input_ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r)
+        attention_mask[i, P - len(p) : P + len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": attention_mask[:, P:]}
+
+
+def sequence_logps(model, batch: dict, temperature: float) -> torch.Tensor:
+    """(2B,) sum of the response tokens' log-probs. As `evaluate.sequence_logprobs` (which is no_grad), with
+    gradients: the logits at column P - 1 + t predict response token t, so only T + 1 positions reach the LM head."""
+    T = batch["response_mask"].shape[1]
+    P = batch["input_ids"].shape[1] - T
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=position_ids_from_mask(batch["attention_mask"]),  # correct under left padding
+                   logits_to_keep=T + 1).logits[:, :-1]  # (2B, T, V)
+    logp = logprobs_from_logits(logits.float(), batch["input_ids"][:, P:], temperature)  # (2B, T)
+    return (logp * batch["response_mask"]).sum(-1)  # (2B,)
+
+
+@torch.no_grad()
+def reference_logps(path: str, triples: list, cfg: DPOConfig, pad_token_id: int, accelerator) -> torch.Tensor:
+    """(N, 2) reference log-probs (chosen, rejected) of every pair, computed once: no reference forward per step.
+    Every process computes all of them (one no-grad pass) and the reference is freed before training."""
+    reference = load_causal_lm(path).to(accelerator.device).eval()
+    out = []
+    for i in range(0, len(triples), cfg.batch_size):
+        batch = _to(collate(triples[i : i + cfg.batch_size], pad_token_id), accelerator.device)
+        with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.bf16):
+            out.append(sequence_logps(reference, batch, cfg.temperature).view(2, -1).T)  # (b, 2)
+    return torch.cat(out).cpu()  # (N, 2)
+
+
+def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def dpo(cfg: DPOConfig) -> Path:
+    """Run (or resume, or skip if already complete) DPO; return the final model folder out_dir/model."""
+    out_dir = check_run_dir(cfg.out_dir, {"stage": "dpo", **run_config(cfg)}, cfg.overwrite)
+    if is_complete(out_dir):
+        print(f"{out_dir} is complete (summary.json); nothing to do")
+        return out_dir / "model"
+    t_start = time.time()
+    accelerator = Accelerator()
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
+    seed_everything(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.policy)  # checks PAD and EOS exist and differ
+    prefs = load_preferences(cfg.comparisons)
+    triples = [encode_triple(tokenizer, *t, cfg) for t in preference_pairs(prefs.rows, cfg.pairs)]
+    if len(triples) < cfg.batch_size:
+        raise ValueError(f"only {len(triples)} preference pairs, fewer than batch_size={cfg.batch_size}")
+    max_steps = cfg.max_steps or max(1, round(cfg.epochs * (len(triples) // cfg.batch_size)))
+    ref_logps = reference_logps(cfg.policy, triples, cfg, tokenizer.pad_token_id, accelerator)  # (N, 2)
+
+    model = load_causal_lm(cfg.policy)  # dropout off: log-probs must be deterministic
+    optimizer = adamw(model, cfg.lr, 0.0, fused=accelerator.device.type in ("cpu", "cuda"))
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps, min_lr_ratio=1.0)  # warmup, then constant
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours (see pretrain.py)
+
+    resumed = load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
+    start = resumed["step"] if resumed else 0
+    elapsed_before = resumed["elapsed_s"] if resumed else 0.0
+    logger = RunLogger(out_dir, resume_step=start if resumed else None)
+    if accelerator.is_main_process:
+        print(f"dpo: {len(triples)} pairs ({cfg.pairs}) from {len(prefs.rows)} {prefs.layout} rows, {max_steps} steps, "
+              f"on {accelerator.device}" + (f", resuming at step {start}" if resumed else ""))
+
+    model.train()
+    sums, n_sum = torch.zeros(5, device=accelerator.device), 0  # (loss, chosen, rejected, accuracy, margin) since log
+    t_timed, n_tokens, last_metrics = time.time(), 0, {}
+    pbar = tqdm(total=max_steps, initial=start, desc="dpo", disable=not accelerator.is_main_process)
+    for step in range(start, max_steps):
+        idx = batch_indices(len(triples), cfg.batch_size, step, cfg.seed)
+        idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share of the batch
+        batch = _to(collate([triples[i] for i in idx], tokenizer.pad_token_id), accelerator.device)
+        mb_ref = ref_logps[idx].to(accelerator.device)  # (b, 2)
+        with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.bf16):
+            logps = sequence_logps(model, batch, cfg.temperature).view(2, -1)  # (2, b): chosen row, rejected row
+        loss, chosen_r, rejected_r = dpo_loss(logps[0], logps[1], mb_ref[:, 0], mb_ref[:, 1], cfg.beta,
+                                              cfg.label_smoothing, cfg.loss_type)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums += torch.stack([loss.detach(), chosen_r.mean(), rejected_r.mean(),
+                             (chosen_r > rejected_r).float().mean(), (chosen_r - rejected_r).mean()])
+        n_sum += 1
+        n_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes  # ~ all processes' tokens
+        done = step + 1
+        pbar.update(1)
+
+        last = done == max_steps
+        if done % cfg.log_every == 0 or last:
+            means = (accelerator.reduce(sums, reduction="mean") / n_sum).tolist()
+            last_metrics = dict(zip(("losses/dpo_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                     "rewards/margins"), means))
+            logger.log(done, {**last_metrics, "charts/lr": scheduler.get_last_lr()[0],
+                              "charts/tokens_per_s": n_tokens / (time.time() - t_timed)})
+            pbar.set_postfix(loss=f"{means[0]:.3f}", acc=f"{means[3]:.2f}")
+            sums, n_sum = torch.zeros_like(sums), 0
+            t_timed, n_tokens = time.time(), 0
+        if done % cfg.save_every == 0 and not last:
+            ckpt = {"step": done, "config": run_config(cfg), "elapsed_s": elapsed_before + time.time() - t_start}
+            save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, ckpt)
+            t_timed, n_tokens = time.time(), 0
+    pbar.close()
+    logger.close()
+
+    final, tmp = out_dir / "model", out_dir / "model.tmp"
+    if accelerator.is_main_process:  # written next to its place, then renamed: never half a model folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    write_summary(out_dir, {"stage": "dpo", "wall_time_s": elapsed_before + time.time() - t_start, "steps": max_steps,
+                            "pairs": len(triples), "layout": prefs.layout, "skipped_rows": prefs.skipped,
+                            **last_metrics, "model": str(final)})
+    if accelerator.is_main_process:
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
+    accelerator.wait_for_everyone()
+    return final
+
+
+if __name__ == "__main__":
+    import tyro
+
+    dpo(tyro.cli(DPOConfig))
