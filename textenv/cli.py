@@ -74,11 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     import tyro
 
     from agents.comparisons import CollectConfig, collect_comparisons
+    from agents.dpo import DPOConfig, dpo
     from agents.evaluate import EvalConfig, evaluate
     from agents.pipeline import PipelineConfig, run_pipeline
     from agents.ppo import PPOConfig, ppo
     from agents.pretrain import PretrainConfig, pretrain
     from agents.reward_model import RMConfig, train_reward_model
+    from agents.sb3_lm import SB3PPOConfig, sb3_ppo
     from agents.sft import SFTConfig, sft
 
     def show_eval(cfg: EvalConfig) -> None:
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         "collect": (CollectConfig, collect_comparisons, "Stage 3a: sample K responses per prompt; the simulated annotator ranks them."),
         "rm": (RMConfig, train_reward_model, "Stage 3b: train a reward model on ranked comparisons."),
         "ppo": (PPOConfig, ppo, "Stage 4: token-level PPO with a KL penalty to the SFT policy."),
+        "sb3-ppo": (SB3PPOConfig, sb3_ppo, "Interop: Stable-Baselines3's own PPO fine-tunes the LM policy in the env."),
+        "dpo": (DPOConfig, dpo, "DPO: train the SFT policy on the comparisons directly (no reward model, no PPO)."),
         "eval": (EvalConfig, show_eval, "Gold/proxy score, KL to a reference, perplexity and diversity of a policy."),
         "sample": (SampleConfig, sample, "Answer prompts with a run's policies side by side (or interactively)."),
     }
