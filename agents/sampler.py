@@ -15,6 +15,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from transformers import PreTrainedModel
 
+from agents.decoding import make_decoder, position_ids_from_mask  # noqa: F401  (re-exported)
 from textenv.vector_env import TextGenVectorEnv
 
 
@@ -67,11 +68,6 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token among the real ones (0 for padding): correct positions under left padding."""
-    return (attention_mask.cumsum(-1) - 1).clamp_(min=0)  # (B, L)
-
-
 @torch.inference_mode()
 def rollout(
     model: PreTrainedModel,
@@ -102,17 +98,8 @@ def rollout(
     obs, _ = envs.reset(seed=seed, options=None if prompt_index is None else {"prompt_index": prompt_index})
     prompt_ids = torch.from_numpy(obs["input_ids"][:, :P])  # (B, P)
     prompt_mask = torch.from_numpy(obs["attention_mask"][:, :P])  # (B, P)
-    full_mask = torch.ones(B, P + T, dtype=torch.long, device=device)  # (B, P+T) grows into the response
-    full_mask[:, :P] = prompt_mask
-    next_position = prompt_mask.sum(-1, keepdim=True).to(device)  # (B, 1)
-
-    out = model(
-        input_ids=prompt_ids.to(device),
-        attention_mask=full_mask[:, :P],
-        position_ids=position_ids_from_mask(prompt_mask).to(device),
-        use_cache=True,
-    )
-    cache, logits = out.cache, out.logits[:, -1, :V]  # (B, V)
+    decoder = make_decoder(model, B, P + T)
+    logits = decoder.prefill(prompt_ids.to(device), prompt_mask.to(device))[:, :V]  # (B, V)
 
     response_ids = np.full((B, T), spec.pad_token_id, dtype=np.int64)  # (B, T)
     lengths = np.zeros(B, dtype=np.int64)  # (B,)
@@ -138,14 +125,7 @@ def rollout(
         done |= term | trunc
         if done.all():
             break
-        out = model(
-            input_ids=torch.from_numpy(actions).to(device)[:, None],  # (B, 1)
-            attention_mask=full_mask[:, : P + t + 1],
-            position_ids=next_position + t,  # (B, 1)
-            cache=cache,
-            use_cache=True,
-        )
-        cache, logits = out.cache, out.logits[:, -1, :V]
+        logits = decoder.step(torch.from_numpy(actions).to(device))[:, :V]  # (B, V)
 
     response_mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)  # (B, T)
     logprobs = logprobs.cpu() * torch.from_numpy(response_mask)  # (B, T) 0 after the end (and for PAD-fed rows)

@@ -1,0 +1,78 @@
+"""Incremental decoders: the lean GPT-2 path and the HF path give the logits of a plain, unpadded HF forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from agents.decoding import GPT2Decoder, HFDecoder, gpt2_fast_path, make_decoder
+
+
+def left_padded(rows: list[list[int]], P: int, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(rows), P), pad)
+    mask = torch.zeros(len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r) :] = torch.tensor(r)
+        mask[i, P - len(r) :] = 1
+    return ids, mask
+
+
+def gpt2(**kw) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, **kw)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13]]  # left-padded to P = 6: three different pad widths
+STEPS = [[20, 21, 22], [30, 31, 32], [40, 41, 42]]  # three decode steps per row
+
+
+@pytest.mark.parametrize("make", [gpt2, llama], ids=["gpt2", "llama"])
+def test_decoder_logits_equal_unpadded_hf_forward(make):
+    model = make()
+    decoder = make_decoder(model, batch_size=3, max_len=6 + 3)
+    assert isinstance(decoder, GPT2Decoder if make is gpt2 else HFDecoder)
+    ids, mask = left_padded(PROMPTS, 6)
+    with torch.no_grad():
+        got = [decoder.prefill(ids, mask)]
+        for t in range(3):
+            got.append(decoder.step(torch.tensor([s[t] for s in STEPS])))
+        for i, prompt in enumerate(PROMPTS):  # each row alone, unpadded, no cache
+            full = model(input_ids=torch.tensor([prompt + STEPS[i]])).logits[0]  # (len, V)
+            for t in range(4):
+                torch.testing.assert_close(got[t][i], full[len(prompt) - 1 + t], atol=2e-5, rtol=1e-4)
+
+
+def test_gpt2_decoder_equals_hf_decoder():
+    model = gpt2(activation_function="gelu_new")
+    ids, mask = left_padded(PROMPTS, 6)
+    lean, hf = GPT2Decoder(model, 3, 9), HFDecoder(model, 3, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(lean.prefill(ids, mask), hf.prefill(ids, mask), atol=1e-5, rtol=1e-5)
+        for t in range(3):
+            tokens = torch.tensor([s[t] for s in STEPS])
+            torch.testing.assert_close(lean.step(tokens), hf.step(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_only_where_exact():
+    assert gpt2_fast_path(gpt2())
+    assert not gpt2_fast_path(gpt2(scale_attn_by_inverse_layer_idx=True))
+    assert not gpt2_fast_path(gpt2(activation_function="relu"))
+    assert not gpt2_fast_path(llama())
+    hooked = gpt2()
+    hooked.register_forward_hook(lambda m, args, out: out)  # a hook may edit the output: the HF forward must run
+    assert not gpt2_fast_path(hooked)
+    swapped = gpt2()
+    swapped.transformer.h[0].attn.c_attn = torch.nn.Identity()  # e.g. an adapter layer swapped in
+    assert not gpt2_fast_path(swapped)
+    with pytest.raises(ValueError, match="not supported by GPT2Decoder"):
+        GPT2Decoder(gpt2(activation_function="relu"), 1, 4)
