@@ -256,3 +256,60 @@ def masked_first_eos(tokens: Tensor, eos_token_id: int, pad_token_id: int | None
 def truncate_after_eos(tokens: Tensor, eos_token_id: int, pad_token_id: int) -> Tensor:
     """`tokens` with every position after the first EOS set to PAD (N details blog, "truncate_token")."""
     return torch.where(masked_first_eos(tokens, eos_token_id, pad_token_id).bool(), tokens, pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Critic-free advantages (RLOO / REINFORCE, GRPO): one scalar per sequence, the baseline taken from the other samples
+# of the same prompt. Layout: the k completions of a prompt are consecutive rows (np.repeat(prompt_ids, k)), so
+# scores (B,) reshape to (B // k, k) groups.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    """(B,) -> (B // k, k); ValueError unless scores is 1-D and B is a multiple of k >= 1."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D (B,), got shape {tuple(scores.shape)}")
+    if group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the batch of {scores.shape[0]} scores")
+    return scores.reshape(-1, group_size)
+
+
+def group_advantages(scores: Tensor, group_size: int, baseline: str = "rloo") -> Tensor:
+    """REINFORCE advantages A_i = r_i - b_i within each group of k samples of one prompt, (B,):
+
+    - "rloo": b_i = mean_{j != i} r_j, the leave-one-out mean (Kool et al. 2019, "Buy 4 REINFORCE samples, get a
+      baseline for free!"; Ahmadian et al. 2024, arXiv 2402.14740). It does not depend on r_i, so the
+      estimator stays unbiased; A_i = k / (k - 1) * (r_i - mean_group).
+    - "mean": b_i = mean_group (includes r_i itself: biased by a factor (k - 1) / k, but the usual simplification).
+    - "none": b_i = 0, vanilla REINFORCE (Williams 1992).
+    """
+    r = _groups(scores, group_size)  # (G, k)
+    if baseline == "rloo":
+        if group_size < 2:
+            raise ValueError(f"the leave-one-out baseline needs group_size >= 2, got {group_size}")
+        b = (r.sum(1, keepdim=True) - r) / (group_size - 1)  # (G, k)
+    elif baseline == "mean":
+        b = r.mean(1, keepdim=True)  # (G, 1)
+    elif baseline == "none":
+        b = torch.zeros_like(r)
+    else:
+        raise ValueError(f"unknown baseline {baseline!r}; expected 'rloo', 'mean' or 'none'")
+    return (r - b).flatten()  # (B,)
+
+
+def grpo_advantages(scores: Tensor, group_size: int, scale_rewards: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome advantage (Shao et al. 2024, arXiv 2402.03300, sec. 4.1.2), (B,):
+
+        A_i = (r_i - mean_group) / (std_group + eps),
+
+    std the unbiased (Bessel) one, eps 1e-4, as TRL's GRPOTrainer. A group of identical rewards gets 0, not NaN.
+    scale_rewards=False keeps only r_i - mean_group: Dr. GRPO (Liu et al. 2025, arXiv 2503.20783) shows the std
+    division up-weights prompts that are too easy or too hard (small std) and recommends dropping it.
+    """
+    r = _groups(scores, group_size)  # (G, k)
+    if group_size < 2:
+        raise ValueError(f"a group standard deviation needs group_size >= 2, got {group_size}")
+    advantages = r - r.mean(1, keepdim=True)  # (G, k)
+    if scale_rewards:
+        advantages = advantages / (r.std(1, keepdim=True) + eps)
+    return advantages.flatten()  # (B,)

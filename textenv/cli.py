@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     from agents.dpo import DPOConfig, dpo
     from agents.evaluate import EvalConfig, evaluate
     from agents.pipeline import PipelineConfig, run_pipeline
+    from agents.grpo import GRPOConfig, grpo
     from agents.ppo import PPOConfig, ppo
+    from agents.rloo import RLOOConfig, rloo
     from agents.pretrain import PretrainConfig, pretrain
     from agents.reward_model import RMConfig, train_reward_model
     from agents.sb3_lm import SB3PPOConfig, sb3_ppo
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         "collect": (CollectConfig, collect_comparisons, "Stage 3a: sample K responses per prompt; the simulated annotator ranks them."),
         "rm": (RMConfig, train_reward_model, "Stage 3b: train a reward model on ranked comparisons."),
         "ppo": (PPOConfig, ppo, "Stage 4: token-level PPO with a KL penalty to the SFT policy."),
+        "rloo": (RLOOConfig, rloo, "RLOO / REINFORCE: k responses per prompt, leave-one-out baseline, KL in the reward."),
+        "grpo": (GRPOConfig, grpo, "GRPO: group-normalised advantages, PPO clipping, k3 KL in the loss, no value model."),
         "sb3-ppo": (SB3PPOConfig, sb3_ppo, "Interop: Stable-Baselines3's own PPO fine-tunes the LM policy in the env."),
         "dpo": (DPOConfig, dpo, "DPO: train the SFT policy on the comparisons directly (no reward model, no PPO)."),
         "eval": (EvalConfig, show_eval, "Gold/proxy score, KL to a reference, perplexity and diversity of a policy."),

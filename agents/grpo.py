@@ -1,0 +1,251 @@
+"""GRPO (Group Relative Policy Optimization) in a TextGenVectorEnv: k responses per prompt; each response's score,
+normalised within its group, is the advantage of every one of its tokens; PPO's clipped objective, no value model,
+and an optional KL term in the loss (not in the reward).
+
+References: Shao et al. 2024, "DeepSeekMath" (arXiv 2402.03300, sec. 4.1, eq. 3); Liu et al. 2025, "Understanding
+R1-Zero-Like Training" (Dr. GRPO, arXiv 2503.20783); Yu et al. 2025, "DAPO" (arXiv 2503.14476, token-level loss);
+TRL's GRPOTrainer. The advantage is tested in `agents/core.py::grpo_advantages`.
+
+    python -m agents.grpo --policy runs/x/sft/model --reward runs/x/rm/model --out-dir runs/x/grpo
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from agents.common import RunLogger, check_run_dir, is_complete, load_checkpoint, save_checkpoint, write_summary
+from agents.core import clipped_policy_loss, grpo_advantages, kl_estimate, masked_mean
+from agents.ppo import check_finite, chunked, iteration_generator, policy_forward, write_samples
+from agents.sampler import rollout
+from rewards.base import as_reward_fn
+from textenv.models import load_causal_lm
+from textenv.tasks import get_task
+from textenv.tokenizer import load_tokenizer
+from textenv.vector_env import TextGenVectorEnv
+
+
+@dataclass
+class GRPOConfig:
+    policy: str = "runs/default/sft/model"
+    """Hub id or folder of the SFT policy; it is also the frozen reference for the KL term."""
+    reward: str = "runs/default/rm/model"
+    """The reward: a sequence-classification folder or hub id, a 'module:attr' callable, or 'gold' for the task's
+    gold scorer."""
+    out_dir: str = "runs/default/grpo"
+    """Run folder: config, metrics.jsonl, tb/, samples.jsonl, checkpoint/, and the final policy in model/."""
+    task: str = "sentiment"
+    """Embedded task whose train prompts are used and whose gold score is logged beside the proxy score."""
+    prompts: str | None = None
+    """Other prompts (a .jsonl/.csv/.parquet/.txt file or hub id) instead of the task's."""
+    reward_label: str | None = None
+    """For a classifier reward with several labels: the label whose logit is the reward (e.g. POSITIVE)."""
+    num_prompts: int = 16
+    """Prompts per iteration, drawn with replacement (a prompt drawn twice makes two independent groups)."""
+    num_generations: int = 4
+    """Group size k: responses sampled per prompt; the batch is num_prompts * k responses."""
+    scale_rewards: bool = True
+    """Divide by the group's std (GRPO); False keeps only the mean-centring, as Dr. GRPO recommends."""
+    max_new_tokens: int | None = None
+    """Response budget; default: the task's."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs for the loss and the KL use logits divided by it too."""
+    iterations: int = 20
+    """Iterations (rollout + update)."""
+    update_epochs: int = 1
+    """Passes over each rollout (GRPO's mu; DeepSeekMath used 1)."""
+    num_minibatches: int = 4
+    """Minibatches (optimizer steps) per epoch; all but the first are slightly off-policy, hence the clipping."""
+    micro_batch_size: int | None = 8
+    """Rows per forward/backward pass (gradient accumulation, as in PPO); None: a whole minibatch at once."""
+    lr: float = 1e-4
+    """Adam learning rate, annealed linearly to 0."""
+    adam_eps: float = 1e-5
+    """Adam epsilon: 1e-5 as in the original TF code; PyTorch's 1e-8 makes early steps more aggressive."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clipping."""
+    clip_coef: float = 0.2
+    """PPO ratio clipping (per token)."""
+    beta: float = 0.04
+    """Weight of the k3 KL(pi || ref) term in the loss. 0.04 as DeepSeekMath: our reward is usually a learned RM
+    that the policy can over-optimise (TRL now defaults to 0, for verifiable rewards). 0 does not even load the
+    reference model, and objective/kl is then not logged."""
+    missing_eos_penalty: float | None = -1.0
+    """Score given instead of the reward to a response with no EOS; None keeps the reward."""
+    sample_every: int = 10
+    """Write a table of sample responses to samples.jsonl every this many iterations (and at the end)."""
+    save_every: int = 10
+    """Checkpoint every this many iterations; a rerun with the same config resumes from the last one."""
+    seed: int = 0
+    """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
+    device: str | None = None
+    """torch device; default: cuda if available, else cpu."""
+    overwrite: bool = False
+    """Delete a previous run with another configuration in out_dir instead of refusing."""
+
+    def __post_init__(self):
+        for name in ("num_prompts", "iterations", "update_epochs", "num_minibatches", "save_every", "sample_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_generations < 2:  # a group of 1 has neither a mean to compare with nor a std
+            raise ValueError(f"num_generations (group size k) must be >= 2, got {self.num_generations}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
+        if (self.num_prompts * self.num_generations) % self.num_minibatches:
+            raise ValueError(f"num_prompts * num_generations = {self.num_prompts * self.num_generations} is not "
+                             f"divisible by num_minibatches={self.num_minibatches}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+
+
+def grpo(cfg: GRPOConfig) -> Path:
+    from accelerate import PartialState
+
+    if PartialState().num_processes > 1:  # every rank would sample and write the same run folder
+        raise ValueError("GRPO runs in a single process for now; launch it without accelerate launch/torchrun")
+    out_dir = Path(cfg.out_dir)
+    if is_complete(out_dir) and not cfg.overwrite:
+        return out_dir / "model"
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
+    check_run_dir(out_dir, config, cfg.overwrite)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+
+    # --- models: policy (trained), reference (frozen SFT, only for the KL term), reward (inside the env) ---
+    tokenizer = load_tokenizer(cfg.policy)
+    policy = load_causal_lm(cfg.policy).to(device)  # dropout off: log-probs are reproducible
+    ref_policy = load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False) if cfg.beta > 0 else None
+    task = get_task(cfg.task)
+    reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, label=cfg.reward_label, device=device)
+    k, B = cfg.num_generations, cfg.num_prompts * cfg.num_generations
+    envs = TextGenVectorEnv(num_envs=B, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
+                            reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens)
+    P, mb_size = envs.setup.max_prompt_tokens, B // cfg.num_minibatches
+    rows = cfg.micro_batch_size or mb_size
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal
+    models = {"policy": policy}
+    state = load_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler)
+    start = 0 if state is None else state["iteration"]
+    logger = RunLogger(out_dir, resume_step=None if state is None else start)
+
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", unit="it")
+    for iteration in bar:
+        t0 = time.perf_counter()
+        # ---- 1. rollout: k responses to each of num_prompts prompts; group g is rows g*k .. g*k + k-1 ----
+        policy.eval()
+        prompt_ids = torch.randint(len(envs.setup.prompts), (cfg.num_prompts,), generator=iteration_generator(cfg.seed, iteration, 2))
+        batch = rollout(
+            policy, envs, iteration_generator(cfg.seed, iteration, 0), temperature=cfg.temperature,
+            seed=(cfg.seed * 1_000_003 + iteration) * B, prompt_index=np.repeat(prompt_ids.numpy(), k),
+        )
+        input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # (B, P+T)
+        mask = batch.response_mask.to(device).float()  # (B, T) 1 up to and including EOS
+        scores = batch.scores.to(device)  # (B,)
+        if cfg.missing_eos_penalty is not None:  # the EOS trick: a truncated response gets a fixed penalty
+            scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        logp = batch.logprobs.to(device)  # (B, T) the sampler's log-probs are the "old" ones (see ppo.py)
+        ref_logp = None
+        with torch.no_grad():
+            if ref_policy is not None:
+                ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature)[0],
+                                   rows, input_ids, attention_mask)  # (B, T)
+            advantages = grpo_advantages(scores, k, cfg.scale_rewards)  # (B,) one per response, on all its tokens
+        check_finite(iteration, scores=scores)
+        t_rollout = time.perf_counter() - t0
+
+        # ---- 2. update: PPO's clipped objective per token, plus beta * k3 KL to the reference ----
+        # Token-level mean over the minibatch (DAPO): every token weighs the same. GRPO's original per-response mean
+        # of token means gives a long response's tokens less weight each, a length bias (Dr. GRPO).
+        policy.train()
+        order_rng = iteration_generator(cfg.seed, iteration, 1)
+        stats = []
+        for epoch in range(cfg.update_epochs):
+            order = torch.randperm(B, generator=order_rng)
+            for start_i in range(0, B, mb_size):
+                mb = order[start_i : start_i + mb_size].to(device)
+                mb_tokens = mask[mb].sum()
+                optimizer.zero_grad(set_to_none=True)
+                mb_stats = torch.zeros(5, device=device)
+                for j in range(0, mb_size, rows):  # gradient accumulation, each micro-batch weighted by its tokens
+                    mu = mb[j : j + rows]
+                    mu_mask = mask[mu]
+                    weight = mu_mask.sum() / mb_tokens
+                    new_logp, entropy, _ = policy_forward(policy, input_ids[mu], attention_mask[mu], P, cfg.temperature)
+                    pg_loss, clipfrac, approx_kl = clipped_policy_loss(
+                        new_logp, logp[mu], advantages[mu, None], mu_mask, cfg.clip_coef  # (rows, 1) broadcast over T
+                    )
+                    kl_loss = torch.zeros((), device=device)
+                    if ref_logp is not None:  # k3 = exp(ref - logp) - (ref - logp) - 1: unbiased and >= 0 (DeepSeekMath eq. 4)
+                        kl_loss = masked_mean(kl_estimate(new_logp, ref_logp[mu], "k3"), mu_mask)
+                    loss = weight * (pg_loss + cfg.beta * kl_loss)
+                    check_finite(iteration, loss=loss)
+                    loss.backward()
+                    mb_stats += weight * torch.stack([pg_loss, kl_loss, clipfrac, approx_kl, masked_mean(entropy, mu_mask)]).detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                check_finite(iteration, grad_norm=grad_norm)
+                optimizer.step()
+                stats.append(torch.cat([mb_stats, grad_norm.detach()[None]]))
+        scheduler.step()
+        t_update = time.perf_counter() - t0 - t_rollout
+
+        # ---- 3. log, sample, checkpoint ----
+        pg, kll, cf, akl, ent, gn = torch.stack(stats).mean(0).tolist()
+        gold = task.gold(batch.prompts, batch.responses)
+        n_tokens = int(mask.sum())
+        metrics = {
+            "objective/scores": batch.scores.mean().item(),
+            "objective/gold": float(np.mean(gold)),
+            "objective/entropy": -logp.sum(1).mean().item(),  # Monte-Carlo, nats per response
+            # groups whose k scores are all equal: advantage 0, no learning signal from that prompt
+            "objective/frac_reward_zero_std": (scores.view(-1, k).std(1) == 0).float().mean().item(),
+            "losses/policy_loss": pg,
+            "losses/kl_loss": kll,
+            "losses/clipfrac": cf,
+            "losses/approx_kl": akl,
+            "losses/entropy": ent,
+            "losses/grad_norm": gn,
+            "charts/episode_length": mask.sum(1).mean().item(),
+            "charts/eos_rate": batch.terminated.float().mean().item(),
+            "charts/lr": scheduler.get_last_lr()[0],
+            "charts/tokens_per_s": n_tokens / (t_rollout + t_update),
+            "charts/rollout_tokens_per_s": n_tokens / t_rollout,
+            "time/rollout_s": t_rollout,
+            "time/update_s": t_update,
+        }
+        if ref_logp is not None:  # k1 KL of each response to the reference, in nats (as PPO's objective/kl)
+            metrics["objective/kl"] = (kl_estimate(logp, ref_logp) * mask).sum(1).mean().item()
+        metrics["time/iteration_s"] = time.perf_counter() - t0
+        logger.log(iteration + 1, metrics)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}")
+        done = iteration + 1 == cfg.iterations
+        if (iteration + 1) % cfg.sample_every == 0 or done:
+            write_samples(out_dir / "samples.jsonl", iteration + 1, batch, gold, n=8)
+        if (iteration + 1) % cfg.save_every == 0 or done:
+            save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler, {"iteration": iteration + 1})
+    logger.close()
+
+    final = out_dir / "model"
+    policy.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    write_summary(out_dir, {"iterations": cfg.iterations})
+    return final
+
+
+def main() -> None:
+    import tyro
+
+    grpo(tyro.cli(GRPOConfig))
+
+
+if __name__ == "__main__":
+    main()
