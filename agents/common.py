@@ -7,8 +7,10 @@ A run folder holds:
   checkpoint/           model (safetensors) + optimizer.pt + scheduler.pt + trainer_state.json, replaced atomically
   summary.json          written last, atomically: the stage is complete (`is_complete`)
 
-Only the main process writes (under `accelerate launch` every rank runs this code); the model weights and
-optimizer state are identical on all ranks under DDP, so rank 0's copy is the checkpoint.
+Only the main process writes (under `accelerate launch`/`torchrun` every rank runs this code); the model weights and
+optimizer state are identical on all ranks under DDP, so rank 0's copy is the checkpoint. Nothing in a checkpoint
+depends on the number of processes (full weights, the optimizer's full state, a step counter from which the
+trainers recompute the global batch), so a run saved by N processes resumes on M.
 """
 
 from __future__ import annotations
@@ -29,6 +31,20 @@ from safetensors.torch import load_file, save_model
 from transformers import PreTrainedModel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.tensorboard import SummaryWriter
+
+
+def multi_cpu() -> bool:
+    """True when this is one of several processes (torchrun and accelerate launch set WORLD_SIZE) and there is no CUDA
+    device: then the process group must be a CPU (gloo) one. Accelerate forms one only when asked (`cpu=True`);
+    without it, `torchrun --nproc_per_node 2` on a CPU machine gives two independent 1-process runs that train on
+    half batches each and write the same run folder."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def distributed_state() -> PartialState:
+    """This run's process group (Accelerate's shared state, created on the first call: every trainer makes this
+    call first, through `check_run_dir`, so that a later `Accelerator(cpu=multi_cpu())` finds the same group)."""
+    return PartialState(cpu=multi_cpu())
 
 
 def seed_everything(seed: int) -> None:
@@ -64,7 +80,7 @@ def check_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) ->
     - exists, is non-empty and has no config.json (not a run folder) -> ValueError, even with overwrite
     Every rank checks (so every rank raises the same error); only the main process writes.
     """
-    out_dir, state = Path(out_dir), PartialState()
+    out_dir, state = Path(out_dir), distributed_state()
     config = json.loads(json.dumps(config))  # normalise (tuples -> lists, Paths rejected) to compare with the file
     config_file = out_dir / "config.json"
     delete_old = False
@@ -97,7 +113,7 @@ def is_complete(out_dir: str | Path) -> bool:
 
 def write_summary(out_dir: str | Path, summary: dict) -> None:
     """Mark the stage complete: summary.json, written atomically by the main process."""
-    if PartialState().is_main_process:
+    if distributed_state().is_main_process:
         _write_json_atomic(Path(out_dir) / "summary.json", summary)
 
 
@@ -106,7 +122,7 @@ class RunLogger:
     so the resumed run re-logs them once: no duplicates, no gaps. A fresh run (resume_step=None) starts empty."""
 
     def __init__(self, out_dir: str | Path, resume_step: int | None):
-        self.enabled = PartialState().is_main_process
+        self.enabled = distributed_state().is_main_process
         if not self.enabled:
             return
         self.path = Path(out_dir) / "metrics.jsonl"
@@ -174,7 +190,7 @@ def save_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler, state: d
     complete checkpoint at `ckpt_dir` or (between the two renames) at `<ckpt_dir>.old`, which `load_checkpoint`
     falls back to.
     """
-    ckpt_dir, dist = Path(ckpt_dir), PartialState()
+    ckpt_dir, dist = Path(ckpt_dir), distributed_state()
     if dist.is_main_process:
         tmp, old = ckpt_dir.with_name(ckpt_dir.name + ".tmp"), ckpt_dir.with_name(ckpt_dir.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers

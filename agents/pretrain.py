@@ -6,6 +6,10 @@ function of (seed, s), so a checkpoint needs only the step counter to resume the
 
     python -m agents.pretrain --out-dir runs/pretrain            # our GPT-2 "small", on the generated corpus
     accelerate launch -m agents.pretrain --out-dir runs/pretrain  # the same, data-parallel (DDP)
+    torchrun --nproc_per_node 2 -m agents.pretrain --out-dir runs/pretrain  # the same
+
+Under N processes each takes every N-th block of the global batch; every block has seq_len targets, so DDP's mean
+of the processes' mean losses is the global batch's mean, and N processes compute the same update as one.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from agents.common import (
     cosine_schedule,
     is_complete,
     load_checkpoint,
+    multi_cpu,
     save_checkpoint,
     seed_everything,
     write_summary,
@@ -124,7 +129,9 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -
 
 @torch.no_grad()
 def evaluate(model, blocks: torch.Tensor, batch_size: int, accelerator: Accelerator, bf16: bool) -> float:
-    """Mean next-token loss over `blocks`; each process takes every num_processes-th block."""
+    """Mean next-token loss over `blocks`; each process takes every num_processes-th block.
+    The unwrapped model: the processes may run different numbers of batches, which DDP's forward must not see."""
+    model = accelerator.unwrap_model(model)
     model.eval()
     mine = blocks[accelerator.process_index :: accelerator.num_processes]
     total = torch.zeros(2, device=accelerator.device)  # (sum of token losses, token count)
@@ -162,9 +169,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
         print(f"{out_dir} is complete (summary.json); nothing to do")
         return out_dir / "model"
     t_start = time.time()
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=multi_cpu())
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
+    # The same seed on every process: nothing here is random per process (dropout is off; the batch at a step is a
+    # function of (seed, step)), and every process must build the same initial model.
     seed_everything(cfg.seed)
 
     docs = load_text_source(cfg.data)

@@ -14,6 +14,13 @@ folder, loaded with plain `AutoModelForSequenceClassification.from_pretrained`, 
 and plugs into any env as `reward_fn="runs/rm/model"`.
 
     python -m agents.reward_model --data runs/comparisons --model runs/sft/model --out-dir runs/rm
+    torchrun --nproc_per_node 2 -m agents.reward_model --data runs/comparisons --model runs/sft/model --out-dir runs/rm
+
+Under N processes (data-parallel, DDP) each takes every N-th prompt of the global batch with all of its responses;
+every process has batch_size / N prompts and the loss is a mean over prompts, so DDP's mean of the processes'
+losses is the global batch's and N processes compute the same update as one. Held-out evaluation and the
+normalisation's reference scores are split the same way and added up; the fresh-sample evaluation and every write
+happen on the main process.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
+from accelerate import Accelerator
+from accelerate.utils import gather_object, reduce
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from agents.common import (RunLogger, check_run_dir, cosine_schedule, is_complete, load_checkpoint, save_checkpoint,
-                           seed_everything, write_summary)
+from agents.common import (RunLogger, check_run_dir, cosine_schedule, distributed_state, is_complete, load_checkpoint,
+                           multi_cpu, save_checkpoint, seed_everything, write_summary)
 from agents.comparisons import load_preferences, sample_responses
 from agents.data import batch_indices
 from agents.pretrain import adamw, run_config
@@ -66,7 +74,7 @@ class RMConfig:
     epochs: int = 1
     """Passes over the training comparisons (InstructGPT: 1; more overfits)."""
     batch_size: int = 16
-    """Prompts per optimizer step, each with all of its responses and pairs."""
+    """Prompts per optimizer step over all processes, each with all of its responses and pairs."""
     lr: float = 1e-3
     """Peak AdamW learning rate (betas 0.9, 0.95)."""
     weight_decay: float = 0.0
@@ -216,18 +224,31 @@ def fold_normalization(model: PreTrainedModel, mean: float, std: float = 1.0) ->
 @torch.no_grad()
 def evaluate_pairs(model, tokenizer, rows: list[dict], batch_size: int, max_length: int) -> dict[str, float]:
     """Held-out ranking loss and pairwise accuracy; with gold scores, the annotator ceiling: how often the gold
-    itself orders the pairs as the (noisy) labels do. Ties count 1/2 in both."""
-    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
-    scores = score_texts(model, tokenizer, prompts, [r for row in rows for r in row["responses"]],
-                         batch_size=batch_size, max_length=max_length)  # (N,)
-    winners, losers, prompt = ranking_pairs([row["ranking"] for row in rows])
-    diff = scores[winners] - scores[losers]  # (P,)
-    out = {"loss": ranking_loss(scores, winners, losers, prompt).item(),
-           "accuracy": ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item(), "pairs": len(diff)}
-    if all("gold" in row for row in rows):
-        gold = torch.tensor([g for row in rows for g in row["gold"]])
-        gold_diff = gold[winners] - gold[losers]
-        out["ceiling"] = ((gold_diff > 0).float() + 0.5 * (gold_diff == 0).float()).mean().item()
+    itself orders the pairs as the (noisy) labels do. Ties count 1/2 in both.
+
+    Every process calls it (with the unwrapped model): each scores every num_processes-th row, and the sums
+    (per-prompt losses, prompts, correct pairs, pairs, gold-agreeing pairs) are added up over the processes."""
+    state = distributed_state()
+    mine = rows[state.process_index :: state.num_processes]
+    with_gold = all("gold" in row for row in rows)
+    sums = torch.zeros(5, dtype=torch.float64)
+    if mine:  # fewer rows than processes leaves some with none
+        prompts = [row["prompt"] for row in mine for _ in row["responses"]]
+        scores = score_texts(model, tokenizer, prompts, [r for row in mine for r in row["responses"]],
+                             batch_size=batch_size, max_length=max_length)  # (N,)
+        winners, losers, prompt = ranking_pairs([row["ranking"] for row in mine])
+        diff = scores[winners] - scores[losers]  # (P,)
+        sums[0] = ranking_loss(scores, winners, losers, prompt).item() * len(mine)  # a mean over prompts
+        sums[1], sums[3] = len(mine), len(diff)
+        sums[2] = ((diff > 0).double() + 0.5 * (diff == 0).double()).sum()
+        if with_gold:
+            gold = torch.tensor([g for row in mine for g in row["gold"]])
+            gold_diff = gold[winners] - gold[losers]
+            sums[4] = ((gold_diff > 0).double() + 0.5 * (gold_diff == 0).double()).sum()
+    loss, n_prompts, correct, pairs, agree = reduce(sums.to(state.device), reduction="sum").tolist()
+    out = {"loss": loss / n_prompts, "accuracy": correct / pairs, "pairs": int(pairs)}
+    if with_gold:
+        out["ceiling"] = agree / pairs
     return out
 
 
@@ -268,16 +289,20 @@ def train_reward_model(cfg: RMConfig) -> Path:
     if is_complete(out_dir):
         print(f"{out_dir} is complete (summary.json); nothing to do")
         return out_dir / "model"
-    if PartialState().num_processes > 1:
-        raise ValueError("train_reward_model runs in one process; launch it with python, not accelerate launch")
     t_start = time.time()
+    accelerator = Accelerator(cpu=multi_cpu())
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
+    device, is_main = accelerator.device, accelerator.is_main_process
+    # The same seed on every process: the fresh head's initialisation must be the same everywhere (DDP also
+    # broadcasts rank 0's weights), the split and the data order are functions of the seed, and the one sampling
+    # step (the fresh-sample evaluation) runs on the main process only.
     seed_everything(cfg.seed)
     prefs = load_preferences(cfg.data)
     train_rows, eval_rows = split_rows(prefs.rows, cfg.eval_fraction, cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_rm_init(cfg.model, tokenizer)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).train()
+    model.train()
     max_length = cfg.max_length or min(tokenizer.model_max_length, model.config.max_position_embeddings)
     # tokenized once: row b's responses, each a token-id list
     train_ids = [encode(tokenizer, [row["prompt"]] * len(row["responses"]), row["responses"], max_length)
@@ -287,41 +312,49 @@ def train_reward_model(cfg: RMConfig) -> Path:
         raise ValueError(f"only {len(train_rows)} training prompts, fewer than batch_size={cfg.batch_size}")
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours (see pretrain.py)
     resumed = load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
     start = resumed["step"] if resumed else 0
     train_time = resumed["train_time_s"] if resumed else 0.0  # of the runs this one resumes
     logger = RunLogger(out_dir, resume_step=start if resumed else None)
-    print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(train_rows)} train / "
-          f"{len(eval_rows)} held-out prompts ({prefs.layout} layout, {sum(prefs.skipped.values())} rows skipped), "
-          f"{max_steps} steps on {device}" + (f", resuming at step {start}" if resumed else ""))
+    if is_main:
+        print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(train_rows)} train / "
+              f"{len(eval_rows)} held-out prompts ({prefs.layout} layout, {sum(prefs.skipped.values())} rows skipped), "
+              f"{max_steps} steps on {device}, {accelerator.num_processes} process(es)"
+              + (f", resuming at step {start}" if resumed else ""))
 
-    sums, n_sums = torch.zeros(2), 0  # (loss, accuracy) summed over the n_sums steps since the last log
+    # (loss, correct pairs, pairs) of this process summed over the n_sums steps since the last log
+    sums, n_sums = torch.zeros(3, device=device), 0
     valid: dict[str, float] = {}
     t_loop, eval_time = time.time(), 0.0  # evaluation time is left out of the training time
-    pbar = tqdm(total=max_steps, initial=start, desc="reward model")
+    pbar = tqdm(total=max_steps, initial=start, desc="reward model", disable=not is_main)
     for step in range(start, max_steps):
         idx = batch_indices(len(train_rows), cfg.batch_size, step, cfg.seed)
+        idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share of the prompts
         ids, mask = pad([seq for b in idx for seq in train_ids[b]], tokenizer.pad_token_id)  # (N, T), N = sum K_b
         winners, losers, prompt = (t.to(device) for t in ranking_pairs([train_rows[b]["ranking"] for b in idx]))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
             scores = forward_scores(model, ids, mask)  # (N,) fp32, each response forwarded once
-        loss = ranking_loss(scores, winners, losers, prompt)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        loss = ranking_loss(scores, winners, losers, prompt)  # mean over this process's prompts
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        sums += torch.tensor([loss.item(), (scores[winners] > scores[losers]).float().mean().item()])
+        correct = (scores[winners] > scores[losers]).sum()
+        sums += torch.stack([loss.detach(), correct.float(), torch.tensor(float(len(winners)), device=device)])
         n_sums, done = n_sums + 1, step + 1
         pbar.update(1)
         if done % cfg.log_every == 0 or done == max_steps:
-            train_loss, train_acc = (sums / n_sums).tolist()
+            loss_total, n_correct, n_pairs = reduce(sums, reduction="sum").tolist()  # over the processes
+            train_loss, train_acc = loss_total / (n_sums * accelerator.num_processes), n_correct / n_pairs
             logger.log(done, {"train/loss": train_loss, "train/accuracy": train_acc, "charts/lr": scheduler.get_last_lr()[0]})
             pbar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}")
-            sums, n_sums = torch.zeros(2), 0
+            sums, n_sums = torch.zeros_like(sums), 0
         if done % cfg.eval_every == 0 or done == max_steps:
             t_eval = time.time()
-            valid = evaluate_pairs(model, tokenizer, eval_rows, cfg.score_batch_size, max_length)
+            valid = evaluate_pairs(accelerator.unwrap_model(model), tokenizer, eval_rows, cfg.score_batch_size,
+                                   max_length)
             logger.log(done, {f"valid/{k}": v for k, v in valid.items() if k != "pairs"})
             eval_time += time.time() - t_eval
         if done % cfg.save_every == 0 and done != max_steps:
@@ -331,16 +364,23 @@ def train_reward_model(cfg: RMConfig) -> Path:
     pbar.close()
     logger.close()
     train_time += time.time() - t_loop - eval_time
+    model = accelerator.unwrap_model(model)
 
-    # Normalise on reference responses: the SFT samples the comparisons were made of.
+    # Normalise on reference responses: the SFT samples the comparisons were made of. Each process scores every
+    # num_processes-th of them; all processes get all the scores (in process order: the same everywhere).
     pairs = [(row["prompt"], r) for row in prefs.rows for r in row["responses"]]
     pick = np.random.default_rng(cfg.seed).permutation(len(pairs))[: cfg.n_reference]
-    reference = score_texts(model, tokenizer, [pairs[i][0] for i in pick], [pairs[i][1] for i in pick],
-                            batch_size=cfg.score_batch_size, max_length=max_length)  # (n_reference,)
+    mine = pick[accelerator.process_index :: accelerator.num_processes]
+    scores = score_texts(model, tokenizer, [pairs[i][0] for i in mine], [pairs[i][1] for i in mine],
+                         batch_size=cfg.score_batch_size, max_length=max_length).tolist() if len(mine) else []
+    reference = torch.tensor(gather_object(scores))  # (n_reference,)
     mean, std = reference.mean().item(), reference.std().item()
-    fold_normalization(model, mean, std if cfg.normalize_std else 1.0)
+    fold_normalization(model, mean, std if cfg.normalize_std else 1.0)  # everywhere: the processes stay identical
     final, tmp = out_dir / "model", out_dir / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not is_main:  # the rest (sampling, writing) is the main process's; the others wait for it at the end
+        accelerator.wait_for_everyone()
+        return final
+    shutil.rmtree(tmp, ignore_errors=True)  # written next to its place, then renamed: never half a model folder
     model.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -363,6 +403,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
     write_summary(out_dir, summary)
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
     print(json.dumps(summary))
+    accelerator.wait_for_everyone()
     return final
 
 

@@ -7,6 +7,10 @@ to stop -- and labels are -100 on the prompt and the padding.
 
     python -m agents.sft --model runs/pretrain/model --out-dir runs/sft                 # embedded sentiment task
     python -m agents.sft --model gpt2-folder --data demos.jsonl --out-dir runs/sft-mine  # a user's demonstrations
+    torchrun --nproc_per_node 2 -m agents.sft --model runs/pretrain/model --out-dir runs/sft  # data-parallel (DDP)
+
+Under N processes each takes every N-th demonstration of the global batch, and the loss is normalised by the
+global count of response tokens, so N processes compute the same update as one (up to float rounding).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from agents.common import (
     cosine_schedule,
     is_complete,
     load_checkpoint,
+    multi_cpu,
     save_checkpoint,
     seed_everything,
     write_summary,
@@ -146,7 +151,9 @@ def load_demonstrations(cfg: SFTConfig) -> tuple[list[dict], list[dict]]:
 
 @torch.no_grad()
 def evaluate(model, examples: list, batch_size: int, pad_token_id: int, accelerator: Accelerator, bf16: bool) -> float:
-    """Mean loss per response token over `examples`; each process takes every num_processes-th example."""
+    """Mean loss per response token over `examples`; each process takes every num_processes-th example.
+    The unwrapped model: the processes may run different numbers of batches, which DDP's forward must not see."""
+    model = accelerator.unwrap_model(model)
     model.eval()
     mine = examples[accelerator.process_index :: accelerator.num_processes]
     total = torch.zeros(2, device=accelerator.device)  # (sum of token losses, token count)
@@ -168,9 +175,11 @@ def sft(cfg: SFTConfig) -> Path:
         print(f"{out_dir} is complete (summary.json); nothing to do")
         return out_dir / "model"
     t_start = time.time()
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=multi_cpu())
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
+    # The same seed on every process: nothing here is random per process (dropout is off; the batch at a step is a
+    # function of (seed, step)), and every process must hold the same model.
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)  # checks PAD and EOS exist and differ
@@ -199,7 +208,9 @@ def sft(cfg: SFTConfig) -> Path:
     model.train()
     valid_loss = math.nan
     loss_sum, n_loss = torch.zeros((), device=accelerator.device), 0  # since the last train/loss log
-    t_timed, n_tokens = time.time(), 0  # non-pad tokens trained on since t_timed (evaluation and saving excluded)
+    # non-pad tokens this process trained on since t_timed (evaluation and saving excluded), summed over processes
+    # when logged
+    t_timed, n_tokens = time.time(), torch.zeros((), dtype=torch.long, device=accelerator.device)
     pbar = tqdm(total=max_steps, initial=start, desc="sft", disable=not accelerator.is_main_process)
     for step in range(start, max_steps):
         idx = batch_indices(len(train), cfg.batch_size, step, cfg.seed)
@@ -207,35 +218,40 @@ def sft(cfg: SFTConfig) -> Path:
         batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in idx], tokenizer.pad_token_id).items()}
         with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.bf16):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
-        loss = sft_loss(logits, batch["labels"])
+        # Sum over this process's response tokens / the count over all processes' (x num_processes, as DDP averages
+        # the gradients): the mean over the global batch's tokens, as in one process, however the tokens fall on
+        # the processes (a mean per process would weigh a process's tokens by 1 / its count; see
+        # https://huggingface.co/blog/gradient_accumulation for the same issue with gradient accumulation).
+        n_targets = accelerator.reduce((batch["labels"][:, 1:] != IGNORE).sum(), reduction="sum")
+        loss = sft_loss(logits, batch["labels"], reduction="sum") * accelerator.num_processes / n_targets
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum, n_loss = loss_sum + loss.detach(), n_loss + 1
-        n_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes  # ~ all processes' tokens
+        n_tokens += batch["attention_mask"].sum()
         done = step + 1
         pbar.update(1)
 
         last = done == max_steps
         if done % cfg.log_every == 0 or last:
             train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / n_loss
-            tokens_per_s = n_tokens / (time.time() - t_timed)
+            tokens_per_s = accelerator.reduce(n_tokens, reduction="sum").item() / (time.time() - t_timed)
             logger.log(done, {"train/loss": train_loss, "charts/lr": scheduler.get_last_lr()[0],
                               "charts/tokens_per_s": tokens_per_s})
             pbar.set_postfix(loss=f"{train_loss:.3f}")
             loss_sum, n_loss = torch.zeros_like(loss_sum), 0
-            t_timed, n_tokens = time.time(), 0
+            t_timed, n_tokens = time.time(), torch.zeros_like(n_tokens)
         if done % cfg.eval_every == 0 or last:
             subset = valid if last else valid[: cfg.eval_batches * cfg.batch_size]
             valid_loss = evaluate(model, subset, cfg.batch_size, tokenizer.pad_token_id, accelerator, cfg.bf16)
             logger.log(done, {"valid/loss": valid_loss, "valid/perplexity": math.exp(valid_loss)})
-            t_timed, n_tokens = time.time(), 0
+            t_timed, n_tokens = time.time(), torch.zeros_like(n_tokens)
         if done % cfg.save_every == 0 and not last:
             ckpt = {"step": done, "config": run_config(cfg), "elapsed_s": elapsed_before + time.time() - t_start}
             save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, ckpt)
-            t_timed, n_tokens = time.time(), 0
+            t_timed, n_tokens = time.time(), torch.zeros_like(n_tokens)
     pbar.close()
     logger.close()
 

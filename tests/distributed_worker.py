@@ -1,0 +1,94 @@
+"""Trainer runs under accelerate launch / torchrun for tests/test_distributed.py: what every process ends each with.
+
+    accelerate launch --config_file configs/accelerate/ddp_cpu.yaml tests/distributed_worker.py JOBS.json
+    torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py JOBS.json  # the same
+
+JOBS.json is a list of jobs, run one after the other in the same process group (one launch, so the ~10 s of
+starting and importing is paid once): {"stage": "sft" | "rm" | "pretrain", "config": {the stage's config fields},
+"report_dir": str, "stop_after_save": bool}. The trainer runs unchanged; the only hook is a wrapper around the
+`load_checkpoint` it calls once, right after `accelerator.prepare`, which keeps the model and optimizer objects it is
+given (the very ones then trained) and the step it resumed from. Each process then writes <report_dir>/rank<r>.json:
+the world size, the resumed step, and the sha256 of its model's parameters and of its optimizer state.
+stop_after_save makes every process leave the run right after the first checkpoint is written, as a run killed at
+that moment would (the report then says "stopped": true).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+
+import agents.pretrain
+import agents.reward_model
+import agents.sft
+from agents.common import distributed_state
+
+STAGES = {
+    "sft": (agents.sft, agents.sft.SFTConfig, agents.sft.sft),
+    "rm": (agents.reward_model, agents.reward_model.RMConfig, agents.reward_model.train_reward_model),
+    "pretrain": (agents.pretrain, agents.pretrain.PretrainConfig, agents.pretrain.pretrain),
+}
+
+
+class Stop(Exception):
+    pass
+
+
+def params_sha256(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in named_parameters order (a tied weight counted once)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def optimizer_sha256(optimizer) -> str:
+    h = hashlib.sha256()
+    for index, state in sorted(optimizer.state_dict()["state"].items()):
+        for key, value in sorted(state.items()):
+            h.update(f"{index}.{key}".encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_job(stage: str, config: dict, report_dir: str, stop_after_save: bool) -> None:
+    module, config_cls, run = STAGES[stage]
+    seen = {}
+    real_load, real_save = module.load_checkpoint, module.save_checkpoint
+
+    def spy_load(ckpt_dir, models, optimizer, scheduler):
+        state = real_load(ckpt_dir, models, optimizer, scheduler)
+        seen.update(model=models, optimizer=optimizer, resumed_step=state["step"] if state else None)
+        return state
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)  # ends with a barrier: the checkpoint is complete on disk for every process
+        raise Stop
+
+    module.load_checkpoint = spy_load
+    module.save_checkpoint = save_then_stop if stop_after_save else real_save
+    try:
+        run(config_cls(**config))
+        stopped = False
+    except Stop:
+        stopped = True
+    finally:
+        module.load_checkpoint, module.save_checkpoint = real_load, real_save
+    state = distributed_state()
+    report = {"world_size": state.num_processes, "resumed_step": seen["resumed_step"], "stopped": stopped,
+              "params": params_sha256(extract_model_from_parallel(seen["model"])),
+              "optimizer": optimizer_sha256(seen["optimizer"])}
+    Path(report_dir).mkdir(parents=True, exist_ok=True)
+    Path(report_dir, f"rank{state.process_index}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    for job in json.loads(Path(sys.argv[1]).read_text()):
+        run_job(job["stage"], job["config"], job["report_dir"], job["stop_after_save"])
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,279 @@
+"""Data-parallel training on CPU: SFT, the reward model and pretraining launched as 2 processes (DDP over gloo) with
+`accelerate launch --config_file configs/accelerate/ddp_cpu.yaml` (which starts them through torch.distributed.run,
+as torchrun does), against the same runs in one process.
+
+The 2-process runs are one real launch (a subprocess, on a free port) of tests/distributed_worker.py, which runs the
+trainers unchanged, one after the other, and has each process write a sha256 of the parameters and optimizer state
+it ended each run with. Checked:
+  - both processes end with bitwise identical parameters and optimizer states, and those parameters are the ones
+    the main process saved;
+  - the final weights equal a 1-process run's with the same global batch and seed within ATOL;
+  - only the main process printed and logged: one header line, the same metrics lines as the 1-process run;
+  - a checkpoint written by 2 processes resumes in 1 and one written by 1 resumes in 2, ending where a straight
+    1-process run ends.
+The launch takes ~20 s on 2 cores, half of it two interpreters importing torch/transformers (hence one launch for
+all five runs); the runs are a few steps of the `tiny` preset. The 1-process runs happen in this process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import agents.sft
+from agents.pretrain import PretrainConfig, pretrain
+from agents.reward_model import RMConfig, score_texts, train_reward_model
+from agents.sft import SFTConfig, sft
+from textenv.models import build_model
+from textenv.tokenizer import train_tokenizer
+from tests.distributed_worker import params_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed_worker.py"
+DDP_CPU = ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"
+
+# 2 processes vs 1 differ only in float rounding: each process runs its half of the batch (padded to its own longest
+# row), DDP sums the two half-gradients in another order, and the token count of the loss is an all-reduce. Measured
+# on these runs (6 AdamW steps, lr 3e-3): max |w_2 - w_1| <= 6e-7 (`max_abs_diff`). 1e-5 leaves 15x headroom and is
+# ~300x smaller than one AdamW step (up to ~lr per weight): a skipped or doubled step, a missing shard, or a loss
+# averaged per process instead of over the global batch's tokens (1e-2 here; see agents/sft.py) lands far above it.
+ATOL = 1e-5
+# The reward model is compared by its scores instead: its saved weights carry the normalisation shift in ln_f.bias
+# divided by ||w_score||^2, which multiplies a 1e-6 difference of the reference mean by ~50. A rounding-only change in
+# one process (every batch padded 5 columns wider) moves these scores by 4e-5; the 2-process run, by 1e-5.
+RM_SCORE_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The launched processes run with OMP_NUM_THREADS=1; so does the in-process 1-process reference run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Plain text, demonstrations whose responses have 1 to 9 tokens (so the two halves of a batch hold different
+    numbers of response tokens), ranked comparisons with 2 or 3 responses, and a tiny GPT-2 with its tokenizer."""
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    words = ["red", "old", "small", "green", "blue", "warm", "slow", "long", "good", "bad"]
+    docs = [" ".join(f"the {rng.choice(words)} {rng.choice(['cat', 'boat', 'door', 'kite'])}." for _ in range(8))
+            for _ in range(60)]
+    (root / "docs.txt").write_text("\n\n".join(docs))
+    demos = [{"prompt": f"Q: count {n} =", "response": " " + " ".join(words[:n])}
+             for n in rng.choices(range(1, 10), k=80)]
+    (root / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
+    prefs = []
+    for i in range(40):  # the labeller prefers "good" to "so so" to "bad"; K = 2 or 3 responses
+        row = {"prompt": f"the film {i} was", "responses": [" good and fun.", " bad and slow."], "ranking": [0, 1],
+               "gold": [1.0, -1.0]}
+        if i % 2:
+            row = {**row, "responses": row["responses"] + [" so so."], "ranking": [0, 2, 1], "gold": [1.0, -1.0, 0.0]}
+        prefs.append(row)
+    (root / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prefs))
+    tokenizer = train_tokenizer(docs + [d["prompt"] + d["response"] for d in demos] + ["the film was good so bad fun"],
+                                vocab_size=512)
+    tokenizer.save_pretrained(root / "tokenizer")
+    build_model("tiny", tokenizer, seed=0).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    return root
+
+
+def sft_config(files: Path, out_dir: Path) -> SFTConfig:
+    return SFTConfig(out_dir=str(out_dir), model=str(files / "base"), data=str(files / "demos.jsonl"), batch_size=8,
+                     max_steps=6, lr=3e-3, warmup_steps=2, log_every=1, eval_every=3, save_every=3, bf16=False)
+
+
+def rm_config(files: Path, out_dir: Path) -> RMConfig:
+    # 36 train prompts / batch 8: 4 steps; 4 held-out prompts (2 per process)
+    # lr 1e-3 (the default): at 3e-3 the 4th step overshoots and amplifies rounding differences 30x
+    return RMConfig(out_dir=str(out_dir), data=str(files / "prefs.jsonl"), model=str(files / "base"), task=None,
+                    batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, eval_every=2, save_every=2,
+                    mixed_precision="no")
+
+
+def pretrain_config(files: Path, out_dir: Path) -> PretrainConfig:
+    return PretrainConfig(out_dir=str(out_dir), preset="tiny", data=str(files / "docs.txt"),
+                          tokenizer=str(files / "tokenizer"), seq_len=32, batch_size=8, max_steps=6, lr=3e-3,
+                          warmup_steps=2, log_every=1, eval_every=3, eval_batches=1, save_every=3, bf16=False)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def sft_one(files, tmp_path_factory) -> Path:
+    """The 1-process reference SFT run (in this process)."""
+    return sft(sft_config(files, tmp_path_factory.mktemp("sft_one") / "run"))
+
+
+@pytest.fixture(scope="module")
+def launched(files, tmp_path_factory):
+    """One `accelerate launch --config_file ddp_cpu.yaml` (2 processes, gloo, 1 thread each) running five jobs:
+    sft_two (straight), sft_two_to_one (stopped after its step-3 checkpoint), sft_one_to_two (resuming the step-3
+    checkpoint of a 1-process run stopped here first), rm_two and pretrain_two. Returns (root, completed process)."""
+    root = tmp_path_factory.mktemp("launch")
+    real_save = agents.sft.save_checkpoint
+
+    def save_then_stop(*args):
+        real_save(*args)
+        raise Stop
+
+    with pytest.MonkeyPatch.context() as m, pytest.raises(Stop):
+        m.setattr(agents.sft, "save_checkpoint", save_then_stop)
+        sft(sft_config(files, root / "sft_one_to_two"))  # 1 process, stopped right after its step-3 checkpoint
+    jobs = [("sft", sft_config(files, root / "sft_two"), False),
+            ("sft", sft_config(files, root / "sft_two_to_one"), True),
+            ("sft", sft_config(files, root / "sft_one_to_two"), False),
+            ("rm", rm_config(files, root / "rm_two"), False),
+            ("pretrain", pretrain_config(files, root / "pretrain_two"), False)]
+    jobs = [{"stage": stage, "config": dataclasses.asdict(cfg), "stop_after_save": stop,
+             "report_dir": str(root / "reports" / Path(cfg.out_dir).name)} for stage, cfg, stop in jobs]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CPU), str(WORKER),
+           str(root / "jobs.json")]
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # were pytest itself launched
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, proc
+
+
+def reports(root: Path, run: str) -> list[dict]:
+    """Both processes' reports; they ran as one group of 2 and ended with identical parameters and optimizer states."""
+    out = [json.loads((root / "reports" / run / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in out] == [2, 2]
+    assert out[0]["params"] == out[1]["params"] and out[0]["optimizer"] == out[1]["optimizer"]
+    return out
+
+
+def check_final(root: Path, run: str, load, resumed_step=None) -> None:
+    """The run finished; the model the main process saved is the one both processes hold; no leftovers."""
+    rep = reports(root, run)
+    assert [r["resumed_step"] for r in rep] == [resumed_step] * 2 and not rep[0]["stopped"]
+    assert rep[0]["params"] == params_sha256(load(root / run / "model"))
+    assert (root / run / "summary.json").exists()
+    assert not (root / run / "checkpoint").exists() and not (root / run / "model.tmp").exists()
+
+
+def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """max |a - b| over the weights of two GPT-2s, leaving out the key part of each attention's c_attn bias: adding
+    one vector to all keys adds one number to each query's logits, which softmax ignores, so that bias has a true
+    gradient of 0; AdamW divides the rounding noise it gets instead by that noise's own running RMS and moves it by
+    ~5e-6 here, in a direction that changes no output."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    diff = {k: (sa[k] - sb[k]).abs() for k in sa}
+    for k in diff:
+        if k.endswith("attn.c_attn.bias"):  # [query | key | value] biases, n_embd each
+            n_embd = diff[k].shape[0] // 3
+            diff[k] = torch.cat([diff[k][:n_embd], diff[k][2 * n_embd :]])
+    return max(d.max().item() for d in diff.values())
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+    """The same lines (steps and names, each once) with the same values up to float rounding; tokens/s aside."""
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "charts/tokens_per_s"} for m in ms]
+    a, b = strip(a), strip(b)
+    assert [sorted(m) for m in a] == [sorted(m) for m in b] and [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-5, abs=1e-6)
+
+
+def test_only_the_main_process_prints(launched):
+    _, proc = launched
+    # one header line per run: three SFT runs, one RM run, one pretraining run
+    assert proc.stdout.count("demonstrations, 6 steps") == 3
+    assert proc.stdout.count("held-out prompts") == 1 and proc.stdout.count("pretrain: ") == 1
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def test_sft_two_processes_train_the_one_process_model(launched, sft_one):
+    root, _ = launched
+    check_final(root, "sft_two", AutoModelForCausalLM.from_pretrained)
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "sft_two" / "model"),
+                        AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
+    assert_same_metrics(read_metrics(root / "sft_two"), read_metrics(sft_one.parent))
+    valid = [json.loads((d / "summary.json").read_text())["valid_loss"] for d in (root / "sft_two", sft_one.parent)]
+    assert valid[0] == pytest.approx(valid[1], rel=1e-5)
+
+
+def test_sft_checkpoint_of_two_processes_resumes_in_one(launched, files, sft_one, monkeypatch):
+    root, _ = launched
+    run = root / "sft_two_to_one"
+    assert reports(root, "sft_two_to_one")[0]["stopped"]
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert not (run / "model").exists() and not (run / "summary.json").exists()
+
+    resumed_from = []
+    real_load = agents.sft.load_checkpoint
+
+    def spy_load(*args):
+        state = real_load(*args)
+        resumed_from.append(state["step"])
+        return state
+
+    monkeypatch.setattr(agents.sft, "load_checkpoint", spy_load)
+    final = sft(sft_config(files, run))  # 1 process
+    assert resumed_from == [3]  # a real resume, not a restart
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(final),
+                        AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
+    assert_same_metrics(read_metrics(run), read_metrics(sft_one.parent))
+
+
+def test_sft_checkpoint_of_one_process_resumes_in_two(launched, sft_one):
+    root, _ = launched
+    check_final(root, "sft_one_to_two", AutoModelForCausalLM.from_pretrained, resumed_step=3)
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "sft_one_to_two" / "model"),
+                        AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
+    assert_same_metrics(read_metrics(root / "sft_one_to_two"), read_metrics(sft_one.parent))
+
+
+# ---------------------------------------------------------------- reward model and pretraining
+
+
+def test_reward_model_two_processes_train_the_one_process_model(launched, files, tmp_path):
+    root, _ = launched
+    load = AutoModelForSequenceClassification.from_pretrained
+    check_final(root, "rm_two", load)
+    one = train_reward_model(rm_config(files, tmp_path / "one"))
+    rows = [json.loads(line) for line in (files / "prefs.jsonl").read_text().splitlines()]
+    prompts, responses = [r["prompt"] for r in rows for _ in r["responses"]], [x for r in rows for x in r["responses"]]
+    tokenizer = AutoTokenizer.from_pretrained(one)
+    # the saved models' scores: normalised, since the shift is folded into the weights
+    two_scores, one_scores = (score_texts(load(folder), tokenizer, prompts, responses)
+                              for folder in (root / "rm_two" / "model", one))
+    assert one_scores.std() > 0.1 and (two_scores - one_scores).abs().max() < RM_SCORE_ATOL
+    assert_same_metrics(read_metrics(root / "rm_two"), read_metrics(tmp_path / "one"))
+    s2, s1 = (json.loads((d / "summary.json").read_text()) for d in (root / "rm_two", tmp_path / "one"))
+    assert s2["heldout_pairs"] == s1["heldout_pairs"] and s2["annotator_ceiling"] == s1["annotator_ceiling"] == 1.0
+    assert s2["normalization"] == pytest.approx(s1["normalization"], abs=RM_SCORE_ATOL)
+
+
+def test_pretrain_two_processes_train_the_one_process_model(launched, files, tmp_path):
+    root, _ = launched
+    check_final(root, "pretrain_two", AutoModelForCausalLM.from_pretrained)
+    one = pretrain(pretrain_config(files, tmp_path / "one"))
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "pretrain_two" / "model"),
+                        AutoModelForCausalLM.from_pretrained(one)) < ATOL
+    assert_same_metrics(read_metrics(root / "pretrain_two"), read_metrics(tmp_path / "one"))
