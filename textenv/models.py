@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.activations import NewGELUActivation
 
 # n_positions covers the longest prompt + response of the embedded tasks with room to spare.
 PRESETS: dict[str, dict] = {
@@ -50,7 +51,7 @@ def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) 
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return fuse_gelu(model)
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -61,6 +62,17 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def fuse_gelu(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap GPT-2's Python GELU (`NewGELUActivation`, eight elementwise ops and as many (B, L, 4E) tensors) for
+    torch's fused kernel of the same tanh approximation: equal up to float rounding (2e-7), about a tenth of a
+    small model's training step on a CPU. The saved config is untouched."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+    return model
+
+
 def load_causal_lm(
     name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> PreTrainedModel:
@@ -68,7 +80,7 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
     )
-    return disable_dropout(model)
+    return fuse_gelu(disable_dropout(model))
 
 
 def load_sequence_classifier(
@@ -86,4 +98,4 @@ def load_sequence_classifier(
     model = AutoModelForSequenceClassification.from_pretrained(
         str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, **extra
     )
-    return disable_dropout(model)
+    return fuse_gelu(disable_dropout(model))
