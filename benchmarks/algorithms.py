@@ -1,0 +1,314 @@
+"""RL algorithms side by side on one task, one SFT policy, one learned reward model, the same seeds and budgets.
+
+For every algorithm x seed it trains from the SFT policy, then samples the test prompts and scores the samples
+with the gold scorer and the proxy (the learned RM), with KL to SFT. Best-of-n sampling from the SFT policy,
+chosen by the proxy, is the training-free baseline at KL log n - (n-1)/n. It writes:
+
+- results.csv / results.md: one row per algorithm x seed, and the mean +- std over seeds;
+- gold_vs_kl.png: gold and proxy gain over SFT against d = sqrt(KL) with the functional forms of Gao et al. 2022
+  (arXiv 2210.10760) fitted by least squares, R^2 printed: best-of-n  R(d) = d (a - b d), RL  R(d) = d (a - b log d).
+  The RL points are the training curves' (KL, gold, proxy) per iteration of every seed;
+- curves.png: gold score per iteration, mean over seeds with a min-max band; cost.png: wall time and tokens/s.
+
+    python -m benchmarks.algorithms --run runs/default          # defaults: 3 seeds, PPO GRPO RLOO DPO BoN SB3
+    python -m benchmarks.algorithms --run runs/default --algos ppo grpo --seeds 0
+
+Default budget: 1,280 episodes per RL run (20 iterations x 64), DPO one pass over the comparisons, SB3 PPO 6,144
+env steps on seed 0 only (no KV cache in SB3: each step is a full forward); about 25 minutes on the 2-core box.
+Needs the main job's run folder (sft/model, rm/model, comparisons/): it runs `textenv pipeline` there if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ALGOS = ("ppo", "grpo", "rloo", "dpo", "bon", "sb3")
+
+
+# ---- the Gao et al. functional forms, fitted by linear least squares in (a, b) ----
+
+def fit_gao(d: np.ndarray, gain: np.ndarray, form: str) -> tuple[float, float, float]:
+    """Fit gain = d (a - b d) ("bon") or gain = d (a - b log d) ("rl") to points with d = sqrt(KL) > 0.
+
+    Returns (a, b, R^2). Both forms are linear in (a, b), so ordinary least squares is exact.
+    """
+    d, gain = np.asarray(d, float), np.asarray(gain, float)
+    keep = d > 0  # log d is undefined at 0, and both forms pass through the origin anyway
+    d, gain = d[keep], gain[keep]
+    if len(d) < 3:
+        raise ValueError(f"need at least 3 points with KL > 0 to fit, got {len(d)}")
+    if form == "bon":
+        X = np.stack([d, -d * d], 1)
+    elif form == "rl":
+        X = np.stack([d, -d * np.log(d)], 1)
+    else:
+        raise ValueError(f"form must be 'bon' or 'rl', got {form!r}")
+    (a, b), *_ = np.linalg.lstsq(X, gain, rcond=None)
+    residual = gain - X @ np.array([a, b])
+    total = ((gain - gain.mean()) ** 2).sum()
+    r2 = 1.0 - (residual**2).sum() / total if total > 0 else math.nan
+    return float(a), float(b), float(r2)
+
+
+def gao_curve(d: np.ndarray, a: float, b: float, form: str) -> np.ndarray:
+    d = np.asarray(d, float)
+    return d * (a - b * d) if form == "bon" else d * (a - b * np.log(np.maximum(d, 1e-12)))
+
+
+# ---- one training run per algorithm (each returns the final policy folder and its metrics.jsonl) ----
+
+def train(algo: str, sft: str, rm: str, comparisons: str, task: str, seed: int, out: Path, args) -> Path:
+    if algo == "ppo":
+        from agents.ppo import PPOConfig, ppo
+
+        return ppo(PPOConfig(policy=sft, reward=rm, task=task, out_dir=str(out), seed=seed, iterations=args.iterations,
+                             num_envs=args.episodes_per_iteration))
+    if algo in ("grpo", "rloo"):
+        k = args.group_size
+        if algo == "grpo":
+            from agents.grpo import GRPOConfig as Config, grpo as run
+        else:
+            from agents.rloo import RLOOConfig as Config, rloo as run
+        return run(Config(policy=sft, reward=rm, task=task, out_dir=str(out), seed=seed, iterations=args.iterations,
+                          num_prompts=args.episodes_per_iteration // k, num_generations=k))
+    if algo == "dpo":
+        from agents.dpo import DPOConfig, dpo
+
+        return dpo(DPOConfig(policy=sft, comparisons=comparisons, out_dir=str(out), seed=seed))
+    if algo == "sb3":
+        from agents.sb3_lm import SB3PPOConfig, sb3_ppo
+
+        return sb3_ppo(SB3PPOConfig(policy=sft, reward=rm, out_dir=str(out), seed=seed,
+                                    env_id=task_env_id(task), total_timesteps=args.sb3_timesteps))
+    raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS}")
+
+
+def task_env_id(task: str) -> str:
+    """The registered id of an embedded task, e.g. sentiment -> textenv/PositiveReview-v0."""
+    from textenv import ENV_IDS
+
+    ids = [env_id for env_id, kwargs in ENV_IDS.items() if kwargs.get("task") == task]
+    if not ids:
+        raise ValueError(f"task {task!r} has no registered env id")
+    return ids[0]
+
+
+def best_of_n_curve(sft: str, rm: str, task_name: str, n_prompts: int, n_max: int, temperature: float, seed: int):
+    """Gold and proxy of best-of-n for n = 1, 2, 4, ..., n_max, from one set of n_max samples per test prompt
+    (best-of-n takes the first n of them), with the analytic KL."""
+    from agents.best_of_n import best_of_n_kl
+    from agents.sampler import rollout
+    from rewards.hf import SequenceClassifierReward
+    from textenv.models import load_causal_lm
+    from textenv.tasks import get_task
+    from textenv.tokenizer import load_tokenizer
+    from textenv.vector_env import TextGenVectorEnv
+
+    task, proxy = get_task(task_name), SequenceClassifierReward(rm)
+    prompts = task.prompts("test", n=n_prompts)
+    policy, tokenizer = load_causal_lm(sft).eval(), load_tokenizer(sft)
+    envs = TextGenVectorEnv(num_envs=len(prompts), prompts=prompts, tokenizer=tokenizer,
+                            reward_fn=lambda p, c: [0.0] * len(c), max_prompt_tokens=task.max_prompt_tokens,
+                            max_new_tokens=task.max_new_tokens)
+    generator = torch.Generator().manual_seed(seed)
+    gold, prox = np.zeros((len(prompts), n_max)), np.zeros((len(prompts), n_max))  # (prompts, samples)
+    for j in range(n_max):
+        batch = rollout(policy, envs, generator, temperature=temperature, prompt_index=np.arange(len(prompts)))
+        gold[:, j] = task.gold(prompts, batch.responses)
+        prox[:, j] = proxy(prompts, batch.responses)
+    rows, n = [], 1
+    while n <= n_max:
+        pick = prox[:, :n].argmax(1)  # (prompts,) the proxy's favourite among the first n
+        rows.append({"n": n, "kl": best_of_n_kl(n), "gold": float(gold[np.arange(len(prompts)), pick].mean()),
+                     "proxy": float(prox[np.arange(len(prompts)), pick].mean())})
+        n *= 2
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/default", help="the main job's run folder (sft/, rm/, comparisons/)")
+    parser.add_argument("--task", default="sentiment")
+    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--iterations", type=int, default=20, help="RL iterations (PPO, GRPO, RLOO)")
+    parser.add_argument("--episodes-per-iteration", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=4, help="GRPO/RLOO completions per prompt")
+    parser.add_argument("--sb3-timesteps", type=int, default=6144)
+    parser.add_argument("--sb3-seeds", type=int, nargs="+", default=[0], help="SB3 is slow: fewer seeds")
+    parser.add_argument("--bon-max", type=int, default=32)
+    parser.add_argument("--eval-prompts", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7, help="evaluation sampling temperature")
+    parser.add_argument("--out", default=None, help="default: <run>/algorithms")
+    args = parser.parse_args()
+
+    from agents.evaluate import EvalConfig, evaluate
+    from agents.pipeline import PipelineConfig, run_pipeline
+    from agents.report import read_metrics
+
+    run = Path(args.run)
+    sft, rm, comparisons = run / "sft" / "model", run / "rm" / "model", run / "comparisons"
+    if not (sft.exists() and rm.exists() and comparisons.exists()):
+        print(f"{run} has no sft/rm/comparisons yet: running the pipeline there first")
+        run_pipeline(PipelineConfig(out=str(run), task=args.task))
+    out = Path(args.out or run / "algorithms")
+    out.mkdir(parents=True, exist_ok=True)
+    sft, rm, comparisons = str(sft), str(rm), str(comparisons)
+    eval_kw = dict(task=args.task, reference=sft, reward=rm, n_prompts=args.eval_prompts, temperature=args.temperature)
+
+    sft_eval = evaluate(EvalConfig(policy=sft, **eval_kw))
+    base_gold, base_proxy = sft_eval["gold_mean"], sft_eval["proxy_mean"]
+    print(f"SFT: gold {base_gold:+.3f} proxy {base_proxy:+.3f}")
+    rows: list[dict] = []
+    curves: dict[str, list[list[dict]]] = {}
+    bon: list[dict] = []
+    for algo in args.algos:
+        if algo == "bon":
+            t0 = time.perf_counter()
+            bon = best_of_n_curve(sft, rm, args.task, args.eval_prompts, args.bon_max, args.temperature, seed=0)
+            wall = time.perf_counter() - t0
+            for r in bon:
+                rows.append({"algo": f"bon-{r['n']}", "seed": 0, "gold": r["gold"], "proxy": r["proxy"], "kl": r["kl"],
+                             "wall_s": wall, "tokens_per_s": math.nan})
+            print("best-of-n: " + ", ".join(f"n={r['n']} gold {r['gold']:+.3f} at KL {r['kl']:.2f}" for r in bon))
+            continue
+        for seed in args.sb3_seeds if algo == "sb3" else args.seeds:
+            folder = out / f"{algo}_seed{seed}"
+            t0 = time.perf_counter()
+            final = train(algo, sft, rm, comparisons, args.task, seed, folder, args)
+            wall = time.perf_counter() - t0
+            e = evaluate(EvalConfig(policy=str(final), seed=seed, **eval_kw))
+            metrics = read_metrics(folder / "metrics.jsonl")
+            tps = [m["charts/tokens_per_s"] for m in metrics if "charts/tokens_per_s" in m]
+            rows.append({"algo": algo, "seed": seed, "gold": e["gold_mean"], "proxy": e["proxy_mean"],
+                         "kl": e["kl_to_reference"], "wall_s": wall, "tokens_per_s": statistics.mean(tps) if tps else math.nan})
+            curves.setdefault(algo, []).append([m for m in metrics if "objective/gold" in m])
+            print(f"{algo} seed {seed}: gold {e['gold_mean']:+.3f} proxy {e['proxy_mean']:+.3f} at KL "
+                  f"{e['kl_to_reference']:.2f} ({wall:.0f} s)", flush=True)
+
+    fits = gao_fits(bon, curves, base_gold, base_proxy)
+    write_tables(rows, fits, out, base_gold, base_proxy)
+    plot_all(rows, curves, bon, fits, base_gold, base_proxy, out)
+    summary = {"bench": "algorithms", "args": vars(args), "sft": {"gold": base_gold, "proxy": base_proxy},
+               "rows": rows, "fits": fits}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print((out / "results.md").read_text())
+
+
+def gao_fits(bon: list[dict], curves: dict, base_gold: float, base_proxy: float) -> dict:
+    """(a, b, R^2) of gold and proxy gains for best-of-n and for each RL algorithm's pooled training curves."""
+    fits = {}
+    if len(bon) >= 4:
+        d = np.sqrt([r["kl"] for r in bon])
+        for key, base in (("gold", base_gold), ("proxy", base_proxy)):
+            fits[f"bon/{key}"] = fit_gao(d, np.array([r[key] for r in bon]) - base, "bon")
+    for algo, runs in curves.items():
+        points = [m for run in runs for m in run if "objective/kl" in m]
+        if len(points) < 4:
+            continue
+        d = np.sqrt(np.maximum([m["objective/kl"] for m in points], 0.0))
+        for key, metric, base in (("gold", "objective/gold", base_gold), ("proxy", "objective/scores", base_proxy)):
+            try:
+                fits[f"{algo}/{key}"] = fit_gao(d, np.array([m[metric] for m in points]) - base, "rl")
+            except ValueError:  # fewer than 3 points with KL > 0
+                pass
+    return fits
+
+
+def write_tables(rows: list[dict], fits: dict, out: Path, base_gold: float, base_proxy: float) -> None:
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["algo"], []).append(r)
+
+    def cell(values: list[float], fmt: str) -> str:
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            return "n/a"
+        return f"{statistics.mean(values):{fmt}}" + (f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else "")
+
+    lines = [f"SFT: gold {base_gold:+.3f}, proxy {base_proxy:+.3f}", "",
+             "| algorithm | seeds | gold | proxy | KL to SFT (nats) | wall s | tokens/s |", "|---|---|---|---|---|---|---|"]
+    for algo, rs in groups.items():
+        lines.append(f"| {algo} | {len(rs)} | {cell([r['gold'] for r in rs], '+.3f')} | {cell([r['proxy'] for r in rs], '+.3f')} "
+                     f"| {cell([r['kl'] for r in rs], '.2f')} | {cell([r['wall_s'] for r in rs], '.0f')} "
+                     f"| {cell([r['tokens_per_s'] for r in rs], ',.0f')} |")
+    lines += ["", "Gao et al. fits of the gain over SFT against d = sqrt(KL): best-of-n d(a - b d), RL d(a - b log d)", "",
+              "| curve | a | b | R^2 |", "|---|---|---|---|"]
+    lines += [f"| {name} | {a:.3f} | {b:.3f} | {r2:.3f} |" for name, (a, b, r2) in fits.items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_all(rows, curves, bon, fits, base_gold, base_proxy, out: Path) -> None:
+    from agents.report import plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, metric, base in ((axes[0], "gold", "objective/gold", base_gold), (axes[1], "proxy", "objective/scores", base_proxy)):
+        grid = np.linspace(0.01, 4.0, 200)
+        if bon:
+            d = np.sqrt([r["kl"] for r in bon])
+            ax.scatter(d, [r[key] - base for r in bon], marker="s", label="best-of-n")
+            if f"bon/{key}" in fits:
+                a, b, r2 = fits[f"bon/{key}"]
+                ax.plot(grid, gao_curve(grid, a, b, "bon"), "--", label=f"BoN fit R²={r2:.2f}")
+        for algo, runs in curves.items():
+            pts = [(math.sqrt(max(m["objective/kl"], 0)), m[metric] - base) for run in runs for m in run if "objective/kl" in m]
+            if pts:
+                line = ax.scatter(*zip(*pts), s=8, alpha=0.5, label=f"{algo} (training)")
+                if f"{algo}/{key}" in fits:
+                    a, b, r2 = fits[f"{algo}/{key}"]
+                    ax.plot(grid, gao_curve(grid, a, b, "rl"), color=line.get_facecolor()[0], label=f"{algo} fit R²={r2:.2f}")
+        for r in rows:  # the final policies, evaluated on the test prompts
+            if not r["algo"].startswith("bon"):
+                ax.scatter(math.sqrt(max(r["kl"], 0)), r[key] - base, marker="*", s=80, color="black")
+        ax.set_xlabel("d = sqrt(KL to SFT)")
+        ax.set_ylabel(f"{key} score - SFT's")
+        ax.set_title(f"{key} (stars: final policies on test prompts)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "gold_vs_kl.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for algo, runs in curves.items():
+        steps = min(len(run) for run in runs)
+        if steps == 0:
+            continue
+        g = np.array([[m["objective/gold"] for m in run[:steps]] for run in runs])  # (seeds, steps)
+        x = [m["step"] for m in runs[0][:steps]]
+        ax.plot(x, g.mean(0), label=algo)
+        ax.fill_between(x, g.min(0), g.max(0), alpha=0.2)
+    ax.set_xlabel("step (iteration; SB3: env steps)")
+    ax.set_ylabel("gold score (training batch)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+    trained = [r for r in rows if not r["algo"].startswith("bon")]
+    names = sorted({r["algo"] for r in trained})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, label in ((axes[0], "wall_s", "wall time per run (s)"), (axes[1], "tokens_per_s", "training tokens/s")):
+        ax.bar(names, [statistics.mean([r[key] for r in trained if r["algo"] == n]) for n in names])
+        ax.set_title(label)
+    fig.tight_layout()
+    fig.savefig(out / "cost.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

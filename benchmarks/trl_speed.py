@@ -1,0 +1,148 @@
+"""Our PPO, GRPO and RLOO side by side with Hugging Face TRL's trainers, in the anchor setting.
+
+Setting (both sides): GPT-2 with 4 layers, width 256, 4 heads, vocab 4096 for the policy, the reference, the
+reward model and (PPO) a separate value model, all randomly initialised; 32 completions per iteration
+(GRPO/RLOO: 8 prompts x 4), 16-token prompts, 48-token responses, temperature 1, KL coefficient 0.05, lr 1e-5,
+fp32, 1 minibatch, 1 and 4 update epochs. Each run is its own process (so peak RSS is its own); the runs are
+interleaved ours/TRL so drift on a noisy VM hits both alike. TRL runs through the anchor's `bench_trl.py`
+(shared/anchors/trl_baseline): PPO needs TRL 1.12.0 (the last with PPO), GRPO/RLOO a current TRL (1.16.0).
+
+    python -m benchmarks.trl_speed --algos ppo grpo rloo                        # ours only
+    pip install --no-deps --target .trl112 trl==1.12.0; pip install --no-deps --target .trl116 trl==1.16.0
+    python -m benchmarks.trl_speed --trl-script ../shared/anchors/trl_baseline/bench_trl.py \\
+        --trl-pythonpath ppo=.trl112 grpo=.trl116 rloo=.trl116
+
+TRL is never a dependency of textenv: it runs only in its own subprocess, when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def worker(args) -> dict:
+    import torch
+    from transformers import GPT2ForSequenceClassification
+
+    from benchmarks.env_throughput import fixed_length_prompts
+    from textenv.embedded import default_tokenizer
+    from textenv.models import build_model, preset_config
+    from textenv.tasks import get_task
+
+    torch.set_num_threads(args.threads)
+    tok = default_tokenizer()
+    work = Path(tempfile.mkdtemp(prefix="trl_speed_"))
+    build_model("small", tok, seed=0).save_pretrained(work / "policy")
+    tok.save_pretrained(work / "policy")
+    torch.manual_seed(1)
+    rm_config = preset_config("small", tok)
+    rm_config.num_labels = 1
+    GPT2ForSequenceClassification(rm_config).save_pretrained(work / "rm")
+    tok.save_pretrained(work / "rm")
+    prompts = fixed_length_prompts(tok, get_task("sentiment").prompts("train"), args.prompt_len)
+    (work / "prompts.txt").write_text("\n".join(prompts))
+    iterations = args.warmup + args.iterations
+    common = dict(policy=str(work / "policy"), reward=str(work / "rm"), out_dir=str(work / "run"),
+                  prompts=str(work / "prompts.txt"), num_minibatches=1, update_epochs=args.epochs,
+                  max_new_tokens=args.response_len, temperature=1.0, lr=1e-5, missing_eos_penalty=None,
+                  iterations=iterations, save_every=iterations, sample_every=iterations, device="cpu")
+    if args.algo == "ppo":
+        from agents.ppo import PPOConfig, ppo
+
+        ppo(PPOConfig(num_envs=args.batch, kl_coef=args.beta, kl_target=None, **common))
+    else:
+        if args.algo == "grpo":
+            from agents.grpo import GRPOConfig as Config, grpo as run
+
+            kl = {"beta": args.beta}
+        else:
+            from agents.rloo import RLOOConfig as Config, rloo as run
+
+            kl = {"kl_coef": args.beta}
+        run(Config(num_prompts=args.batch // args.num_generations, num_generations=args.num_generations, **kl, **common))
+    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()][args.warmup :]
+    med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+    return {
+        "side": "textenv",
+        "algo": args.algo,
+        "epochs": args.epochs,
+        "sec_per_iter_median": med("time/iteration_s"),
+        "rollout_sec_median": med("time/rollout_s"),
+        "update_sec_median": med("time/update_s"),
+        "rollout_tokens_per_s": med("charts/rollout_tokens_per_s"),
+        "mean_response_tokens": med("charts/episode_length"),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_json(cmd: list[str], env: dict | None = None) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algos", nargs="+", default=["ppo", "grpo", "rloo"], choices=["ppo", "grpo", "rloo"])
+    parser.add_argument("--batch", type=int, default=32, help="completions per iteration")
+    parser.add_argument("--num-generations", type=int, default=4, help="GRPO/RLOO completions per prompt")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--response-len", type=int, default=48)
+    parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient (PPO kl_coef, GRPO beta, RLOO kl_coef)")
+    parser.add_argument("--iterations", type=int, default=5, help="measured iterations")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured leading iterations")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trl-script", default=None, help="path to the anchor's bench_trl.py (runs TRL side by side)")
+    parser.add_argument("--trl-pythonpath", nargs="*", default=[], metavar="ALGO=DIR",
+                        help="where each algorithm's TRL lives, e.g. ppo=.trl112 grpo=.trl116 rloo=.trl116")
+    parser.add_argument("--algo", default="ppo", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.epochs = args.epochs[0]  # a worker runs one setting
+        print(json.dumps(worker(args)))
+        return
+    trl_paths = dict(item.split("=", 1) for item in args.trl_pythonpath)
+
+    common = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
+              "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads),
+              "--beta", str(args.beta), "--num-generations", str(args.num_generations)]
+    results = []
+    for algo in args.algos:
+        for epochs in args.epochs:
+            ours = run_json([sys.executable, "-m", "benchmarks.trl_speed", "--worker", "--algo", algo, "--epochs", str(epochs),
+                             "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
+                             "--response-len", str(args.response_len), "--iterations", str(args.iterations),
+                             "--warmup", str(args.warmup), "--threads", str(args.threads), "--beta", str(args.beta),
+                             "--num-generations", str(args.num_generations)])
+            results.append(ours)
+            line = (f"{algo} epochs={epochs}: textenv {ours['sec_per_iter_median']:.3f} s/iter, rollout "
+                    f"{ours['rollout_tokens_per_s']:,.0f} tok/s, peak RSS {ours['peak_rss_mib']:,.0f} MiB")
+            if args.trl_script:
+                env = {"PYTHONPATH": trl_paths.get(algo, ""), "TRL_EXPERIMENTAL_SILENCE": "1"}
+                trl = run_json([sys.executable, args.trl_script, "--trainer", algo, "--ppo-epochs", str(epochs), *common], env)
+                trl = {"side": "trl", "algo": algo, "epochs": epochs, "sec_per_iter_median": trl["sec_per_iter_median"],
+                       "rollout_tokens_per_s": trl["rollout_tokens_per_s"], "peak_rss_mib": trl["peak_rss_mib"],
+                       "trl_version": trl.get("trl_version_used")}
+                results.append(trl)
+                line += (f" | TRL {trl['trl_version']} {trl['sec_per_iter_median']:.3f} s/iter, rollout "
+                         f"{trl['rollout_tokens_per_s']:,.0f} tok/s, peak RSS {trl['peak_rss_mib']:,.0f} MiB | "
+                         f"speed-up x{trl['sec_per_iter_median'] / ours['sec_per_iter_median']:.2f}, "
+                         f"rollout x{ours['rollout_tokens_per_s'] / trl['rollout_tokens_per_s']:.2f}, "
+                         f"RSS x{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}")
+            print(line, flush=True)
+    print(json.dumps({"bench": "trl_speed", "args": vars(args), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
