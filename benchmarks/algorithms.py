@@ -237,7 +237,8 @@ def write_tables(rows: list[dict], fits: dict, out: Path, base_gold: float, base
         values = [v for v in values if not math.isnan(v)]
         if not values:
             return "n/a"
-        return f"{statistics.mean(values):{fmt}}" + (f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else "")
+        spread = fmt.lstrip("+")  # a standard deviation has no sign
+        return f"{statistics.mean(values):{fmt}}" + (f" ± {statistics.stdev(values):{spread}}" if len(values) > 1 else "")
 
     lines = [f"SFT: gold {base_gold:+.3f}, proxy {base_proxy:+.3f}", "",
              "| algorithm | seeds | gold | proxy | KL to SFT (nats) | wall s | tokens/s |", "|---|---|---|---|---|---|---|"]
