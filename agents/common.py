@@ -73,10 +73,28 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'field: old -> new' for every field of the pinned `old` config that `new` changes or drops, nested dicts
+    included. A field only `new` has was added by a newer textenv (at its default): it is not a change, so a run
+    folder made before an upgrade still resumes or re-reports."""
+    changes = []
+    for key in sorted(old):
+        name, missing = f"{prefix}{key}", object()
+        value = new.get(key, missing)
+        if isinstance(old[key], dict) and isinstance(value, dict):
+            changes += config_changes(old[key], value, f"{name}.")
+        elif value is missing:
+            changes.append(f"{name}: {old[key]!r} -> (no such field)")
+        elif value != old[key]:
+            changes.append(f"{name}: {old[key]!r} -> {value!r}")
+    return changes
+
+
 def check_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) -> Path:
     """Create `out_dir` for a run with `config` (a JSON-able dict), refusing to mix runs.
 
-    - holds a config.json with other values -> ValueError naming the fields (overwrite=True: the old run is deleted)
+    - holds a config.json with other values -> ValueError naming the fields (overwrite=True: the old run is deleted);
+      fields that only `config` has (added by a newer textenv) are no change, see `config_changes`
     - exists, is non-empty and has no config.json (not a run folder) -> ValueError, even with overwrite
     Every rank checks (so every rank raises the same error); only the main process writes.
     """
@@ -85,10 +103,9 @@ def check_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) ->
     config_file = out_dir / "config.json"
     delete_old = False
     if config_file.exists():
-        old = json.loads(config_file.read_text())
-        differ = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
+        differ = config_changes(json.loads(config_file.read_text()), config)
         if differ and not overwrite:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in differ)
+            details = ", ".join(differ)
             raise ValueError(
                 f"{out_dir} holds a run with a different configuration ({details}); "
                 "use another out_dir, or overwrite=True to delete that run"

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import agents.pretrain
 import agents.sft
-from agents.common import RunLogger, check_run_dir, cosine_schedule, load_checkpoint, save_checkpoint
+from agents.common import RunLogger, check_run_dir, config_changes, cosine_schedule, load_checkpoint, save_checkpoint
 from agents.data import read_records
 from agents.pretrain import PretrainConfig, pretrain
 from agents.sft import IGNORE, SFTConfig, collate, encode_pair, sft, sft_loss
@@ -251,6 +251,13 @@ def test_run_folder_guards(files, tmp_path):
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     check_run_dir(tmp_path / "run", {"stage": "other"}, overwrite=True)  # deletes the old run
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
+
+
+def test_config_changes_ignore_fields_a_newer_version_added():
+    old = {"lr": 0.1, "seed": 0, "ppo": {"iterations": 20, "kl_coef": 0.3}}
+    assert config_changes(old, {**old, "new_field": 8, "ppo": {**old["ppo"], "micro_batch_size": 8}}) == []
+    assert config_changes(old, {"lr": 0.2, "ppo": {"iterations": 30, "kl_coef": 0.3}}) == [
+        "lr: 0.1 -> 0.2", "ppo.iterations: 20 -> 30", "seed: 0 -> (no such field)"]
 
 
 # ---------------------------------------------------------------- bad input
