@@ -203,8 +203,7 @@ def sb3_ppo(cfg: SB3PPOConfig) -> Path:
     # one reward for all sub-envs (a model folder given as a string would load once per sub-env)
     reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, device=device)
     vocab_size = AutoConfig.from_pretrained(cfg.policy).vocab_size  # the action space must match the LM's logits
-    # render_mode=None: make_vec_env asks for "rgb_array" by default, which a text env does not render
-    env_kwargs = dict(tokenizer=tokenizer, reward_fn=reward_fn, vocab_size=vocab_size, render_mode=None)
+    env_kwargs = dict(tokenizer=tokenizer, reward_fn=reward_fn, vocab_size=vocab_size)
     env = make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=cfg.seed, env_kwargs=env_kwargs, wrapper_class=TruncationIsTermination)
     model = PPO(
         LMActorCriticPolicy, env, learning_rate=cfg.lr, n_steps=cfg.n_steps, batch_size=cfg.batch_size,

@@ -14,7 +14,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import textenv
 from rewards import RewardError
-from textenv import TextGenEnv
+from textenv import TextGenEnv, TextGenVectorEnv
 from tests.conftest import PROMPTS, length_reward
 
 
@@ -73,6 +73,28 @@ def test_same_seed_same_episode_and_pickle(env_id, tokenizer):
     assert_same(first, run_episode(env, seed=3, action_seed=7))
     clone = pickle.loads(pickle.dumps(env))
     assert_same(first, run_episode(clone, seed=3, action_seed=7))
+
+
+def test_rgb_array_render_and_sb3_make_vec_env(env_kwargs, tokenizer):
+    env = gym.make("textenv/TextGen-v0", **env_kwargs, render_mode="rgb_array").unwrapped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gym_check_env(env, skip_render_check=False)  # through gym.make, so the checker also tries "ansi"
+    env.reset(seed=0)
+    blank = env.render()
+    env.step(tokenizer(" fun")["input_ids"][0])
+    frame = env.render()
+    assert frame.shape == blank.shape == (160, 480, 3) and frame.dtype == np.uint8
+    assert (frame < 128).any() and not np.array_equal(frame, blank)  # text drawn, and the new token shows
+    vec = TextGenVectorEnv(num_envs=2, **env_kwargs, render_mode="rgb_array")
+    vec.reset(seed=0)
+    assert [f.shape for f in vec.render()] == [(160, 480, 3)] * 2
+    # SB3's make_vec_env asks a string id for render_mode="rgb_array" (and only retries without it on TypeError)
+    from stable_baselines3.common.env_util import make_vec_env
+
+    venv = make_vec_env("textenv/TextGen-v0", n_envs=2, env_kwargs={**env_kwargs})
+    assert venv.reset().keys() == {"input_ids", "attention_mask"}
+    venv.close()
 
 
 def test_episode_mechanics(env_kwargs, tokenizer):

@@ -61,13 +61,15 @@ class TextGenEnv(gym.Env):
     - `truncation_side` ("left"): an over-long prompt keeps its last tokens ("left"), its first ("right"), or
       is an error at construction (None).
     - `vocab_size`, `prompt_column` ("prompt"), `reward_kwargs` (passed to the reward model adapter, e.g.
-      `{"label": "POSITIVE"}`), `trust_remote_code` (False), `render_mode` (None or "ansi").
+      `{"label": "POSITIVE"}`), `trust_remote_code` (False), `render_mode` (None, "ansi": the text "prompt│response",
+      or "rgb_array": that text drawn on a fixed 160 x 480 RGB frame, for video recorders and SB3's `make_vec_env`,
+      which asks for it).
 
     ## Version History
     - v0: initial release.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
     def __init__(
         self,
@@ -152,16 +154,35 @@ class TextGenEnv(gym.Env):
         self._done = terminated or truncated
         return self._obs(), reward, bool(terminated), bool(truncated), info
 
-    def render(self) -> str | None:
+    def render(self) -> str | np.ndarray | None:
         if self.render_mode is None:
             gym.logger.warn("render() called without a render_mode; pass render_mode='ansi' to the env")
             return None
-        if self._prompt_index is None:
-            return ""
-        s = self.setup
-        start = s.max_prompt_tokens
-        response = s.tokenizer.decode(self._ids[start : start + self._length].tolist())
-        return f"{s.prompts[self._prompt_index]}\u2502{response}"
+        text = ""
+        if self._prompt_index is not None:
+            s = self.setup
+            start = s.max_prompt_tokens
+            response = s.tokenizer.decode(self._ids[start : start + self._length].tolist())
+            text = f"{s.prompts[self._prompt_index]}\u2502{response}"
+        return text if self.render_mode == "ansi" else text_frame(text)
 
     def close(self) -> None:
         """Nothing to release: the reward function owns its resources. Safe to call any number of times."""
+
+
+def text_frame(text: str, height: int = 160, width: int = 480) -> np.ndarray:
+    """`text` drawn in black on a white (height, width, 3) uint8 frame, wrapped, cut to what fits.
+
+    The frame size is fixed so that a video of an episode has one shape throughout.
+    """
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    line_height, chars = 12, width // 6  # PIL's default bitmap font: about 6 x 11 pixels a character
+    lines = [line for part in text.splitlines() or [""] for line in textwrap.wrap(part, chars) or [""]]
+    for i, line in enumerate(lines[: (height - 8) // line_height]):
+        draw.text((4, 4 + i * line_height), line, fill="black")
+    return np.asarray(image, dtype=np.uint8)

@@ -11,6 +11,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from rewards.base import call_reward
+from textenv.env import text_frame
 from textenv.envsetup import check_prompt_index, make_setup
 
 
@@ -36,7 +37,7 @@ class TextGenVectorEnv(VectorEnv):
       whose episode ended raises `gymnasium.error.ResetNeeded`.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(
         self,
@@ -197,15 +198,17 @@ class TextGenVectorEnv(VectorEnv):
             infos = self._add_info(infos, info, i)
         return self._obs(), rewards, terminated, truncated, infos
 
-    def render(self) -> tuple[str, ...] | None:
+    def render(self) -> tuple[str, ...] | tuple[np.ndarray, ...] | None:
+        """One text (render_mode "ansi") or frame ("rgb_array") per sub-env, as `TextGenEnv.render`."""
         if self.render_mode is None:
             return None
         s, P = self.setup, self.setup.max_prompt_tokens
-        return tuple(
+        texts = tuple(
             "" if self._prompt_index[i] < 0
             else f"{s.prompts[self._prompt_index[i]]}\u2502{s.tokenizer.decode(self._ids[i, P : P + self._lengths[i]].tolist())}"
             for i in range(self.num_envs)
         )
+        return texts if self.render_mode == "ansi" else tuple(text_frame(t) for t in texts)
 
     def close_extras(self, **kwargs) -> None:
         """Nothing to release; `close()` is safe to call twice."""
