@@ -11,6 +11,10 @@ to the model's own distribution, sampling temperature is a choice made later. pi
 (which is also the initialisation); its log-probs are computed once, before training, then the reference is freed.
 
     python -m agents.dpo --policy runs/default/sft/model --comparisons runs/default/comparisons --out-dir runs/dpo
+    torchrun --nproc_per_node 2 -m agents.dpo ...  # data-parallel (DDP)
+
+Under N processes each takes every N-th pair of the global batch; the loss is a mean over pairs, and every process
+holds batch_size / N of them, so DDP's average of the gradients is the global batch's: the same steps as one process.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from agents.common import (RunLogger, check_run_dir, cosine_schedule, is_complete, load_checkpoint, save_checkpoint,
-                           seed_everything, write_summary)
+from agents.common import (RunLogger, check_run_dir, cosine_schedule, is_complete, load_checkpoint, multi_cpu,
+                           save_checkpoint, seed_everything, write_summary)
 from agents.comparisons import load_preferences
 from agents.core import logprobs_from_logits
 from agents.data import batch_indices
@@ -202,7 +206,7 @@ def dpo(cfg: DPOConfig) -> Path:
         print(f"{out_dir} is complete (summary.json); nothing to do")
         return out_dir / "model"
     t_start = time.time()
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=multi_cpu())  # a CPU (gloo) group when several processes share no GPU
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {accelerator.num_processes} processes")
     seed_everything(cfg.seed)

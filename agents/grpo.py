@@ -7,6 +7,7 @@ R1-Zero-Like Training" (Dr. GRPO, arXiv 2503.20783); Yu et al. 2025, "DAPO" (arX
 TRL's GRPOTrainer. The advantage is tested in `agents/core.py::grpo_advantages`.
 
     python -m agents.grpo --policy runs/x/sft/model --reward runs/x/rm/model --out-dir runs/x/grpo
+    torchrun --nproc_per_node 2 -m agents.grpo ...  # data-parallel, as PPO (agents/distributed.py)
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.common import RunLogger, check_run_dir, is_complete, load_checkpoint, save_checkpoint, write_summary
+from agents.common import (RunLogger, check_run_dir, distributed_state, is_complete, load_checkpoint, save_checkpoint,
+                           write_summary)
 from agents.core import clipped_policy_loss, grpo_advantages, kl_estimate, masked_mean
+from agents.distributed import (gather_rollout, gather_rows, process_device, rank_rows, rollout_uniforms,
+                                sum_gradients, sum_over_processes)
 from agents.ppo import check_finite, chunked, iteration_generator, policy_forward, write_samples
 from agents.sampler import rollout
 from rewards.base import as_reward_fn
@@ -47,7 +51,8 @@ class GRPOConfig:
     reward_label: str | None = None
     """For a classifier reward with several labels: the label whose logit is the reward (e.g. POSITIVE)."""
     num_prompts: int = 16
-    """Prompts per iteration, drawn with replacement (a prompt drawn twice makes two independent groups)."""
+    """Prompts per iteration, over all processes, drawn with replacement (a prompt drawn twice makes two
+    independent groups). Each of N processes plays num_prompts * num_generations / N of the responses."""
     num_generations: int = 4
     """Group size k: responses sampled per prompt; the batch is num_prompts * k responses."""
     scale_rewards: bool = True
@@ -63,7 +68,8 @@ class GRPOConfig:
     num_minibatches: int = 4
     """Minibatches (optimizer steps) per epoch; all but the first are slightly off-policy, hence the clipping."""
     micro_batch_size: int | None = 8
-    """Rows per forward/backward pass (gradient accumulation, as in PPO); None: a whole minibatch at once."""
+    """Rows per forward/backward pass in each process (gradient accumulation, as in PPO); None: a whole minibatch
+    at once."""
     lr: float = 1e-4
     """Adam learning rate, annealed linearly to 0."""
     adam_eps: float = 1e-5
@@ -85,7 +91,7 @@ class GRPOConfig:
     seed: int = 0
     """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
     device: str | None = None
-    """torch device; default: cuda if available, else cpu."""
+    """torch device; default: this process's (cuda, cuda:<local rank> under a multi-GPU launch, else cpu)."""
     overwrite: bool = False
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
@@ -107,16 +113,17 @@ class GRPOConfig:
 
 
 def grpo(cfg: GRPOConfig) -> Path:
-    from accelerate import PartialState
-
-    if PartialState().num_processes > 1:  # every rank would sample and write the same run folder
-        raise ValueError("GRPO runs in a single process for now; launch it without accelerate launch/torchrun")
     out_dir = Path(cfg.out_dir)
     if is_complete(out_dir) and not cfg.overwrite:
         return out_dir / "model"
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
     check_run_dir(out_dir, config, cfg.overwrite)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = distributed_state()  # this process among N (N = 1 without a launcher); only the main one writes
+    device = process_device(cfg.device, dist)
+    B = cfg.num_prompts * cfg.num_generations
+    if (B // cfg.num_minibatches) % dist.num_processes:
+        raise ValueError(f"a minibatch of num_prompts * num_generations / num_minibatches = {B // cfg.num_minibatches} "
+                         f"rows does not split evenly over {dist.num_processes} processes")
     torch.manual_seed(cfg.seed)
 
     # --- models: policy (trained), reference (frozen SFT, only for the KL term), reward (inside the env) ---
@@ -125,40 +132,48 @@ def grpo(cfg: GRPOConfig) -> Path:
     ref_policy = load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False) if cfg.beta > 0 else None
     task = get_task(cfg.task)
     reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, label=cfg.reward_label, device=device)
-    k, B = cfg.num_generations, cfg.num_prompts * cfg.num_generations
-    envs = TextGenVectorEnv(num_envs=B, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
+    k = cfg.num_generations
+    mine = rank_rows(B, dist)  # this process's responses: global rows [mine.start, mine.stop)
+    envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
                             reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens)
-    P, mb_size = envs.setup.max_prompt_tokens, B // cfg.num_minibatches
+    P, T, mb_size = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, B // cfg.num_minibatches
     rows = cfg.micro_batch_size or mb_size
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
+    params = list(policy.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal
     models = {"policy": policy}
     state = load_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler)
     start = 0 if state is None else state["iteration"]
     logger = RunLogger(out_dir, resume_step=None if state is None else start)
 
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", unit="it")
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="grpo", unit="it",
+               disable=not dist.is_main_process)
     for iteration in bar:
         t0 = time.perf_counter()
         # ---- 1. rollout: k responses to each of num_prompts prompts; group g is rows g*k .. g*k + k-1 ----
+        # This process plays global rows `mine` of the batch, with their prompts and sampling numbers (see ppo.py)
         policy.eval()
         prompt_ids = torch.randint(len(envs.setup.prompts), (cfg.num_prompts,), generator=iteration_generator(cfg.seed, iteration, 2))
-        batch = rollout(
-            policy, envs, iteration_generator(cfg.seed, iteration, 0), temperature=cfg.temperature,
-            seed=(cfg.seed * 1_000_003 + iteration) * B, prompt_index=np.repeat(prompt_ids.numpy(), k),
+        uniforms = rollout_uniforms(iteration_generator(cfg.seed, iteration, 0), B, T)  # (B, T)
+        local = rollout(
+            policy, envs, uniforms=uniforms[mine], temperature=cfg.temperature,
+            seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start, prompt_index=np.repeat(prompt_ids.numpy(), k)[mine],
         )
+        ref_logp = None
+        if ref_policy is not None:  # this process's rows
+            with torch.no_grad():
+                ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature)[0],
+                                   rows, local.input_ids.to(device), local.attention_mask.to(device))  # (b, T)
+            ref_logp = gather_rows(dist, ref_logp)[0]  # (B, T)
+        batch = gather_rollout(dist, local)  # every process holds the whole batch from here on
         input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # (B, P+T)
         mask = batch.response_mask.to(device).float()  # (B, T) 1 up to and including EOS
         scores = batch.scores.to(device)  # (B,)
         if cfg.missing_eos_penalty is not None:  # the EOS trick: a truncated response gets a fixed penalty
             scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
         logp = batch.logprobs.to(device)  # (B, T) the sampler's log-probs are the "old" ones (see ppo.py)
-        ref_logp = None
         with torch.no_grad():
-            if ref_policy is not None:
-                ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature)[0],
-                                   rows, input_ids, attention_mask)  # (B, T)
             advantages = grpo_advantages(scores, k, cfg.scale_rewards)  # (B,) one per response, on all its tokens
         check_finite(iteration, scores=scores)
         t_rollout = time.perf_counter() - t0
@@ -166,8 +181,10 @@ def grpo(cfg: GRPOConfig) -> Path:
         # ---- 2. update: PPO's clipped objective per token, plus beta * k3 KL to the reference ----
         # Token-level mean over the minibatch (DAPO): every token weighs the same. GRPO's original per-response mean
         # of token means gives a long response's tokens less weight each, a length bias (Dr. GRPO).
+        # Each process takes rows `my_mb` of every minibatch, weighted by the whole minibatch's tokens (see ppo.py).
         policy.train()
         order_rng = iteration_generator(cfg.seed, iteration, 1)
+        my_mb = rank_rows(mb_size, dist)
         stats = []
         for epoch in range(cfg.update_epochs):
             order = torch.randperm(B, generator=order_rng)
@@ -176,8 +193,9 @@ def grpo(cfg: GRPOConfig) -> Path:
                 mb_tokens = mask[mb].sum()
                 optimizer.zero_grad(set_to_none=True)
                 mb_stats = torch.zeros(5, device=device)
-                for j in range(0, mb_size, rows):  # gradient accumulation, each micro-batch weighted by its tokens
-                    mu = mb[j : j + rows]
+                mb_mine = mb[my_mb]
+                for j in range(0, len(mb_mine), rows):  # gradient accumulation, each micro-batch weighted by its tokens
+                    mu = mb_mine[j : j + rows]
                     mu_mask = mask[mu]
                     weight = mu_mask.sum() / mb_tokens
                     new_logp, entropy, _ = policy_forward(policy, input_ids[mu], attention_mask[mu], P, cfg.temperature)
@@ -188,11 +206,12 @@ def grpo(cfg: GRPOConfig) -> Path:
                     if ref_logp is not None:  # k3 = exp(ref - logp) - (ref - logp) - 1: unbiased and >= 0 (DeepSeekMath eq. 4)
                         kl_loss = masked_mean(kl_estimate(new_logp, ref_logp[mu], "k3"), mu_mask)
                     loss = weight * (pg_loss + cfg.beta * kl_loss)
-                    check_finite(iteration, loss=loss)
                     loss.backward()
                     mb_stats += weight * torch.stack([pg_loss, kl_loss, clipfrac, approx_kl, masked_mean(entropy, mu_mask)]).detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                check_finite(iteration, grad_norm=grad_norm)
+                sum_gradients(dist, params)  # the whole minibatch's gradient, in every process
+                mb_stats = sum_over_processes(dist, mb_stats)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                check_finite(iteration, loss=mb_stats, grad_norm=grad_norm)  # after the sums: every process stops
                 optimizer.step()
                 stats.append(torch.cat([mb_stats, grad_norm.detach()[None]]))
         scheduler.step()
@@ -200,7 +219,7 @@ def grpo(cfg: GRPOConfig) -> Path:
 
         # ---- 3. log, sample, checkpoint ----
         pg, kll, cf, akl, ent, gn = torch.stack(stats).mean(0).tolist()
-        gold = task.gold(batch.prompts, batch.responses)
+        gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses), dtype=torch.float64))[0].tolist()
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),
@@ -228,16 +247,18 @@ def grpo(cfg: GRPOConfig) -> Path:
         logger.log(iteration + 1, metrics)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}")
         done = iteration + 1 == cfg.iterations
-        if (iteration + 1) % cfg.sample_every == 0 or done:
+        if ((iteration + 1) % cfg.sample_every == 0 or done) and dist.is_main_process:
             write_samples(out_dir / "samples.jsonl", iteration + 1, batch, gold, n=8)
         if (iteration + 1) % cfg.save_every == 0 or done:
             save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler, {"iteration": iteration + 1})
     logger.close()
 
     final = out_dir / "model"
-    policy.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+    if dist.is_main_process:
+        policy.save_pretrained(final)
+        tokenizer.save_pretrained(final)
     write_summary(out_dir, {"iterations": cfg.iterations})
+    dist.wait_for_everyone()  # the model and summary are on disk when grpo() returns, in every process
     return final
 
 

@@ -5,6 +5,11 @@ References: Ziegler et al. 2019 (arXiv 1909.08593), Ouyang et al. 2022 (arXiv 22
 "The N Implementation Details of RLHF with PPO" (https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo).
 
     python -m agents.ppo --policy runs/x/sft/model --reward runs/x/rm/model --out-dir runs/x/ppo
+    torchrun --nproc_per_node 2 -m agents.ppo --policy runs/x/sft/model ...  # data-parallel
+
+Under N processes each plays num_envs / N of the episodes, every process then holds the whole batch, and each
+takes 1/N of every minibatch's rows with the gradients summed over the processes: the same updates as one process
+with the same seed, up to float rounding (agents/distributed.py).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from tqdm.auto import tqdm
 from agents.common import (
     RunLogger,
     check_run_dir,
+    distributed_state,
     is_complete,
     load_checkpoint,
     save_checkpoint,
@@ -39,6 +45,15 @@ from agents.core import (
     masked_mean,
     masked_whiten,
     per_token_rewards,
+)
+from agents.distributed import (
+    gather_rollout,
+    gather_rows,
+    process_device,
+    rank_rows,
+    rollout_uniforms,
+    sum_gradients,
+    sum_over_processes,
 )
 from agents.sampler import Rollout, position_ids_from_mask, rollout
 from rewards.base import as_reward_fn
@@ -70,7 +85,8 @@ class PPOConfig:
     shared_value_head: bool = False
     """Memory-saving option: a value head on the policy's trunk instead of a separate value model."""
     num_envs: int = 64
-    """Episodes per rollout (the batch): one prompt per sub-env."""
+    """Episodes per rollout (the batch), over all processes: one prompt per sub-env, num_envs / N sub-envs in each
+    of N processes."""
     max_new_tokens: int | None = None
     """Response budget; default: the task's."""
     temperature: float = 0.7
@@ -82,9 +98,9 @@ class PPOConfig:
     num_minibatches: int = 4
     """Minibatches per epoch."""
     micro_batch_size: int | None = 8
-    """Rows per forward/backward pass: a minibatch is processed in micro-batches whose token-weighted gradients
-    add up to the minibatch's (the same update, up to float rounding), which caps the activation memory (the
-    (rows, T, V) logits dominate it). None: a whole minibatch at once."""
+    """Rows per forward/backward pass in each process: a minibatch is processed in micro-batches whose
+    token-weighted gradients add up to the minibatch's (the same update, up to float rounding), which caps the
+    activation memory (the (rows, T, V) logits dominate it). None: a process's whole share of a minibatch at once."""
     lr: float = 1e-4
     """Adam learning rate, annealed linearly to 0."""
     adam_eps: float = 1e-5
@@ -125,7 +141,7 @@ class PPOConfig:
     seed: int = 0
     """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
     device: str | None = None
-    """torch device; default: cuda if available, else cpu."""
+    """torch device; default: this process's (cuda, cuda:<local rank> under a multi-GPU launch, else cpu)."""
     overwrite: bool = False
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
@@ -210,16 +226,18 @@ def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generat
 
 
 def ppo(cfg: PPOConfig) -> Path:
-    from accelerate import PartialState
-
-    if PartialState().num_processes > 1:  # every rank would sample and write the same run folder
-        raise ValueError("PPO runs in a single process for now; launch it without accelerate launch/torchrun")
     out_dir = Path(cfg.out_dir)
     if is_complete(out_dir) and not cfg.overwrite:
         return out_dir / "model"
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
     check_run_dir(out_dir, config, cfg.overwrite)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = distributed_state()  # this process among N (N = 1 without a launcher); only the main one writes
+    device = process_device(cfg.device, dist)
+    if (cfg.num_envs // cfg.num_minibatches) % dist.num_processes:
+        raise ValueError(f"a minibatch of num_envs / num_minibatches = {cfg.num_envs // cfg.num_minibatches} rows "
+                         f"does not split evenly over {dist.num_processes} processes")
+    # the same seed everywhere: a new value head must start the same in every process; what differs per process
+    # (its prompts and sampling numbers) is its rows' share of the global draws (agents/distributed.py)
     torch.manual_seed(cfg.seed)
 
     # --- models: policy (trained), reference (frozen SFT), value (trained), reward (inside the env) ---
@@ -236,15 +254,17 @@ def ppo(cfg: PPOConfig) -> Path:
         value_init = cfg.value_model or (cfg.reward if reward_is_model else cfg.policy)
         value_model = load_sequence_classifier(value_init, num_labels=1).to(device)  # new head on a causal LM
         value_model.config.pad_token_id = tokenizer.pad_token_id
+    B = cfg.num_envs
+    mine = rank_rows(B, dist)  # this process's episodes: global rows [mine.start, mine.stop)
     envs = TextGenVectorEnv(
-        num_envs=cfg.num_envs,
+        num_envs=mine.stop - mine.start,
         task=cfg.task,
         prompts=cfg.prompts,
         tokenizer=tokenizer,
         reward_fn=reward_fn,
         max_new_tokens=cfg.max_new_tokens,
     )
-    P, B = envs.setup.max_prompt_tokens, cfg.num_envs
+    P, T = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens
     mb_size = B // cfg.num_minibatches
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 
@@ -263,29 +283,38 @@ def ppo(cfg: PPOConfig) -> Path:
         kl_ctl.load_state_dict(state["kl_ctl"])
     logger = RunLogger(out_dir, resume_step=None if state is None else start)
 
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it")
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="ppo", unit="it",
+               disable=not dist.is_main_process)
     for iteration in bar:
         t0 = time.perf_counter()
         # ---- 1. rollout: one episode per sub-env; the env pays the reward model's score at the last token ----
+        # This process plays global rows `mine`: sub-env i is seeded with seed + i and row i's tokens are picked by
+        # row i of the (B, T) uniforms, so N processes play the episodes one process plays.
         policy.eval()
-        batch = rollout(
-            policy, envs, iteration_generator(cfg.seed, iteration, 0), temperature=cfg.temperature,
-            seed=(cfg.seed * 1_000_003 + iteration) * B,
+        uniforms = rollout_uniforms(iteration_generator(cfg.seed, iteration, 0), B, T)  # (B, T)
+        local = rollout(
+            policy, envs, uniforms=uniforms[mine], temperature=cfg.temperature,
+            seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start,
         )
+        rows = cfg.micro_batch_size or B
+        with torch.no_grad():  # the reference log-probs and the values of this process's rows
+            local_ids, local_mask = local.input_ids.to(device), local.attention_mask.to(device)  # (b, P+T)
+            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature)[0],
+                               rows, local_ids, local_mask)  # (b, T)
+            values = chunked(lambda ids, am: predict_values(value_model, value_states(policy, cfg, ids, am, P), ids, am, P),
+                             rows, local_ids, local_mask)  # (b, T)
+        # from here on every process holds the whole batch and computes the same advantages, KL and metrics
+        batch = gather_rollout(dist, local)
+        ref_logp, values = gather_rows(dist, ref_logp, values)  # (B, T) each
         input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # (B, P+T)
         mask = batch.response_mask.to(device).float()  # (B, T) 1 up to and including EOS
         scores = batch.scores.to(device)  # (B,)
         if cfg.missing_eos_penalty is not None:  # the EOS trick: a truncated response gets a fixed penalty
             scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
-        rows = cfg.micro_batch_size or B
         with torch.no_grad():
             # the "old" log-probs are the sampler's: same model, same temperature, so a full forward of the policy
             # would only repeat them (up to float rounding) at the cost of a third of the rollout
             logp = batch.logprobs.to(device)  # (B, T)
-            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature)[0],
-                               rows, input_ids, attention_mask)  # (B, T)
-            values = chunked(lambda ids, am: predict_values(value_model, value_states(policy, cfg, ids, am, P), ids, am, P),
-                             rows, input_ids, attention_mask)  # (B, T)
             # per-token reward: -kl_coef * (logp - ref_logp), plus the score at the last real token
             rewards, non_score_reward = per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value)  # (B, T)
             if cfg.whiten_rewards:
@@ -297,8 +326,11 @@ def ppo(cfg: PPOConfig) -> Path:
         t_rollout = time.perf_counter() - t0
 
         # ---- 2. update: epochs x minibatches of the clipped PPO objective ----
+        # This process takes rows `my_mb` of each global minibatch; its loss is weighted by the GLOBAL minibatch's
+        # token count and the gradients are summed over the processes (agents/distributed.py).
         policy.train()  # dropout is off, so train mode changes nothing but intent
         order_rng = iteration_generator(cfg.seed, iteration, 1)
+        my_mb = rank_rows(mb_size, dist)
         stats = []
         for epoch in range(cfg.update_epochs):
             order = torch.randperm(B, generator=order_rng)
@@ -309,8 +341,9 @@ def ppo(cfg: PPOConfig) -> Path:
                 mb_stats = torch.zeros(6, device=device)
                 # gradient accumulation over micro-batches: each one's masked means weighted by its share of the
                 # minibatch's tokens, so the summed gradient is that of the minibatch's token mean
-                for j in range(0, mb_size, rows):
-                    mu = mb[j : j + rows]
+                mb_mine = mb[my_mb]
+                for j in range(0, len(mb_mine), rows):
+                    mu = mb_mine[j : j + rows]
                     mu_mask = mask[mu]
                     weight = mu_mask.sum() / mb_tokens
                     new_logp, entropy, mu_states = policy_forward(
@@ -320,15 +353,17 @@ def ppo(cfg: PPOConfig) -> Path:
                     pg_loss, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp[mu], advantages[mu], mu_mask, cfg.clip_coef)
                     vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[mu], returns[mu], mu_mask, cfg.vf_clip_coef)
                     loss = weight * (pg_loss + cfg.vf_coef * vf_loss)
-                    check_finite(iteration, loss=loss)
                     loss.backward()
                     mb_stats += weight * torch.stack([pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, masked_mean(entropy, mu_mask)]).detach()
                 if ptx_blocks is not None:  # PPO-ptx: keep the pretraining distribution's log-likelihood up
-                    loss = cfg.ptx_coef * ptx_loss(policy, ptx_blocks, mb_size, order_rng, device)
-                    check_finite(iteration, loss=loss)
+                    # (a non-finite ptx loss shows up in the gradient norm)
+                    loss = cfg.ptx_coef * ptx_loss(policy, ptx_blocks, mb_size, my_mb, order_rng, device)
                     loss.backward()
+                sum_gradients(dist, params)  # the global minibatch's gradient, in every process
+                mb_stats = sum_over_processes(dist, mb_stats)  # the global minibatch's token means
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                check_finite(iteration, grad_norm=grad_norm)
+                # checked after the sums, so that every process stops at the same minibatch, before the step
+                check_finite(iteration, loss=mb_stats, grad_norm=grad_norm)
                 optimizer.step()
                 stats.append(torch.cat([mb_stats, grad_norm.detach()[None]]))
         scheduler.step()
@@ -337,7 +372,7 @@ def ppo(cfg: PPOConfig) -> Path:
 
         # ---- 3. log, sample, checkpoint ----
         pg, vf, cf, vcf, akl, ent, gn = torch.stack(stats).mean(0).tolist()
-        gold = task.gold(batch.prompts, batch.responses)
+        gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses), dtype=torch.float64))[0].tolist()
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),
@@ -367,16 +402,18 @@ def ppo(cfg: PPOConfig) -> Path:
         logger.log(iteration + 1, metrics)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
         done = iteration + 1 == cfg.iterations
-        if (iteration + 1) % cfg.sample_every == 0 or done:
+        if ((iteration + 1) % cfg.sample_every == 0 or done) and dist.is_main_process:
             write_samples(out_dir / "samples.jsonl", iteration + 1, batch, gold, n=8)
         if (iteration + 1) % cfg.save_every == 0 or done:
             save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler, {"iteration": iteration + 1, "kl_ctl": kl_ctl.state_dict()})
     logger.close()
 
     final = out_dir / "model"
-    policy.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+    if dist.is_main_process:
+        policy.save_pretrained(final)
+        tokenizer.save_pretrained(final)
     write_summary(out_dir, {"iterations": cfg.iterations, "final_kl_coef": kl_ctl.value})
+    dist.wait_for_everyone()  # the model and summary are on disk when ppo() returns, in every process
     return final
 
 
@@ -407,12 +444,14 @@ def load_ptx_blocks(cfg: PPOConfig, tokenizer) -> torch.Tensor:
     return blocks
 
 
-def ptx_loss(policy, blocks: torch.Tensor, n: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Next-token cross-entropy on n random pretraining blocks (InstructGPT's PPO-ptx term, as a loss)."""
-    idx = torch.randint(len(blocks), (n,), generator=generator)
-    x = blocks[idx].to(device)  # (n, S+1)
-    logits = policy(input_ids=x[:, :-1]).logits  # (n, S, V)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+def ptx_loss(policy, blocks: torch.Tensor, n: int, mine: slice, generator: torch.Generator, device) -> torch.Tensor:
+    """Next-token cross-entropy on n random pretraining blocks (InstructGPT's PPO-ptx term, as a loss): this
+    process's blocks `mine` of the n, their token losses summed and divided by all n blocks' token count, so that
+    the processes' gradients sum to the mean's. Every process draws all n (the generator stays in step)."""
+    idx = torch.randint(len(blocks), (n,), generator=generator)[mine]
+    x = blocks[idx].to(device)  # (n / N, S+1)
+    logits = policy(input_ids=x[:, :-1]).logits  # (n / N, S, V)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum") / (n * (x.shape[1] - 1))
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ Optimization for Learning from Human Feedback in LLMs" (arXiv 2402.14740); TRL's
 The baselines are tested in `agents/core.py::group_advantages`.
 
     python -m agents.rloo --policy runs/x/sft/model --reward runs/x/rm/model --out-dir runs/x/rloo
+    torchrun --nproc_per_node 2 -m agents.rloo ...  # data-parallel, as PPO (agents/distributed.py)
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.common import RunLogger, check_run_dir, is_complete, load_checkpoint, save_checkpoint, write_summary
-from agents.core import clipped_policy_loss, group_advantages, kl_estimate, masked_mean
+from agents.common import (RunLogger, check_run_dir, distributed_state, is_complete, load_checkpoint, save_checkpoint,
+                           write_summary)
+from agents.core import clipped_policy_loss, group_advantages, kl_estimate
+from agents.distributed import (gather_rollout, gather_rows, process_device, rank_rows, rollout_uniforms,
+                                sum_gradients, sum_over_processes)
 from agents.ppo import check_finite, chunked, iteration_generator, policy_forward, write_samples
 from agents.sampler import rollout
 from rewards.base import as_reward_fn
@@ -51,7 +55,8 @@ class RLOOConfig:
     baseline: Literal["rloo", "mean", "none"] = "rloo"
     """'rloo': the mean of the other k - 1 scores (unbiased); 'mean': the group mean; 'none': vanilla REINFORCE."""
     num_prompts: int = 16
-    """Prompts per iteration, drawn with replacement (a prompt drawn twice makes two independent groups)."""
+    """Prompts per iteration, over all processes, drawn with replacement (a prompt drawn twice makes two
+    independent groups). Each of N processes plays num_prompts * num_generations / N of the responses."""
     num_generations: int = 4
     """Group size k: responses sampled per prompt; the batch is num_prompts * k responses."""
     max_new_tokens: int | None = None
@@ -66,7 +71,8 @@ class RLOOConfig:
     num_minibatches: int = 4
     """Minibatches (optimizer steps) per epoch."""
     micro_batch_size: int | None = 8
-    """Rows per forward/backward pass (gradient accumulation, as in PPO); None: a whole minibatch at once."""
+    """Rows per forward/backward pass in each process (gradient accumulation, as in PPO); None: a whole minibatch
+    at once."""
     lr: float = 1e-4
     """Adam learning rate, annealed linearly to 0."""
     adam_eps: float = 1e-5
@@ -88,7 +94,7 @@ class RLOOConfig:
     seed: int = 0
     """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
     device: str | None = None
-    """torch device; default: cuda if available, else cpu."""
+    """torch device; default: this process's (cuda, cuda:<local rank> under a multi-GPU launch, else cpu)."""
     overwrite: bool = False
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
@@ -112,16 +118,17 @@ class RLOOConfig:
 
 
 def rloo(cfg: RLOOConfig) -> Path:
-    from accelerate import PartialState
-
-    if PartialState().num_processes > 1:  # every rank would sample and write the same run folder
-        raise ValueError("RLOO runs in a single process for now; launch it without accelerate launch/torchrun")
     out_dir = Path(cfg.out_dir)
     if is_complete(out_dir) and not cfg.overwrite:
         return out_dir / "model"
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
     check_run_dir(out_dir, config, cfg.overwrite)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = distributed_state()  # this process among N (N = 1 without a launcher); only the main one writes
+    device = process_device(cfg.device, dist)
+    B = cfg.num_prompts * cfg.num_generations
+    if (B // cfg.num_minibatches) % dist.num_processes:
+        raise ValueError(f"a minibatch of num_prompts * num_generations / num_minibatches = {B // cfg.num_minibatches} "
+                         f"rows does not split evenly over {dist.num_processes} processes")
     torch.manual_seed(cfg.seed)
 
     # --- models: policy (trained), reference (frozen SFT, only for the KL penalty), reward (inside the env) ---
@@ -130,29 +137,41 @@ def rloo(cfg: RLOOConfig) -> Path:
     ref_policy = load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     task = get_task(cfg.task)
     reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, label=cfg.reward_label, device=device)
-    k, B = cfg.num_generations, cfg.num_prompts * cfg.num_generations
-    envs = TextGenVectorEnv(num_envs=B, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
+    k = cfg.num_generations
+    mine = rank_rows(B, dist)  # this process's responses: global rows [mine.start, mine.stop)
+    envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
                             reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens)
-    P, mb_size = envs.setup.max_prompt_tokens, B // cfg.num_minibatches
+    P, T, mb_size = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, B // cfg.num_minibatches
     rows = cfg.micro_batch_size or mb_size
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
+    params = list(policy.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal
     models = {"policy": policy}
     state = load_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler)
     start = 0 if state is None else state["iteration"]
     logger = RunLogger(out_dir, resume_step=None if state is None else start)
 
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"rloo[{cfg.baseline}]", unit="it")
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"rloo[{cfg.baseline}]", unit="it",
+               disable=not dist.is_main_process)
     for iteration in bar:
         t0 = time.perf_counter()
         # ---- 1. rollout: k responses to each of num_prompts prompts; group g is rows g*k .. g*k + k-1 ----
+        # This process plays global rows `mine` of the batch, with their prompts and sampling numbers (see ppo.py)
         policy.eval()
         prompt_ids = torch.randint(len(envs.setup.prompts), (cfg.num_prompts,), generator=iteration_generator(cfg.seed, iteration, 2))
-        batch = rollout(
-            policy, envs, iteration_generator(cfg.seed, iteration, 0), temperature=cfg.temperature,
-            seed=(cfg.seed * 1_000_003 + iteration) * B, prompt_index=np.repeat(prompt_ids.numpy(), k),
+        uniforms = rollout_uniforms(iteration_generator(cfg.seed, iteration, 0), B, T)  # (B, T)
+        local = rollout(
+            policy, envs, uniforms=uniforms[mine], temperature=cfg.temperature,
+            seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start, prompt_index=np.repeat(prompt_ids.numpy(), k)[mine],
         )
+        ref_logp = None
+        if ref_policy is not None:  # this process's rows
+            with torch.no_grad():
+                ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature)[0],
+                                   rows, local.input_ids.to(device), local.attention_mask.to(device))  # (b, T)
+            ref_logp = gather_rows(dist, ref_logp)[0]  # (B, T)
+        batch = gather_rollout(dist, local)  # every process holds the whole batch from here on
         input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # (B, P+T)
         mask = batch.response_mask.to(device).float()  # (B, T) 1 up to and including EOS
         scores = batch.scores.to(device)  # (B,)
@@ -161,9 +180,7 @@ def rloo(cfg: RLOOConfig) -> Path:
         logp = batch.logprobs.to(device)  # (B, T) the sampler's log-probs are the "old" ones (see ppo.py)
         with torch.no_grad():
             kl = torch.zeros_like(scores)  # (B,)
-            if ref_policy is not None:  # k1 KL of each response, in nats (TRL's RLOOTrainer)
-                ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature)[0],
-                                   rows, input_ids, attention_mask)  # (B, T)
+            if ref_logp is not None:  # k1 KL of each response, in nats (TRL's RLOOTrainer)
                 kl = (kl_estimate(logp, ref_logp) * mask).sum(1)  # (B,)
             rlhf_reward = scores - cfg.kl_coef * kl  # (B,) KL-penalised sequence reward, before the baseline
             advantages = group_advantages(rlhf_reward, k, cfg.baseline)  # (B,)
@@ -175,8 +192,11 @@ def rloo(cfg: RLOOConfig) -> Path:
         # Sequence-level ratio exp(sum_t logp - old) and a sequence mean (as TRL's original RLOOTrainer): while the
         # ratio is 1 the gradient is -mean_i A_i sum_t grad log pi(y_it), the REINFORCE estimator itself, where
         # each response weighs the same. A token mean would weigh a response by its length (Dr. GRPO's length bias).
+        # Each process takes rows `my_mb` of every minibatch, weighted by their share of the whole minibatch's
+        # responses, and the gradients are summed over the processes (see ppo.py).
         policy.train()
         order_rng = iteration_generator(cfg.seed, iteration, 1)
+        my_mb = rank_rows(mb_size, dist)
         stats = []
         for epoch in range(cfg.update_epochs):
             order = torch.randperm(B, generator=order_rng)
@@ -184,8 +204,9 @@ def rloo(cfg: RLOOConfig) -> Path:
                 mb = order[start_i : start_i + mb_size].to(device)
                 optimizer.zero_grad(set_to_none=True)
                 mb_stats = torch.zeros(4, device=device)
-                for j in range(0, mb_size, rows):  # gradient accumulation: each micro-batch's share of responses
-                    mu = mb[j : j + rows]
+                mb_mine = mb[my_mb]
+                for j in range(0, len(mb_mine), rows):  # gradient accumulation: each micro-batch's share of responses
+                    mu = mb_mine[j : j + rows]
                     weight = len(mu) / mb_size
                     new_logp, entropy, _ = policy_forward(policy, input_ids[mu], attention_mask[mu], P, cfg.temperature)
                     new_seq_logp = (new_logp * mask[mu]).sum(1, keepdim=True)  # (rows, 1)
@@ -193,11 +214,14 @@ def rloo(cfg: RLOOConfig) -> Path:
                         new_seq_logp, old_seq_logp[mu, None], advantages[mu, None], torch.ones_like(new_seq_logp), cfg.clip_coef
                     )
                     loss = weight * pg_loss
-                    check_finite(iteration, loss=loss)
                     loss.backward()
-                    mb_stats += weight * torch.stack([pg_loss, clipfrac, approx_kl, masked_mean(entropy, mask[mu])]).detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                check_finite(iteration, grad_norm=grad_norm)
+                    # the entropy is a token mean over the minibatch, however its rows fall into micro-batches
+                    mb_entropy = (entropy * mask[mu]).sum() / mask[mb].sum()
+                    mb_stats += torch.stack([weight * pg_loss, weight * clipfrac, weight * approx_kl, mb_entropy]).detach()
+                sum_gradients(dist, params)  # the whole minibatch's gradient, in every process
+                mb_stats = sum_over_processes(dist, mb_stats)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                check_finite(iteration, loss=mb_stats, grad_norm=grad_norm)  # after the sums: every process stops
                 optimizer.step()
                 stats.append(torch.cat([mb_stats, grad_norm.detach()[None]]))
         scheduler.step()
@@ -205,7 +229,7 @@ def rloo(cfg: RLOOConfig) -> Path:
 
         # ---- 3. log, sample, checkpoint ----
         pg, cf, akl, ent, gn = torch.stack(stats).mean(0).tolist()
-        gold = task.gold(batch.prompts, batch.responses)
+        gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses), dtype=torch.float64))[0].tolist()
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),
@@ -232,16 +256,18 @@ def rloo(cfg: RLOOConfig) -> Path:
         logger.log(iteration + 1, metrics)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}")
         done = iteration + 1 == cfg.iterations
-        if (iteration + 1) % cfg.sample_every == 0 or done:
+        if ((iteration + 1) % cfg.sample_every == 0 or done) and dist.is_main_process:
             write_samples(out_dir / "samples.jsonl", iteration + 1, batch, gold, n=8)
         if (iteration + 1) % cfg.save_every == 0 or done:
             save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler, {"iteration": iteration + 1})
     logger.close()
 
     final = out_dir / "model"
-    policy.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+    if dist.is_main_process:
+        policy.save_pretrained(final)
+        tokenizer.save_pretrained(final)
     write_summary(out_dir, {"iterations": cfg.iterations, "baseline": cfg.baseline})
+    dist.wait_for_everyone()  # the model and summary are on disk when rloo() returns, in every process
     return final
 
 

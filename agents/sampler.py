@@ -20,11 +20,18 @@ from textenv.vector_env import TextGenVectorEnv
 
 
 def sample_from_logits(
-    logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    logits: torch.Tensor,
+    generator: torch.Generator | None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one token per row from softmax(logits / temperature), optionally restricted to top-k / top-p.
 
-    (B, V) logits -> (B,) int64 token ids.
+    (B, V) logits -> (B,) int64 token ids. Each row consumes one U[0, 1) number: drawn from `generator`, or taken
+    from `uniform` (B,) when given (then `generator` is unused), so that a row's token does not depend on which
+    other rows share the batch.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -40,7 +47,9 @@ def sample_from_logits(
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)  # (B, V)
     cdf = probs.cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]  # (B, 1)
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[0], generator=generator, dtype=cdf.dtype)  # (B,)
+    u = uniform.to(cdf)[:, None] * cdf[:, -1:]  # (B, 1)
     # right=True: the first index whose cdf exceeds u, so a zero-probability token is never chosen
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)  # (B,)
 
@@ -79,6 +88,7 @@ def rollout(
     top_p: float = 1.0,
     seed: int | None = None,
     prompt_index: np.ndarray | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> Rollout:
     """Play one episode in every sub-env of `envs` with `model` and return what happened.
 
@@ -87,6 +97,11 @@ def rollout(
     a reward call) until the others finish; the next rollout's `reset()` discards it. The batched forward costs
     the same with or without those rows. `prompt_index` (num_envs,) picks each sub-env's prompt instead of
     letting the envs draw them (see `TextGenVectorEnv.reset`).
+
+    `uniforms` (num_envs, max_new_tokens), instead of `generator`: the U[0, 1) number that picks each sub-env's
+    token at each step. Sub-env i's response then depends on row i only, so a batch split over processes samples
+    what one process samples (see `agents/distributed.py:rollout_uniforms`, which draws them so that they equal
+    what `generator` would give).
     """
     spec = envs.setup
     if envs.autoreset_mode != AutoresetMode.NEXT_STEP:
@@ -94,6 +109,12 @@ def rollout(
     B, P, T = envs.num_envs, spec.max_prompt_tokens, spec.max_new_tokens
     V = spec.vocab_size
     device = next(model.parameters()).device
+    if uniforms is not None:
+        if generator is not None:
+            raise ValueError("rollout takes a generator or pre-drawn uniforms, not both")
+        if tuple(uniforms.shape) != (B, T):
+            raise ValueError(f"uniforms must have shape (num_envs, max_new_tokens) = {(B, T)}, got {tuple(uniforms.shape)}")
+        uniforms = uniforms.to(device)  # once, not one small copy per step
 
     obs, _ = envs.reset(seed=seed, options=None if prompt_index is None else {"prompt_index": prompt_index})
     prompt_ids = torch.from_numpy(obs["input_ids"][:, :P])  # (B, P)
@@ -109,7 +130,8 @@ def rollout(
     logprobs = torch.zeros(B, T, device=device)  # (B, T)
     prompts, responses = [""] * B, [""] * B
     for t in range(T):
-        tokens = sample_from_logits(logits, generator, temperature, top_k, top_p)  # (B,)
+        u = None if uniforms is None else uniforms[:, t]  # (B,)
+        tokens = sample_from_logits(logits, generator, temperature, top_k, top_p, u)  # (B,)
         # the behaviour policy's log-prob, as PPO's loss computes it (temperature only, no top-k/top-p): an
         # agent can use it as the "old" log-prob instead of re-running the policy over the whole rollout
         logprobs[:, t] = torch.log_softmax(logits.float() / temperature, dim=-1).gather(1, tokens[:, None]).squeeze(1)

@@ -4,11 +4,13 @@
     torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py JOBS.json  # the same
 
 JOBS.json is a list of jobs, run one after the other in the same process group (one launch, so the ~10 s of
-starting and importing is paid once): {"stage": "sft" | "rm" | "pretrain", "config": {the stage's config fields},
-"report_dir": str, "stop_after_save": bool}. The trainer runs unchanged; the only hook is a wrapper around the
-`load_checkpoint` it calls once, right after `accelerator.prepare`, which keeps the model and optimizer objects it is
-given (the very ones then trained) and the step it resumed from. Each process then writes <report_dir>/rank<r>.json:
-the world size, the resumed step, and the sha256 of its model's parameters and of its optimizer state.
+starting and importing is paid once): {"stage": "sft" | "rm" | "pretrain" | "dpo" | "ppo" | "grpo" | "rloo",
+"config": {the stage's config fields}, "report_dir": str, "stop_after_save": bool}. The trainer runs unchanged; the
+only hook is a wrapper around the `load_checkpoint` it calls once, right after `accelerator.prepare` (the RL trainers:
+right after building the optimizer), which keeps the model(s) and optimizer objects it is given (the very ones then
+trained) and the step it resumed from. Each process then writes <report_dir>/rank<r>.json: the world size, the
+resumed step, and the sha256 of its model's parameters (PPO: {"policy": ..., "value": ...}) and of its optimizer
+state.
 stop_after_save makes every process leave the run right after the first checkpoint is written, as a run killed at
 that moment would (the report then says "stopped": true).
 """
@@ -23,15 +25,24 @@ from pathlib import Path
 import torch
 from accelerate.utils import extract_model_from_parallel
 
+import agents.dpo
+import agents.grpo
+import agents.ppo
 import agents.pretrain
 import agents.reward_model
+import agents.rloo
 import agents.sft
 from agents.common import distributed_state
 
+# stage: (module, config class, trainer, the checkpoint state's step counter)
 STAGES = {
-    "sft": (agents.sft, agents.sft.SFTConfig, agents.sft.sft),
-    "rm": (agents.reward_model, agents.reward_model.RMConfig, agents.reward_model.train_reward_model),
-    "pretrain": (agents.pretrain, agents.pretrain.PretrainConfig, agents.pretrain.pretrain),
+    "sft": (agents.sft, agents.sft.SFTConfig, agents.sft.sft, "step"),
+    "rm": (agents.reward_model, agents.reward_model.RMConfig, agents.reward_model.train_reward_model, "step"),
+    "pretrain": (agents.pretrain, agents.pretrain.PretrainConfig, agents.pretrain.pretrain, "step"),
+    "dpo": (agents.dpo, agents.dpo.DPOConfig, agents.dpo.dpo, "step"),
+    "ppo": (agents.ppo, agents.ppo.PPOConfig, agents.ppo.ppo, "iteration"),
+    "grpo": (agents.grpo, agents.grpo.GRPOConfig, agents.grpo.grpo, "iteration"),
+    "rloo": (agents.rloo, agents.rloo.RLOOConfig, agents.rloo.rloo, "iteration"),
 }
 
 
@@ -58,13 +69,13 @@ def optimizer_sha256(optimizer) -> str:
 
 
 def run_job(stage: str, config: dict, report_dir: str, stop_after_save: bool) -> None:
-    module, config_cls, run = STAGES[stage]
+    module, config_cls, run, step_key = STAGES[stage]
     seen = {}
     real_load, real_save = module.load_checkpoint, module.save_checkpoint
 
     def spy_load(ckpt_dir, models, optimizer, scheduler):
         state = real_load(ckpt_dir, models, optimizer, scheduler)
-        seen.update(model=models, optimizer=optimizer, resumed_step=state["step"] if state else None)
+        seen.update(model=models, optimizer=optimizer, resumed_step=state[step_key] if state else None)
         return state
 
     def save_then_stop(*args, **kwargs):
@@ -81,9 +92,11 @@ def run_job(stage: str, config: dict, report_dir: str, stop_after_save: bool) ->
     finally:
         module.load_checkpoint, module.save_checkpoint = real_load, real_save
     state = distributed_state()
+    models = seen["model"]
+    params = ({name: params_sha256(m) for name, m in models.items()} if isinstance(models, dict)
+              else params_sha256(extract_model_from_parallel(models)))
     report = {"world_size": state.num_processes, "resumed_step": seen["resumed_step"], "stopped": stopped,
-              "params": params_sha256(extract_model_from_parallel(seen["model"])),
-              "optimizer": optimizer_sha256(seen["optimizer"])}
+              "params": params, "optimizer": optimizer_sha256(seen["optimizer"])}
     Path(report_dir).mkdir(parents=True, exist_ok=True)
     Path(report_dir, f"rank{state.process_index}.json").write_text(json.dumps(report))
 

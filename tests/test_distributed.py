@@ -1,6 +1,6 @@
-"""Data-parallel training on CPU: SFT, the reward model and pretraining launched as 2 processes (DDP over gloo) with
-`accelerate launch --config_file configs/accelerate/ddp_cpu.yaml` (which starts them through torch.distributed.run,
-as torchrun does), against the same runs in one process.
+"""Data-parallel training on CPU: SFT, the reward model, pretraining, DPO, PPO, GRPO and RLOO launched as 2 processes
+(gloo) with `accelerate launch --config_file configs/accelerate/ddp_cpu.yaml` (which starts them through
+torch.distributed.run, as torchrun does), against the same runs in one process.
 
 The 2-process runs are one real launch (a subprocess, on a free port) of tests/distributed_worker.py, which runs the
 trainers unchanged, one after the other, and has each process write a sha256 of the parameters and optimizer state
@@ -10,9 +10,10 @@ it ended each run with. Checked:
   - the final weights equal a 1-process run's with the same global batch and seed within ATOL;
   - only the main process printed and logged: one header line, the same metrics lines as the 1-process run;
   - a checkpoint written by 2 processes resumes in 1 and one written by 1 resumes in 2, ending where a straight
-    1-process run ends.
-The launch takes ~20 s on 2 cores, half of it two interpreters importing torch/transformers (hence one launch for
-all five runs); the runs are a few steps of the `tiny` preset. The 1-process runs happen in this process.
+    1-process run ends (SFT, DPO, PPO);
+  - the RL runs sample the 1-process episodes (samples.jsonl holds the same texts).
+The launch takes ~20 s on 2 cores, ~10 s of it two interpreters importing torch/transformers (hence one launch for
+all the runs); the runs are a few steps of the `tiny` preset. The 1-process runs happen in this process.
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+import agents.dpo
+import agents.ppo
 import agents.sft
+from agents.distributed import rollout_uniforms
+from agents.dpo import DPOConfig, dpo
+from agents.grpo import GRPOConfig, grpo
+from agents.ppo import PPOConfig, ppo
 from agents.pretrain import PretrainConfig, pretrain
 from agents.reward_model import RMConfig, score_texts, train_reward_model
+from agents.rloo import RLOOConfig, rloo
+from agents.sampler import rollout
 from agents.sft import SFTConfig, sft
+from textenv import TextGenVectorEnv
 from textenv.models import build_model
 from textenv.tokenizer import train_tokenizer
 from tests.distributed_worker import params_sha256
@@ -51,6 +62,12 @@ ATOL = 1e-5
 # divided by ||w_score||^2, which multiplies a 1e-6 difference of the reference mean by ~50. A rounding-only change in
 # one process (every batch padded 5 columns wider) moves these scores by 4e-5; the 2-process run, by 1e-5.
 RM_SCORE_ATOL = 1e-4
+# PPO, GRPO and RLOO: process r samples global rows [8r, 8r + 8) with those rows' prompts and U[0, 1) numbers, so the
+# episodes are the 1-process ones (checked: the same texts in samples.jsonl); what differs is rounding (the rollout's
+# and the update's forwards over 8 rows instead of 16, the gradients' sum over the processes). Measured on these runs
+# (4 iterations x 4 Adam steps, lr 1e-3): max |w_2 - w_1| <= 2.4e-7 for policies and value models. ATOL applies; one
+# sampled token changed by the rounding would show as different samples first. A loss normalised by each process's
+# token count instead of the global minibatch's changes the iteration-2 samples (tested by hand).
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,6 +105,14 @@ def files(tmp_path_factory):
     tokenizer.save_pretrained(root / "tokenizer")
     build_model("tiny", tokenizer, seed=0).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
+    # The RL policy: the base model with the final layer norm's output pushed towards EOS's embedding, so that
+    # responses end anywhere from 1 to 6 tokens (or are cut at 6): the processes' shares of a minibatch then hold
+    # different numbers of tokens, which a loss normalised per process instead of globally gets wrong.
+    policy = build_model("tiny", tokenizer, seed=0)
+    with torch.no_grad():
+        policy.transformer.ln_f.bias += 100 * policy.transformer.wte.weight[tokenizer.eos_token_id]
+    policy.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
     return root
 
 
@@ -110,6 +135,40 @@ def pretrain_config(files: Path, out_dir: Path) -> PretrainConfig:
                           warmup_steps=2, log_every=1, eval_every=3, eval_batches=1, save_every=3, bf16=False)
 
 
+def dpo_config(files: Path, out_dir: Path) -> DPOConfig:
+    # 40 best-vs-worst pairs, batch 8 (4 per process), 4 steps; lr 1e-3 so that the steps move the weights visibly
+    return DPOConfig(out_dir=str(out_dir), policy=str(files / "base"), comparisons=str(files / "prefs.jsonl"),
+                     batch_size=8, max_steps=4, lr=1e-3, warmup_steps=1, log_every=1, save_every=2)
+
+
+# scores: the response's length in characters, or -1 (missing_eos_penalty) for a response cut at 6 tokens
+RL_COMMON = dict(reward="tests.conftest:length_reward", task="sentiment", max_new_tokens=6,
+                 sample_every=2, save_every=2, iterations=4, lr=1e-3)
+
+
+def ppo_config(files: Path, out_dir: Path, **kw) -> PPOConfig:
+    # 16 episodes (8 per process), minibatches of 8 rows (4 per process) in micro-batches of 3: 3 + 3 + 2 rows in one
+    # process, 3 + 1 in each of two
+    return PPOConfig(out_dir=str(out_dir), policy=str(files / "policy"), num_envs=16, num_minibatches=2,
+                     update_epochs=2, micro_batch_size=3, **{**RL_COMMON, **kw})
+
+
+def ppo_ptx_config(files: Path, out_dir: Path) -> PPOConfig:
+    """The shared value head and PPO-ptx (each process takes its share of the minibatch's pretraining blocks)."""
+    return ppo_config(files, out_dir, shared_value_head=True, ptx_coef=0.5, ptx_data=str(files / "docs.txt"),
+                      ptx_seq_len=16, iterations=2)
+
+
+def grpo_config(files: Path, out_dir: Path) -> GRPOConfig:
+    return GRPOConfig(out_dir=str(out_dir), policy=str(files / "policy"), num_prompts=4, num_generations=2,
+                      num_minibatches=2, update_epochs=2, beta=0.04, **RL_COMMON)
+
+
+def rloo_config(files: Path, out_dir: Path) -> RLOOConfig:
+    return RLOOConfig(out_dir=str(out_dir), policy=str(files / "policy"), num_prompts=4, num_generations=2,
+                      num_minibatches=2, update_epochs=2, kl_coef=0.3, **RL_COMMON)
+
+
 class Stop(Exception):
     pass
 
@@ -121,25 +180,43 @@ def sft_one(files, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def ppo_one(files, tmp_path_factory) -> Path:
+    """The 1-process reference PPO run (in this process)."""
+    return ppo(ppo_config(files, tmp_path_factory.mktemp("ppo_one") / "run"))
+
+
+@pytest.fixture(scope="module")
 def launched(files, tmp_path_factory):
-    """One `accelerate launch --config_file ddp_cpu.yaml` (2 processes, gloo, 1 thread each) running five jobs:
+    """One `accelerate launch --config_file ddp_cpu.yaml` (2 processes, gloo, 1 thread each) running these jobs:
     sft_two (straight), sft_two_to_one (stopped after its step-3 checkpoint), sft_one_to_two (resuming the step-3
-    checkpoint of a 1-process run stopped here first), rm_two and pretrain_two. Returns (root, completed process)."""
+    checkpoint of a 1-process run stopped here first), rm_two, pretrain_two, dpo_two, dpo_two_to_one (stopped after
+    its step-2 checkpoint), ppo_two, ppo_two_to_one (stopped after iteration 2), ppo_one_to_two (resuming a 1-process
+    run stopped here after iteration 2), ppo_ptx_two, grpo_two and rloo_two. Returns (root, completed process)."""
     root = tmp_path_factory.mktemp("launch")
-    real_save = agents.sft.save_checkpoint
+    for module, run, cfg in ((agents.sft, sft, sft_config(files, root / "sft_one_to_two")),
+                             (agents.ppo, ppo, ppo_config(files, root / "ppo_one_to_two"))):
+        real_save = module.save_checkpoint
 
-    def save_then_stop(*args):
-        real_save(*args)
-        raise Stop
+        def save_then_stop(*args, real_save=real_save):
+            real_save(*args)
+            raise Stop
 
-    with pytest.MonkeyPatch.context() as m, pytest.raises(Stop):
-        m.setattr(agents.sft, "save_checkpoint", save_then_stop)
-        sft(sft_config(files, root / "sft_one_to_two"))  # 1 process, stopped right after its step-3 checkpoint
+        with pytest.MonkeyPatch.context() as m, pytest.raises(Stop):
+            m.setattr(module, "save_checkpoint", save_then_stop)
+            run(cfg)  # 1 process, stopped right after its first checkpoint
     jobs = [("sft", sft_config(files, root / "sft_two"), False),
             ("sft", sft_config(files, root / "sft_two_to_one"), True),
             ("sft", sft_config(files, root / "sft_one_to_two"), False),
             ("rm", rm_config(files, root / "rm_two"), False),
-            ("pretrain", pretrain_config(files, root / "pretrain_two"), False)]
+            ("pretrain", pretrain_config(files, root / "pretrain_two"), False),
+            ("dpo", dpo_config(files, root / "dpo_two"), False),
+            ("dpo", dpo_config(files, root / "dpo_two_to_one"), True),
+            ("ppo", ppo_config(files, root / "ppo_two"), False),
+            ("ppo", ppo_config(files, root / "ppo_two_to_one"), True),
+            ("ppo", ppo_config(files, root / "ppo_one_to_two"), False),
+            ("ppo", ppo_ptx_config(files, root / "ppo_ptx_two"), False),
+            ("grpo", grpo_config(files, root / "grpo_two"), False),
+            ("rloo", rloo_config(files, root / "rloo_two"), False)]
     jobs = [{"stage": stage, "config": dataclasses.asdict(cfg), "stop_after_save": stop,
              "report_dir": str(root / "reports" / Path(cfg.out_dir).name)} for stage, cfg, stop in jobs]
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -190,8 +267,9 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 
 def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
-    """The same lines (steps and names, each once) with the same values up to float rounding; tokens/s aside."""
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "charts/tokens_per_s"} for m in ms]
+    """The same lines (steps and names, each once) with the same values up to float rounding; throughput and timings aside."""
+    strip = lambda ms: [{k: v for k, v in m.items() if not (k.endswith("tokens_per_s") or k.startswith("time/"))}
+                        for m in ms]
     a, b = strip(a), strip(b)
     assert [sorted(m) for m in a] == [sorted(m) for m in b] and [m["step"] for m in a] == [m["step"] for m in b]
     for x, y in zip(a, b):
@@ -203,6 +281,7 @@ def test_only_the_main_process_prints(launched):
     # one header line per run: three SFT runs, one RM run, one pretraining run
     assert proc.stdout.count("demonstrations, 6 steps") == 3
     assert proc.stdout.count("held-out prompts") == 1 and proc.stdout.count("pretrain: ") == 1
+    assert proc.stdout.count("pairs (best_vs_worst)") == 2  # dpo_two and dpo_two_to_one
 
 
 # ---------------------------------------------------------------- SFT
@@ -277,3 +356,154 @@ def test_pretrain_two_processes_train_the_one_process_model(launched, files, tmp
     assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "pretrain_two" / "model"),
                         AutoModelForCausalLM.from_pretrained(one)) < ATOL
     assert_same_metrics(read_metrics(root / "pretrain_two"), read_metrics(tmp_path / "one"))
+
+
+# ---------------------------------------------------------------- DPO
+
+
+@pytest.fixture(scope="module")
+def dpo_one(files, tmp_path_factory) -> Path:
+    """The 1-process reference DPO run (in this process)."""
+    return dpo(dpo_config(files, tmp_path_factory.mktemp("dpo_one") / "run"))
+
+
+def test_dpo_two_processes_train_the_one_process_model(launched, dpo_one):
+    root, _ = launched
+    check_final(root, "dpo_two", AutoModelForCausalLM.from_pretrained)
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "dpo_two" / "model"),
+                        AutoModelForCausalLM.from_pretrained(dpo_one)) < ATOL
+    assert_same_metrics(read_metrics(root / "dpo_two"), read_metrics(dpo_one.parent))
+
+
+def test_dpo_checkpoint_of_two_processes_resumes_in_one(launched, files, dpo_one, monkeypatch):
+    root, _ = launched
+    run = root / "dpo_two_to_one"
+    assert reports(root, "dpo_two_to_one")[0]["stopped"]
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    resumed_from = spy_resume(monkeypatch, agents.dpo, "step")
+    final = dpo(dpo_config(files, run))  # 1 process
+    assert resumed_from == [2]
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(final), AutoModelForCausalLM.from_pretrained(dpo_one)) < ATOL
+    assert_same_metrics(read_metrics(run), read_metrics(dpo_one.parent))
+
+
+def spy_resume(monkeypatch, module, step_key: str) -> list:
+    """Record the step each `module.load_checkpoint` call resumes from (a real resume, not a restart)."""
+    resumed_from = []
+    real_load = module.load_checkpoint
+
+    def spy_load(*args):
+        state = real_load(*args)
+        resumed_from.append(state[step_key])
+        return state
+
+    monkeypatch.setattr(module, "load_checkpoint", spy_load)
+    return resumed_from
+
+
+# ---------------------------------------------------------------- PPO, GRPO, RLOO
+
+
+def test_each_process_plays_its_rows_of_the_one_process_rollout(tiny_model, env_kwargs):
+    """The RL trainers' split of a rollout, in this process: pre-drawn uniforms give what the generator gives, and
+    two halves of the envs, each with its rows' uniforms and seeds, play the whole batch's episodes."""
+    B, T = 8, env_kwargs["max_new_tokens"]
+    whole = rollout(tiny_model, TextGenVectorEnv(num_envs=B, **env_kwargs), torch.Generator().manual_seed(3),
+                    temperature=1.5, seed=10)  # hot: responses of several lengths
+    uniforms = rollout_uniforms(torch.Generator().manual_seed(3), B, T)  # (B, T)
+    same = rollout(tiny_model, TextGenVectorEnv(num_envs=B, **env_kwargs), uniforms=uniforms, temperature=1.5, seed=10)
+    halves = [rollout(tiny_model, TextGenVectorEnv(num_envs=B // 2, **env_kwargs), uniforms=uniforms[r * 4 : r * 4 + 4],
+                      temperature=1.5, seed=10 + r * 4) for r in (0, 1)]
+    assert len(set(whole.response_mask.sum(1).tolist())) > 1
+    for parts in ([same], halves):
+        rows = lambda field: torch.cat([getattr(part, field) for part in parts])  # noqa: E731
+        for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "scores", "terminated"):
+            assert torch.equal(rows(field), getattr(whole, field)), field
+        torch.testing.assert_close(rows("logprobs"), whole.logprobs, atol=1e-6, rtol=0)  # a smaller batch's rounding
+    assert halves[0].responses + halves[1].responses == whole.responses
+    with pytest.raises(ValueError, match="not both"):
+        rollout(tiny_model, TextGenVectorEnv(num_envs=B, **env_kwargs), torch.Generator(), uniforms=uniforms)
+    with pytest.raises(ValueError, match=r"uniforms must have shape \(num_envs, max_new_tokens\) = \(4, 6\)"):
+        rollout(tiny_model, TextGenVectorEnv(num_envs=4, **env_kwargs), uniforms=uniforms)
+
+
+def check_final_rl(root: Path, run: str, resumed_step=None) -> None:
+    """The RL run finished; the policy the main process saved is the one both processes hold."""
+    rep = reports(root, run)
+    assert [r["resumed_step"] for r in rep] == [resumed_step] * 2 and not rep[0]["stopped"]
+    assert rep[0]["params"]["policy"] == params_sha256(AutoModelForCausalLM.from_pretrained(root / run / "model"))
+    assert (root / run / "summary.json").exists()
+
+
+def assert_same_samples(a: Path, b: Path) -> None:
+    """The same episodes: the same prompts and sampled responses (hence the same scores), written once."""
+    ra, rb = ([json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()] for d in (a, b))
+    assert len(ra) == len(rb) > 0
+    for x, y in zip(ra, rb):
+        assert (x["iteration"], x["prompt"], x["response"], x["score"]) == (y["iteration"], y["prompt"], y["response"], y["score"])
+        assert x["gold"] == pytest.approx(y["gold"], abs=1e-6)
+
+
+def rl_diff(a: Path, b: Path) -> float:
+    """max_abs_diff of two runs' final policies."""
+    return max_abs_diff(AutoModelForCausalLM.from_pretrained(a / "model"), AutoModelForCausalLM.from_pretrained(b / "model"))
+
+
+def value_diff(a: Path, b: Path) -> float:
+    """max_abs_diff of two PPO runs' value models (in their last checkpoints)."""
+    load = AutoModelForSequenceClassification.from_pretrained
+    return max_abs_diff(load(a / "checkpoint" / "value"), load(b / "checkpoint" / "value"))
+
+
+def test_ppo_two_processes_train_the_one_process_model(launched, ppo_one):
+    root, _ = launched
+    check_final_rl(root, "ppo_two")
+    assert_same_samples(root / "ppo_two", ppo_one.parent)
+    assert rl_diff(root / "ppo_two", ppo_one.parent) < ATOL
+    assert value_diff(root / "ppo_two", ppo_one.parent) < ATOL
+    assert_same_metrics(read_metrics(root / "ppo_two"), read_metrics(ppo_one.parent))
+
+
+def test_ppo_checkpoint_of_two_processes_resumes_in_one(launched, files, ppo_one, monkeypatch):
+    root, _ = launched
+    run = root / "ppo_two_to_one"
+    assert reports(root, "ppo_two_to_one")[0]["stopped"]
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["iteration"] == 2
+    assert not (run / "model").exists() and not (run / "summary.json").exists()
+    resumed_from = spy_resume(monkeypatch, agents.ppo, "iteration")
+    ppo(ppo_config(files, run))  # 1 process
+    assert resumed_from == [2]
+    assert rl_diff(run, ppo_one.parent) < ATOL and value_diff(run, ppo_one.parent) < ATOL
+    assert_same_samples(run, ppo_one.parent)
+    assert_same_metrics(read_metrics(run), read_metrics(ppo_one.parent))
+
+
+def test_ppo_checkpoint_of_one_process_resumes_in_two(launched, ppo_one):
+    root, _ = launched
+    check_final_rl(root, "ppo_one_to_two", resumed_step=2)
+    assert rl_diff(root / "ppo_one_to_two", ppo_one.parent) < ATOL
+    assert value_diff(root / "ppo_one_to_two", ppo_one.parent) < ATOL
+    assert_same_samples(root / "ppo_one_to_two", ppo_one.parent)
+    assert_same_metrics(read_metrics(root / "ppo_one_to_two"), read_metrics(ppo_one.parent))
+
+
+def test_ppo_shared_value_head_and_ptx_two_processes(launched, files, tmp_path):
+    root, _ = launched
+    check_final_rl(root, "ppo_ptx_two")
+    one = ppo(ppo_ptx_config(files, tmp_path / "one")).parent
+    assert rl_diff(root / "ppo_ptx_two", one) < ATOL
+    head_two, head_one = (load_file(d / "checkpoint" / "value" / "model.safetensors") for d in (root / "ppo_ptx_two", one))
+    assert max((head_two[k] - head_one[k]).abs().max().item() for k in head_one) < ATOL
+    assert_same_samples(root / "ppo_ptx_two", one)
+    assert_same_metrics(read_metrics(root / "ppo_ptx_two"), read_metrics(one))
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_grpo_and_rloo_two_processes_train_the_one_process_model(launched, files, tmp_path, algo):
+    root, _ = launched
+    run, config = {"grpo": (grpo, grpo_config), "rloo": (rloo, rloo_config)}[algo]
+    check_final_rl(root, f"{algo}_two")
+    one = run(config(files, tmp_path / "one")).parent
+    assert rl_diff(root / f"{algo}_two", one) < ATOL
+    assert_same_samples(root / f"{algo}_two", one)
+    assert_same_metrics(read_metrics(root / f"{algo}_two"), read_metrics(one))
