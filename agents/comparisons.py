@@ -61,6 +61,8 @@ class CollectConfig:
     """Prompts per rollout; the vector env has prompts_per_batch * k sub-envs."""
     seed: int = 0
     """Seeds the prompts, the sampling and the annotator."""
+    device: str | None = None
+    """torch device of the policy; default: cuda if available, else cpu."""
     overwrite: bool = False
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
@@ -105,11 +107,12 @@ def gold_agreement(rows: list[dict], temperature: float) -> tuple[float, float, 
 
 
 def sample_responses(policy_path: str, task_name: str, prompts: list[str], k: int, prompts_per_batch: int,
-                     temperature: float, seed: int) -> list[tuple[str, list[str], list[float]]]:
+                     temperature: float, seed: int, device: str | None = None) -> list[tuple[str, list[str], list[float]]]:
     """(prompt as the policy saw it, K responses, their K gold scores) for each prompt, sampled through a
     TextGenVectorEnv whose reward is the task's gold (so the env's scores ARE the gold scores, batched)."""
     task = get_task(task_name)
-    policy = load_causal_lm(policy_path).eval()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    policy = load_causal_lm(policy_path).to(device).eval()
     envs = TextGenVectorEnv(
         num_envs=min(prompts_per_batch, len(prompts)) * k, prompts=prompts, tokenizer=load_tokenizer(policy_path),
         reward_fn=task.gold, max_new_tokens=task.max_new_tokens, max_prompt_tokens=task.max_prompt_tokens,
@@ -137,7 +140,8 @@ def collect_comparisons(cfg: CollectConfig) -> Path:
     t_start = time.time()
     task = get_task(cfg.task)
     prompts = task.prompts("train", n=cfg.n_prompts, seed=cfg.seed)
-    samples = sample_responses(cfg.policy, cfg.task, prompts, cfg.k, cfg.prompts_per_batch, cfg.temperature, cfg.seed)
+    samples = sample_responses(cfg.policy, cfg.task, prompts, cfg.k, cfg.prompts_per_batch, cfg.temperature, cfg.seed,
+                               cfg.device)
     rng = np.random.default_rng(cfg.seed)  # the annotator's own stream
     rows, skipped = [], Counter()
     for prompt_index, (prompt, responses, gold) in enumerate(samples):

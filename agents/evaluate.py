@@ -47,6 +47,8 @@ class EvalConfig:
     """Sampling seed."""
     out: str | None = None
     """Write the metrics and samples to this JSON file."""
+    device: str | None = None
+    """torch device for the policy, the reference and the proxy; default: cuda if available, else cpu."""
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -83,8 +85,9 @@ def perplexity(model, tokenizer, pairs: list[dict], batch_size: int = 32) -> flo
             ids[i, : len(a) + len(b)] = torch.tensor(a + b)
             labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
             mask[i, : len(a) + len(b)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, L-1, V)
-        target = labels[:, 1:]
+        device = next(model.parameters()).device
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]  # (B, L-1, V)
+        target = labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
         nll, count = nll + loss.item(), count + int((target != -100).sum())
     return float(np.exp(nll / count))
@@ -92,10 +95,11 @@ def perplexity(model, tokenizer, pairs: list[dict], batch_size: int = 32) -> flo
 
 def evaluate(cfg: EvalConfig) -> dict:
     task = get_task(cfg.task)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(cfg.policy)
-    policy = load_causal_lm(cfg.policy).eval()
-    reference = load_causal_lm(cfg.reference).eval() if cfg.reference else None
-    proxy = SequenceClassifierReward(cfg.reward) if cfg.reward else None
+    policy = load_causal_lm(cfg.policy).to(device).eval()
+    reference = load_causal_lm(cfg.reference).to(device).eval() if cfg.reference else None
+    proxy = SequenceClassifierReward(cfg.reward, device=device) if cfg.reward else None
     prompts = task.prompts(cfg.split, n=cfg.n_prompts)
     shown = [task.few_shot(p) for p in prompts] if cfg.few_shot else prompts
     T = cfg.max_new_tokens or task.max_new_tokens
@@ -115,10 +119,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         responses += batch.responses[:keep]
         eos += batch.terminated[:keep].tolist()
         if reference is not None and not cfg.few_shot:
-            ids, mask = batch.input_ids, batch.attention_mask
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             logp = sequence_logprobs(policy, ids, mask, P, cfg.temperature)
             ref_logp = sequence_logprobs(reference, ids, mask, P, cfg.temperature)
-            kls += (kl_estimate(logp, ref_logp) * batch.response_mask).sum(1)[:keep].tolist()
+            kls += (kl_estimate(logp, ref_logp) * batch.response_mask.to(device)).sum(1)[:keep].tolist()
     if cfg.few_shot:  # the document trick has no EOS: the answer is the first line
         responses = [r.split("\n")[0] for r in responses]
     gold = task.gold(prompts, responses)

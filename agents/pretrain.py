@@ -101,8 +101,9 @@ class PretrainConfig:
 
 
 def run_config(cfg) -> dict:
-    """What must match for a rerun to resume: every field but where the run lives and whether to overwrite."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite")}
+    """What must match for a rerun to resume: every field but where the run lives, whether to overwrite and (for
+    stages that have one) the device, which may change between a crash and a resume."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
 
 
 def pack_blocks(tokenizer, docs: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
