@@ -197,7 +197,7 @@ def main() -> None:
 
     fits = gao_fits(bon, curves, base_gold, base_proxy)
     write_tables(rows, fits, out, base_gold, base_proxy)
-    plot_all(rows, curves, bon, fits, base_gold, base_proxy, out)
+    plot_all(rows, curves, bon, fits, base_gold, base_proxy, out, args.episodes_per_iteration)
     summary = {"bench": "algorithms", "args": vars(args), "sft": {"gold": base_gold, "proxy": base_proxy},
                "rows": rows, "fits": fits}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -252,17 +252,17 @@ def write_tables(rows: list[dict], fits: dict, out: Path, base_gold: float, base
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_all(rows, curves, bon, fits, base_gold, base_proxy, out: Path) -> None:
+def plot_all(rows, curves, bon, fits, base_gold, base_proxy, out: Path, episodes_per_iteration: int) -> None:
     from agents.report import plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, metric, base in ((axes[0], "gold", "objective/gold", base_gold), (axes[1], "proxy", "objective/scores", base_proxy)):
-        grid = np.linspace(0.01, 4.0, 200)
         if bon:
             d = np.sqrt([r["kl"] for r in bon])
             ax.scatter(d, [r[key] - base for r in bon], marker="s", label="best-of-n")
             if f"bon/{key}" in fits:
                 a, b, r2 = fits[f"bon/{key}"]
+                grid = np.linspace(0.01, d.max(), 100)  # a fit is drawn over its data only: no extrapolation
                 ax.plot(grid, gao_curve(grid, a, b, "bon"), "--", label=f"BoN fit R²={r2:.2f}")
         for algo, runs in curves.items():
             pts = [(math.sqrt(max(m["objective/kl"], 0)), m[metric] - base) for run in runs for m in run if "objective/kl" in m]
@@ -270,6 +270,7 @@ def plot_all(rows, curves, bon, fits, base_gold, base_proxy, out: Path) -> None:
                 line = ax.scatter(*zip(*pts), s=8, alpha=0.5, label=f"{algo} (training)")
                 if f"{algo}/{key}" in fits:
                     a, b, r2 = fits[f"{algo}/{key}"]
+                    grid = np.linspace(0.01, max(x for x, _ in pts), 100)
                     ax.plot(grid, gao_curve(grid, a, b, "rl"), color=line.get_facecolor()[0], label=f"{algo} fit R²={r2:.2f}")
         for r in rows:  # the final policies, evaluated on the test prompts
             if not r["algo"].startswith("bon"):
@@ -289,10 +290,11 @@ def plot_all(rows, curves, bon, fits, base_gold, base_proxy, out: Path) -> None:
         if steps == 0:
             continue
         g = np.array([[m["objective/gold"] for m in run[:steps]] for run in runs])  # (seeds, steps)
-        x = [m["step"] for m in runs[0][:steps]]
+        # episodes sampled so far: SB3 counts them itself; our RL trainers log once per iteration of a fixed batch
+        x = [m.get("charts/episodes", m["step"] * episodes_per_iteration) for m in runs[0][:steps]]
         ax.plot(x, g.mean(0), label=algo)
         ax.fill_between(x, g.min(0), g.max(0), alpha=0.2)
-    ax.set_xlabel("step (iteration; SB3: env steps)")
+    ax.set_xlabel("training episodes")
     ax.set_ylabel("gold score (training batch)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
