@@ -91,7 +91,10 @@ class GPT2Decoder:
             q, k, v = qkv.view(B, S, 3, H, E // H).permute(2, 0, 3, 1, 4)  # each (B, H, S, D)
             self.keys[i][:, :, start:end] = k
             self.values[i][:, :, start:end] = v
-            a = F.scaled_dot_product_attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=bias)  # (B, H, S, D)
+            if S == 1:  # a decode step: one query per row; two batched matmuls beat the CPU flash kernel here
+                a = attend_one(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], bias)  # (B, H, 1, D)
+            else:
+                a = F.scaled_dot_product_attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=bias)  # (B, H, S, D)
             a = a.transpose(1, 2).reshape(B * S, E)
             x = x + torch.addmm(attn.c_proj.bias, a, attn.c_proj.weight).view(B, S, E)
             h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * S, E)
@@ -100,7 +103,8 @@ class GPT2Decoder:
         return F.layer_norm(x, (E,), self.model.transformer.ln_f.weight, self.model.transformer.ln_f.bias, self.eps)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.model.lm_head.weight)  # (B, V)
+        # W (V, E) @ x^T rather than x @ W^T: at a batch of 32 rows MKL runs this orientation about 5% faster
+        return (self.model.lm_head.weight @ x.t()).t()  # (B, V)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, P = input_ids.shape
@@ -125,6 +129,15 @@ class GPT2Decoder:
         self.length += 1
         self.next_position = self.next_position + 1
         return self._logits(x[:, 0])
+
+
+def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + bias) v for one query per row: q (B, H, 1, D), keys/values (B, H, L, D), bias
+    (B, 1, 1, L) -> (B, H, 1, D). What `F.scaled_dot_product_attention` computes, in two batched matmuls."""
+    B, H, L, D = keys.shape
+    scores = torch.baddbmm(bias.expand(B, H, 1, L).reshape(B * H, 1, L), q.reshape(B * H, 1, D),
+                           keys.reshape(B * H, L, D).transpose(1, 2), alpha=D**-0.5)  # (B*H, 1, L)
+    return torch.bmm(scores.softmax(-1), values.reshape(B * H, L, D)).view(B, H, 1, D)
 
 
 def gpt2_fast_path(model: PreTrainedModel) -> bool:
