@@ -24,10 +24,9 @@ from tqdm.auto import tqdm
 from agents.common import (RunLogger, check_run_dir, distributed_state, is_complete, load_checkpoint, save_checkpoint,
                            write_summary)
 from agents.core import clipped_policy_loss, grpo_advantages, kl_estimate, masked_mean
-from agents.distributed import (gather_rollout, gather_rows, process_device, rank_rows, rollout_uniforms,
-                                sum_gradients, sum_over_processes)
-from agents.ppo import check_finite, chunked, iteration_generator, policy_forward, write_samples
-from agents.sampler import rollout
+from agents.distributed import gather_rows, process_device, rank_rows, sum_gradients, sum_over_processes
+from agents.groups import sample_groups
+from agents.ppo import check_finite, iteration_generator, policy_forward, write_samples
 from rewards.base import as_reward_fn
 from textenv.models import load_causal_lm
 from textenv.tasks import get_task
@@ -136,7 +135,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     mine = rank_rows(B, dist)  # this process's responses: global rows [mine.start, mine.stop)
     envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
                             reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens)
-    P, T, mb_size = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, B // cfg.num_minibatches
+    P, mb_size = envs.setup.max_prompt_tokens, B // cfg.num_minibatches
     rows = cfg.micro_batch_size or mb_size
 
     params = list(policy.parameters())
@@ -152,27 +151,11 @@ def grpo(cfg: GRPOConfig) -> Path:
     for iteration in bar:
         t0 = time.perf_counter()
         # ---- 1. rollout: k responses to each of num_prompts prompts; group g is rows g*k .. g*k + k-1 ----
-        # This process plays global rows `mine` of the batch, with their prompts and sampling numbers (see ppo.py)
-        policy.eval()
-        prompt_ids = torch.randint(len(envs.setup.prompts), (cfg.num_prompts,), generator=iteration_generator(cfg.seed, iteration, 2))
-        uniforms = rollout_uniforms(iteration_generator(cfg.seed, iteration, 0), B, T)  # (B, T)
-        local = rollout(
-            policy, envs, uniforms=uniforms[mine], temperature=cfg.temperature,
-            seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start, prompt_index=np.repeat(prompt_ids.numpy(), k)[mine],
-        )
-        ref_logp = None
-        if ref_policy is not None:  # this process's rows
-            with torch.no_grad():
-                ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature)[0],
-                                   rows, local.input_ids.to(device), local.attention_mask.to(device))  # (b, T)
-            ref_logp = gather_rows(dist, ref_logp)[0]  # (B, T)
-        batch = gather_rollout(dist, local)  # every process holds the whole batch from here on
-        input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # (B, P+T)
-        mask = batch.response_mask.to(device).float()  # (B, T) 1 up to and including EOS
-        scores = batch.scores.to(device)  # (B,)
-        if cfg.missing_eos_penalty is not None:  # the EOS trick: a truncated response gets a fixed penalty
-            scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
-        logp = batch.logprobs.to(device)  # (B, T) the sampler's log-probs are the "old" ones (see ppo.py)
+        g = sample_groups(policy, ref_policy, envs, num_prompts=cfg.num_prompts, k=k, iteration=iteration, seed=cfg.seed,
+                          temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty, rows=rows,
+                          mine=mine, dist=dist, device=device)
+        batch, local, input_ids, attention_mask = g.batch, g.local, g.input_ids, g.attention_mask  # (B, P+T)
+        mask, scores, logp, ref_logp = g.mask, g.scores, g.logp, g.ref_logp  # (B, T), (B,), (B, T), (B, T) or None
         with torch.no_grad():
             advantages = grpo_advantages(scores, k, cfg.scale_rewards)  # (B,) one per response, on all its tokens
         check_finite(iteration, scores=scores)
