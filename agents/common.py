@@ -185,8 +185,10 @@ def _set_rng_state(rng: dict) -> None:
     name, keys, *rest = rng["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+    if rng["cuda"] and torch.cuda.is_available():
+        # one state per GPU the saving process saw; a resume may see fewer (8 GPUs -> 1): restore those it has
+        for i, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.tensor(state, dtype=torch.uint8), i)
 
 
 def _save_model(model, folder: Path) -> None:

@@ -58,13 +58,14 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 @torch.no_grad()
-def sequence_logprobs(model, input_ids, attention_mask, P: int, temperature: float) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens (columns P:) under `model` at `temperature`."""
+def sequence_logprobs(model, input_ids, attention_mask, P: int, temperature: float, vocab_size: int | None = None) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens (columns P:) under `model` at `temperature`, over the first
+    `vocab_size` logits (the env's actions; see `agents.ppo.policy_forward`)."""
     T = input_ids.shape[1] - P
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
         logits_to_keep=T + 1,
-    ).logits[:, :-1]  # (B, T, V)
+    ).logits[:, :-1, :vocab_size]  # (B, T, V)
     return logprobs_from_logits(logits, input_ids[:, P:], temperature)
 
 
@@ -120,8 +121,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         eos += batch.terminated[:keep].tolist()
         if reference is not None and not cfg.few_shot:
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            logp = sequence_logprobs(policy, ids, mask, P, cfg.temperature)
-            ref_logp = sequence_logprobs(reference, ids, mask, P, cfg.temperature)
+            logp = sequence_logprobs(policy, ids, mask, P, cfg.temperature, envs.setup.vocab_size)
+            ref_logp = sequence_logprobs(reference, ids, mask, P, cfg.temperature, envs.setup.vocab_size)
             kls += (kl_estimate(logp, ref_logp) * batch.response_mask.to(device)).sum(1)[:keep].tolist()
     if cfg.few_shot:  # the document trick has no EOS: the answer is the first line
         responses = [r.split("\n")[0] for r in responses]

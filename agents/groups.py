@@ -35,7 +35,7 @@ def sample_groups(policy, ref_policy, envs, *, num_prompts: int, k: int, iterati
                   temperature: float, missing_eos_penalty: float | None, rows: int, mine: slice, dist,
                   device: torch.device) -> GroupBatch:
     """Play one iteration's groups; `rows` chunks the reference forward, `mine` are this process's global rows."""
-    B, P, T = num_prompts * k, envs.setup.max_prompt_tokens, envs.setup.max_new_tokens
+    B, P, T, V = num_prompts * k, envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, envs.setup.vocab_size
     policy.eval()
     prompt_ids = torch.randint(len(envs.setup.prompts), (num_prompts,), generator=iteration_generator(seed, iteration, 2))
     uniforms = rollout_uniforms(iteration_generator(seed, iteration, 0), B, T)  # (B, T)
@@ -46,7 +46,7 @@ def sample_groups(policy, ref_policy, envs, *, num_prompts: int, k: int, iterati
     ref_logp = None
     if ref_policy is not None:  # this process's rows, then everyone's
         with torch.no_grad():
-            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, temperature)[0],
+            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, temperature, vocab_size=V)[0],
                                rows, local.input_ids.to(device), local.attention_mask.to(device))  # (b, T)
         ref_logp = gather_rows(dist, ref_logp)[0]  # (B, T)
     batch = gather_rollout(dist, local)

@@ -135,7 +135,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     mine = rank_rows(B, dist)  # this process's responses: global rows [mine.start, mine.stop)
     envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
                             reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens)
-    P, mb_size = envs.setup.max_prompt_tokens, B // cfg.num_minibatches
+    P, V, mb_size = envs.setup.max_prompt_tokens, envs.setup.vocab_size, B // cfg.num_minibatches
     rows = cfg.micro_batch_size or mb_size
 
     params = list(policy.parameters())
@@ -181,7 +181,8 @@ def grpo(cfg: GRPOConfig) -> Path:
                     mu = mb_mine[j : j + rows]
                     mu_mask = mask[mu]
                     weight = mu_mask.sum() / mb_tokens
-                    new_logp, entropy, _ = policy_forward(policy, input_ids[mu], attention_mask[mu], P, cfg.temperature)
+                    new_logp, entropy, _ = policy_forward(policy, input_ids[mu], attention_mask[mu], P, cfg.temperature,
+                                                          vocab_size=V)
                     pg_loss, clipfrac, approx_kl = clipped_policy_loss(
                         new_logp, logp[mu], advantages[mu, None], mu_mask, cfg.clip_coef  # (rows, 1) broadcast over T
                     )

@@ -172,10 +172,14 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.score.bias)
 
 
-def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float, hidden: bool = False):
+def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float, hidden: bool = False,
+                   vocab_size: int | None = None):
     """Temperature-scaled log-probs, entropies (and last hidden states) of the response tokens.
 
     The logits at position P-1+t predict response token t; only those T positions go through the LM head.
+    `vocab_size`: the env's number of actions. A model whose embedding is padded past its tokenizer (Pythia,
+    Qwen) has more logits than actions; the sampler drops the extra ones, so the loss must too, or the ratio
+    and the KL are off by the probability mass on tokens that can never be sampled.
     """
     T = input_ids.shape[1] - P
     out = policy(
@@ -185,7 +189,7 @@ def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float
         logits_to_keep=T + 1,
         output_hidden_states=hidden,
     )
-    logits = out.logits[:, :-1] / temperature  # (B, T, V)
+    logits = out.logits[:, :-1, :vocab_size] / temperature  # (B, T, V)
     logp = logprobs_from_logits(logits, input_ids[:, P:])  # (B, T)
     states = out.hidden_states[-1][:, P - 1 : -1] if hidden else None  # (B, T, H)
     with torch.no_grad():  # logged only (RLHF's PPO has no entropy bonus): no (B, T, V) graph for it
@@ -212,7 +216,7 @@ def value_states(policy, cfg: PPOConfig, input_ids, attention_mask, P: int):
     """The policy's hidden states for the shared value head (B, T, H), or None with a separate value model."""
     if not cfg.shared_value_head:
         return None
-    return policy_forward(policy, input_ids, attention_mask, P, cfg.temperature, hidden=True)[2]
+    return policy_forward(policy, input_ids, attention_mask, P, cfg.temperature, hidden=True)[2]  # logits unused
 
 
 def chunked(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
@@ -264,7 +268,7 @@ def ppo(cfg: PPOConfig) -> Path:
         reward_fn=reward_fn,
         max_new_tokens=cfg.max_new_tokens,
     )
-    P, T = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens
+    P, T, V = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, envs.setup.vocab_size
     mb_size = B // cfg.num_minibatches
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 
@@ -299,7 +303,7 @@ def ppo(cfg: PPOConfig) -> Path:
         rows = cfg.micro_batch_size or B
         with torch.no_grad():  # the reference log-probs and the values of this process's rows
             local_ids, local_mask = local.input_ids.to(device), local.attention_mask.to(device)  # (b, P+T)
-            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature)[0],
+            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature, vocab_size=V)[0],
                                rows, local_ids, local_mask)  # (b, T)
             values = chunked(lambda ids, am: predict_values(value_model, value_states(policy, cfg, ids, am, P), ids, am, P),
                              rows, local_ids, local_mask)  # (b, T)
@@ -347,7 +351,7 @@ def ppo(cfg: PPOConfig) -> Path:
                     mu_mask = mask[mu]
                     weight = mu_mask.sum() / mb_tokens
                     new_logp, entropy, mu_states = policy_forward(
-                        policy, input_ids[mu], attention_mask[mu], P, cfg.temperature, cfg.shared_value_head
+                        policy, input_ids[mu], attention_mask[mu], P, cfg.temperature, cfg.shared_value_head, V
                     )
                     new_values = predict_values(value_model, mu_states, input_ids[mu], attention_mask[mu], P)
                     pg_loss, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp[mu], advantages[mu], mu_mask, cfg.clip_coef)

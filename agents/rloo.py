@@ -140,7 +140,7 @@ def rloo(cfg: RLOOConfig) -> Path:
     mine = rank_rows(B, dist)  # this process's responses: global rows [mine.start, mine.stop)
     envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
                             reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens)
-    P, mb_size = envs.setup.max_prompt_tokens, B // cfg.num_minibatches
+    P, V, mb_size = envs.setup.max_prompt_tokens, envs.setup.vocab_size, B // cfg.num_minibatches
     rows = cfg.micro_batch_size or mb_size
 
     params = list(policy.parameters())
@@ -191,7 +191,8 @@ def rloo(cfg: RLOOConfig) -> Path:
                 for j in range(0, len(mb_mine), rows):  # gradient accumulation: each micro-batch's share of responses
                     mu = mb_mine[j : j + rows]
                     weight = len(mu) / mb_size
-                    new_logp, entropy, _ = policy_forward(policy, input_ids[mu], attention_mask[mu], P, cfg.temperature)
+                    new_logp, entropy, _ = policy_forward(policy, input_ids[mu], attention_mask[mu], P, cfg.temperature,
+                                                          vocab_size=V)
                     new_seq_logp = (new_logp * mask[mu]).sum(1, keepdim=True)  # (rows, 1)
                     pg_loss, clipfrac, approx_kl = clipped_policy_loss(  # per response: clipfrac, approx_kl too
                         new_seq_logp, old_seq_logp[mu, None], advantages[mu, None], torch.ones_like(new_seq_logp), cfg.clip_coef

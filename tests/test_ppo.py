@@ -64,6 +64,30 @@ def test_first_minibatch_kl_zero_ratio_one(sft_folder):
     assert clipfrac.item() == 0.0 and approx_kl.item() < 1e-10
 
 
+def test_padded_vocabulary_log_probs_match_the_sampler():
+    """A model with more logits than tokenizer entries (a padded embedding, as Pythia's or Qwen's): the sampler
+    never draws the extra ids, so the loss's log-probs must leave them out too, or the first ratio is not 1."""
+    from transformers import GPT2LMHeadModel
+
+    from textenv.models import preset_config
+
+    tok = default_tokenizer()
+    config = preset_config("tiny", tok)
+    config.vocab_size = len(tok) + 8
+    torch.manual_seed(0)
+    policy = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        policy.transformer.wte.weight[len(tok) :] = 0.5  # tied head: the padding rows get real probability mass
+    envs = TextGenVectorEnv(num_envs=4, task="sentiment", tokenizer=tok, reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=5)
+    batch = rollout(policy, envs, torch.Generator().manual_seed(0), temperature=0.7, seed=0)
+    P, mask = envs.setup.max_prompt_tokens, batch.response_mask.bool()
+    with torch.no_grad():
+        kept, _, _ = policy_forward(policy, batch.input_ids, batch.attention_mask, P, 0.7, vocab_size=len(tok))
+        every, _, _ = policy_forward(policy, batch.input_ids, batch.attention_mask, P, 0.7)
+    torch.testing.assert_close(kept[mask], batch.logprobs[mask], atol=1e-5, rtol=0)
+    assert (every[mask] < kept[mask] - 1e-3).all()  # the padding rows' mass, which the sampler never draws
+
+
 def test_logprobs_equal_plain_hf_forward_and_ignore_left_padding(sft_folder):
     from textenv.models import load_causal_lm
 
