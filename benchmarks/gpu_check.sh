@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU check (issue 8) for a session that is lent a device machine: the tiny pipeline end to end on the GPU,
+# the lean decoder against the HF forward on CUDA, and the figures, in one prepared run.
+#
+#   bash benchmarks/gpu_check.sh prepare   # HERE, once: the wheels the device image lacks, into .whl/ (15 MB)
+#   then the device tool's run with carry [".whl"], command "bash benchmarks/gpu_check.sh run", timeout_s 540
+#
+# Why wheels: the device image (.library/device/KINDS.md) has torch 2.11 (CUDA) and transformers 5.17, but textenv
+# needs transformers >= 5.24 (the `cache=` forward argument) and gymnasium, stable-baselines3, tyro, vaderSentiment
+# and datasets, and nothing can be fetched there. Written before any session was lent a GPU: not yet run on one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(transformers==5.24.0 gymnasium==1.4.0 farama-notifications==0.0.6 stable-baselines3==2.9.2 tyro==1.0.17
+        docstring-parser==0.18.0 typeguard==4.6.1 vaderSentiment==3.3.2 datasets==5.2.0 dill==0.4.1
+        multiprocess==0.70.19)
+
+case "${1:-}" in
+prepare)
+    grep -qx "/.whl/" .git/info/exclude || echo "/.whl/" >> .git/info/exclude
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "${WHEELS[@]}"
+    ls .whl
+    ;;
+run)
+    out="${OUT:-/tmp/gpu_check}"
+    mkdir -p "$out"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+    python3 - <<'EOF' 2>&1 | tee "$out/decoder.txt"
+# the lean GPT-2 decoder against the HF forward, on CUDA, fp32
+import torch, transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+from agents.decoding import GPT2Decoder, HFDecoder
+assert torch.cuda.is_available(), "no CUDA device"
+print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_embd=256, n_layer=4, n_head=4, n_positions=256)).cuda().eval()
+ids = torch.randint(2, 4096, (32, 16), device="cuda"); mask = torch.ones_like(ids); mask[:8, :5] = 0
+lean, hf = GPT2Decoder(model, 32, 64), HFDecoder(model, 32, 64)
+with torch.inference_mode():
+    worst = (lean.prefill(ids, mask) - hf.prefill(ids, mask)).abs().max().item()
+    for _ in range(48):
+        t = torch.randint(2, 4096, (32,), device="cuda")
+        worst = max(worst, (lean.step(t) - hf.step(t)).abs().max().item())
+print(f"max |lean - HF| logit difference over prefill + 48 steps: {worst:.2e}")
+assert worst < 1e-3, worst
+EOF
+    # the main job's pipeline at the tiny preset: pretrain, SFT, collect, RM, PPO and eval pick cuda
+    python3 -m textenv.cli pipeline --preset tiny --out /tmp/gpu_tiny 2>&1 | grep '\[pipeline\]' | tee "$out/pipeline_tiny.txt"
+    cp /tmp/gpu_tiny/timings.json /tmp/gpu_tiny/report.md "$out/"
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_check.sh prepare|run" >&2
+    exit 2
+    ;;
+esac
