@@ -35,8 +35,8 @@ from agents.common import (RunLogger, check_run_dir, cosine_schedule, is_complet
 from agents.comparisons import load_preferences
 from agents.core import logprobs_from_logits
 from agents.data import batch_indices
+from agents.decoding import position_ids_from_mask
 from agents.pretrain import adamw, run_config
-from agents.sampler import position_ids_from_mask
 from agents.sft import IGNORE, encode_pair
 from textenv.models import load_causal_lm
 from textenv.tokenizer import load_tokenizer

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from agents.core import kl_estimate, logprobs_from_logits
-from agents.sampler import position_ids_from_mask, rollout
+from agents.decoding import position_ids_from_mask
+from agents.sampler import rollout
 from rewards.hf import SequenceClassifierReward
 from textenv.models import load_causal_lm
 from textenv.tasks import get_task

@@ -46,6 +46,7 @@ from agents.core import (
     masked_whiten,
     per_token_rewards,
 )
+from agents.decoding import position_ids_from_mask
 from agents.distributed import (
     gather_rollout,
     gather_rows,
@@ -55,7 +56,7 @@ from agents.distributed import (
     sum_gradients,
     sum_over_processes,
 )
-from agents.sampler import Rollout, position_ids_from_mask, rollout
+from agents.sampler import Rollout, rollout
 from rewards.base import as_reward_fn
 from rewards.hf import SequenceClassifierReward
 from textenv.models import load_causal_lm, load_sequence_classifier

@@ -44,8 +44,8 @@ from agents.common import (RunLogger, check_run_dir, cosine_schedule, distribute
                            multi_cpu, save_checkpoint, seed_everything, write_summary)
 from agents.comparisons import load_preferences, sample_responses
 from agents.data import batch_indices
+from agents.decoding import position_ids_from_mask
 from agents.pretrain import adamw, run_config
-from agents.sampler import position_ids_from_mask
 from rewards.hf import SequenceClassifierReward, reward_model_text
 from textenv.models import disable_dropout
 from textenv.tasks import get_task

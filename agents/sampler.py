@@ -15,7 +15,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from transformers import PreTrainedModel
 
-from agents.decoding import make_decoder, position_ids_from_mask  # noqa: F401  (re-exported)
+from agents.decoding import make_decoder
 from textenv.vector_env import TextGenVectorEnv
 
 

@@ -34,7 +34,7 @@ from transformers import AutoConfig
 
 import textenv  # noqa: F401  (registers the env ids)
 from agents.common import RunLogger, check_run_dir, is_complete, write_summary
-from agents.sampler import position_ids_from_mask
+from agents.decoding import position_ids_from_mask
 from rewards.base import as_reward_fn
 from textenv.models import load_causal_lm
 from textenv.tasks import get_task

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from agents.sampler import position_ids_from_mask, rollout, sample_from_logits
+from agents.decoding import position_ids_from_mask
+from agents.sampler import rollout, sample_from_logits
 from textenv import TextGenVectorEnv
 from tests.conftest import length_reward
 
