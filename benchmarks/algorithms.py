@@ -14,7 +14,7 @@ chosen by the proxy, is the training-free baseline at KL log n - (n-1)/n. It wri
     python -m benchmarks.algorithms --run runs/default --algos ppo grpo --seeds 0
 
 Default budget: 1,280 episodes per RL run (20 iterations x 64), DPO one pass over the comparisons, SB3 PPO 6,144
-env steps on seed 0 only (no KV cache in SB3: each step is a full forward); about 25 minutes on the 2-core box.
+env steps on seed 0 only (no KV cache in SB3: each step is a full forward); 17 minutes on the 2-core box.
 Needs the main job's run folder (sft/model, rm/model, comparisons/): it runs `textenv pipeline` there if missing.
 """
 
