@@ -123,6 +123,20 @@ def check_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) ->
     return out_dir
 
 
+def save_model_folder(model, tokenizer, folder: str | Path) -> Path:
+    """`model` and `tokenizer` as one save_pretrained folder (safetensors), written beside its place and then
+    renamed, so a crash never leaves half a model folder. Only the main process writes; returns the folder."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if distributed_state().is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        extract_model_from_parallel(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folder
+
+
 def is_complete(out_dir: str | Path) -> bool:
     """True once a stage has written its summary.json (the last thing it writes)."""
     return (Path(out_dir) / "summary.json").exists()

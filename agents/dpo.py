@@ -19,7 +19,6 @@ holds batch_size / N of them, so DDP's average of the gradients is the global ba
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from agents.common import (RunLogger, check_run_dir, cosine_schedule, is_complete, load_checkpoint, multi_cpu,
-                           save_checkpoint, seed_everything, write_summary)
+                           save_checkpoint, save_model_folder, seed_everything, write_summary)
 from agents.comparisons import load_preferences
 from agents.core import logprobs_from_logits
 from agents.data import batch_indices
@@ -274,13 +273,7 @@ def dpo(cfg: DPOConfig) -> Path:
     pbar.close()
     logger.close()
 
-    final, tmp = out_dir / "model", out_dir / "model.tmp"
-    if accelerator.is_main_process:  # written next to its place, then renamed: never half a model folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    final = save_model_folder(model, tokenizer, out_dir / "model")
     write_summary(out_dir, {"stage": "dpo", "wall_time_s": elapsed_before + time.time() - t_start, "steps": max_steps,
                             "pairs": len(triples), "layout": prefs.layout, "skipped_rows": prefs.skipped,
                             **last_metrics, "model": str(final)})

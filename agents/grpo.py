@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.common import (RunLogger, check_run_dir, distributed_state, is_complete, load_checkpoint, save_checkpoint,
-                           write_summary)
+                           save_model_folder, write_summary)
 from agents.core import clipped_policy_loss, grpo_advantages, kl_estimate, masked_mean
 from agents.distributed import gather_rows, process_device, rank_rows, sum_gradients, sum_over_processes
 from agents.groups import sample_groups
@@ -237,10 +237,7 @@ def grpo(cfg: GRPOConfig) -> Path:
             save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler, {"iteration": iteration + 1})
     logger.close()
 
-    final = out_dir / "model"
-    if dist.is_main_process:
-        policy.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+    final = save_model_folder(policy, tokenizer, out_dir / "model")
     write_summary(out_dir, {"iterations": cfg.iterations})
     dist.wait_for_everyone()  # the model and summary are on disk when grpo() returns, in every process
     return final

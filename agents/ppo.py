@@ -30,6 +30,7 @@ from agents.common import (
     is_complete,
     load_checkpoint,
     save_checkpoint,
+    save_model_folder,
     write_summary,
 )
 from agents.core import (
@@ -413,10 +414,7 @@ def ppo(cfg: PPOConfig) -> Path:
             save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler, {"iteration": iteration + 1, "kl_ctl": kl_ctl.state_dict()})
     logger.close()
 
-    final = out_dir / "model"
-    if dist.is_main_process:
-        policy.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+    final = save_model_folder(policy, tokenizer, out_dir / "model")
     write_summary(out_dir, {"iterations": cfg.iterations, "final_kl_coef": kl_ctl.value})
     dist.wait_for_everyone()  # the model and summary are on disk when ppo() returns, in every process
     return final

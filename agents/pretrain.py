@@ -36,6 +36,7 @@ from agents.common import (
     load_checkpoint,
     multi_cpu,
     save_checkpoint,
+    save_model_folder,
     seed_everything,
     write_summary,
 )
@@ -248,13 +249,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     pbar.close()
     logger.close()
 
-    final, tmp = out_dir / "model", out_dir / "model.tmp"
-    if accelerator.is_main_process:  # written next to its place, then renamed: never half a model folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    final = save_model_folder(model, tokenizer, out_dir / "model")
     write_summary(out_dir, {
         "stage": "pretrain",
         "wall_time_s": elapsed_before + time.time() - t_start,

@@ -26,7 +26,6 @@ happen on the main process.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.common import (RunLogger, check_run_dir, cosine_schedule, distributed_state, is_complete, load_checkpoint,
-                           multi_cpu, save_checkpoint, seed_everything, write_summary)
+                           multi_cpu, save_checkpoint, save_model_folder, seed_everything, write_summary)
 from agents.comparisons import load_preferences, sample_responses
 from agents.data import batch_indices
 from agents.decoding import position_ids_from_mask
@@ -376,15 +375,10 @@ def train_reward_model(cfg: RMConfig) -> Path:
     reference = torch.tensor(gather_object(scores))  # (n_reference,)
     mean, std = reference.mean().item(), reference.std().item()
     fold_normalization(model, mean, std if cfg.normalize_std else 1.0)  # everywhere: the processes stay identical
-    final, tmp = out_dir / "model", out_dir / "model.tmp"
+    final = save_model_folder(model, tokenizer, out_dir / "model")
     if not is_main:  # the rest (sampling, writing) is the main process's; the others wait for it at the end
         accelerator.wait_for_everyone()
         return final
-    shutil.rmtree(tmp, ignore_errors=True)  # written next to its place, then renamed: never half a model folder
-    model.save_pretrained(tmp)  # safetensors
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
 
     summary = {
         "stage": "reward_model", "layout": prefs.layout, "source_rows": prefs.n_source_rows,

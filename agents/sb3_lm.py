@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 import textenv  # noqa: F401  (registers the env ids)
-from agents.common import RunLogger, check_run_dir, is_complete, write_summary
+from agents.common import RunLogger, check_run_dir, is_complete, save_model_folder, write_summary
 from agents.decoding import position_ids_from_mask
 from rewards.base import as_reward_fn
 from textenv.models import load_causal_lm
@@ -213,9 +213,8 @@ def sb3_ppo(cfg: SB3PPOConfig) -> Path:
     logger = RunLogger(out_dir, resume_step=None)  # no resume: an interrupted run starts over
     model.learn(cfg.total_timesteps, callback=RunLoggerCallback(logger, task.gold, cfg.total_timesteps))
     logger.close()
-    final = out_dir / "model"
-    model.policy.features_extractor.lm.save_pretrained(final)  # action_net is its lm_head: the learned head is in
-    tokenizer.save_pretrained(final)
+    # action_net is the LM's lm_head, so the learned head is saved with the LM
+    final = save_model_folder(model.policy.features_extractor.lm, tokenizer, out_dir / "model")
     write_summary(out_dir, {"num_timesteps": model.num_timesteps})
     return final
 

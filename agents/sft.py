@@ -16,7 +16,6 @@ global count of response tokens, so N processes compute the same update as one (
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from agents.common import (
     load_checkpoint,
     multi_cpu,
     save_checkpoint,
+    save_model_folder,
     seed_everything,
     write_summary,
 )
@@ -255,13 +255,7 @@ def sft(cfg: SFTConfig) -> Path:
     pbar.close()
     logger.close()
 
-    final, tmp = out_dir / "model", out_dir / "model.tmp"
-    if accelerator.is_main_process:  # written next to its place, then renamed: never half a model folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    final = save_model_folder(model, tokenizer, out_dir / "model")
     write_summary(out_dir, {
         "stage": "sft",
         "wall_time_s": elapsed_before + time.time() - t_start,
