@@ -30,16 +30,21 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     The temperature used when sampling must also divide the logits here, or the PPO ratio is off from step one
     (N details blog, "Scale the logits by sampling temperature").
     """
-    _check_temperature(temperature)
-    logp_all = torch.log_softmax(logits / temperature, dim=-1)  # (B, T, V)
-    return logp_all.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    z = _scaled(logits, temperature)  # (B, T, V)
+    # z[token] - logsumexp(z): the same number as log_softmax(z)[token], without writing a (B, T, V) output
+    return z.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)  # (B, T)
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """H = logsumexp(z) - sum_v softmax(z)_v z_v with z = logits / temperature, shape (B, T)."""
+    z = _scaled(logits, temperature)  # (B, T, V)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (B, T, 1)
+    return (lse - (torch.exp(z - lse) * z).sum(-1, keepdim=True)).squeeze(-1)  # (B, T)
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
     _check_temperature(temperature)
-    z = logits / temperature  # (B, T, V)
-    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)  # (B, T)
+    return logits if temperature == 1.0 else logits / temperature  # no (B, T, V) copy at temperature 1
 
 
 def _bool_mask(mask: Tensor) -> Tensor:

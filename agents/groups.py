@@ -46,7 +46,7 @@ def sample_groups(policy, ref_policy, envs, *, num_prompts: int, k: int, iterati
     ref_logp = None
     if ref_policy is not None:  # this process's rows, then everyone's
         with torch.no_grad():
-            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, temperature, vocab_size=V)[0],
+            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, temperature, vocab_size=V, entropy=False)[0],
                                rows, local.input_ids.to(device), local.attention_mask.to(device))  # (b, T)
         ref_logp = gather_rows(dist, ref_logp)[0]  # (B, T)
     batch = gather_rollout(dist, local)

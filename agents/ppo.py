@@ -175,8 +175,9 @@ class ValueHead(torch.nn.Module):
 
 
 def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float, hidden: bool = False,
-                   vocab_size: int | None = None):
-    """Temperature-scaled log-probs, entropies (and last hidden states) of the response tokens.
+                   vocab_size: int | None = None, entropy: bool = True):
+    """Temperature-scaled log-probs, entropies (None unless `entropy`) and last hidden states (None unless
+    `hidden`) of the response tokens.
 
     The logits at position P-1+t predict response token t; only those T positions go through the LM head.
     `vocab_size`: the env's number of actions. A model whose embedding is padded past its tokenizer (Pythia,
@@ -191,12 +192,14 @@ def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float
         logits_to_keep=T + 1,
         output_hidden_states=hidden,
     )
-    logits = out.logits[:, :-1, :vocab_size] / temperature  # (B, T, V)
-    logp = logprobs_from_logits(logits, input_ids[:, P:])  # (B, T)
+    logits = out.logits[:, :-1, :vocab_size]  # (B, T, V)
+    logp = logprobs_from_logits(logits, input_ids[:, P:], temperature)  # (B, T)
     states = out.hidden_states[-1][:, P - 1 : -1] if hidden else None  # (B, T, H)
-    with torch.no_grad():  # logged only (RLHF's PPO has no entropy bonus): no (B, T, V) graph for it
-        entropy = entropy_from_logits(logits)  # (B, T)
-    return logp, entropy, states
+    ent = None
+    if entropy:
+        with torch.no_grad():  # logged only (RLHF's PPO has no entropy bonus): no (B, T, V) graph for it
+            ent = entropy_from_logits(logits.detach(), temperature)  # (B, T)
+    return logp, ent, states
 
 
 def value_forward(value_model, input_ids, attention_mask, P: int) -> torch.Tensor:
@@ -218,7 +221,7 @@ def value_states(policy, cfg: PPOConfig, input_ids, attention_mask, P: int):
     """The policy's hidden states for the shared value head (B, T, H), or None with a separate value model."""
     if not cfg.shared_value_head:
         return None
-    return policy_forward(policy, input_ids, attention_mask, P, cfg.temperature, hidden=True)[2]  # logits unused
+    return policy_forward(policy, input_ids, attention_mask, P, cfg.temperature, hidden=True, entropy=False)[2]
 
 
 def chunked(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
@@ -305,7 +308,7 @@ def ppo(cfg: PPOConfig) -> Path:
         rows = cfg.micro_batch_size or B
         with torch.no_grad():  # the reference log-probs and the values of this process's rows
             local_ids, local_mask = local.input_ids.to(device), local.attention_mask.to(device)  # (b, P+T)
-            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature, vocab_size=V)[0],
+            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature, vocab_size=V, entropy=False)[0],
                                rows, local_ids, local_mask)  # (b, T)
             values = chunked(lambda ids, am: predict_values(value_model, value_states(policy, cfg, ids, am, P), ids, am, P),
                              rows, local_ids, local_mask)  # (b, T)
