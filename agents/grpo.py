@@ -139,7 +139,8 @@ def grpo(cfg: GRPOConfig) -> Path:
     rows = cfg.micro_batch_size or mb_size
 
     params = list(policy.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel for the whole step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal
     models = {"policy": policy}
     state = load_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler)
