@@ -101,10 +101,13 @@ def sum_over_processes(state: PartialState, x: torch.Tensor) -> torch.Tensor:
 def process_device(device: str | None, state: PartialState) -> torch.device:
     """The device this process computes on: `device`, or by default the state's (cuda:<local rank> under a multi-GPU
     launch, cuda in one process when there is one, else cpu). Under several processes a `device` other than the
-    state's is refused: every process would use that one device."""
+    state's is refused: every process would use that one device (any "cpu" is the CPU processes' own)."""
     if device is None:
         return state.device
-    if state.num_processes > 1 and torch.device(device) != state.device:
+    requested = torch.device(device)
+    if requested.type == "cpu" and state.device.type == "cpu":
+        return state.device
+    if state.num_processes > 1 and requested != state.device:
         raise ValueError(f"device={device!r} under {state.num_processes} processes: leave it unset (this process's "
                          f"device is {state.device})")
-    return torch.device(device)
+    return requested
