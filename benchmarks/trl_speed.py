@@ -13,6 +13,10 @@ interleaved ours/TRL so drift on a noisy VM hits both alike. TRL runs through th
         --trl-pythonpath ppo=.trl112 grpo=.trl116 rloo=.trl116
 
 TRL is never a dependency of textenv: it runs only in its own subprocess, when asked for.
+
+Beside each pair it prints the GEMM floor of the setting (benchmarks/gemm_floor.py), timed in this process
+between the runs: the matrix multiplies every implementation must do, at this machine's measured GEMM speed.
+TRL's time over the floor is the largest speed-up over TRL that equal FLOPs allow here.
 """
 
 from __future__ import annotations
@@ -117,16 +121,30 @@ def main() -> None:
     common = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
               "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads),
               "--beta", str(args.beta), "--num-generations", str(args.num_generations)]
-    results = []
+    import torch
+
+    from benchmarks.gemm_floor import Setting, floor_seconds, iteration_gemms
+
+    torch.set_num_threads(args.threads)
+    from textenv.embedded import default_tokenizer
+    from textenv.models import preset_config
+
+    c = preset_config("small", default_tokenizer())  # the models the workers build
+    setting = Setting(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, vocab=c.vocab_size, batch=args.batch,
+                      prompt_len=args.prompt_len, response_len=args.response_len)
+    results, gemm_times = [], {}
     for algo in args.algos:
         for epochs in args.epochs:
+            floor = floor_seconds(iteration_gemms(algo, setting, epochs), gemm_times)["total"]
             ours = run_json([sys.executable, "-m", "benchmarks.trl_speed", "--worker", "--algo", algo, "--epochs", str(epochs),
                              "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
                              "--response-len", str(args.response_len), "--iterations", str(args.iterations),
                              "--warmup", str(args.warmup), "--threads", str(args.threads), "--beta", str(args.beta),
                              "--num-generations", str(args.num_generations)])
+            ours["gemm_floor_s"] = floor
             results.append(ours)
-            line = (f"{algo} epochs={epochs}: textenv {ours['sec_per_iter_median']:.3f} s/iter, rollout "
+            line = (f"{algo} epochs={epochs}: GEMM floor {floor:.3f} s/iter | textenv {ours['sec_per_iter_median']:.3f} "
+                    f"s/iter ({floor / ours['sec_per_iter_median']:.0%} of floor speed), rollout "
                     f"{ours['rollout_tokens_per_s']:,.0f} tok/s, peak RSS {ours['peak_rss_mib']:,.0f} MiB")
             if args.trl_script:
                 env = {"PYTHONPATH": trl_paths.get(algo, ""), "TRL_EXPERIMENTAL_SILENCE": "1"}
@@ -139,7 +157,8 @@ def main() -> None:
                          f"{trl['rollout_tokens_per_s']:,.0f} tok/s, peak RSS {trl['peak_rss_mib']:,.0f} MiB | "
                          f"speed-up x{trl['sec_per_iter_median'] / ours['sec_per_iter_median']:.2f}, "
                          f"rollout x{ours['rollout_tokens_per_s'] / trl['rollout_tokens_per_s']:.2f}, "
-                         f"RSS x{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}")
+                         f"RSS x{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}, "
+                         f"most equal FLOPs allow x{trl['sec_per_iter_median'] / floor:.2f}")
             print(line, flush=True)
     print(json.dumps({"bench": "trl_speed", "args": vars(args), "results": results}))
 

@@ -1,0 +1,153 @@
+"""A lower bound on the time of one RL iteration on this machine: its matrix multiplies at measured GEMM speed.
+
+Every trainer in the anchor setting (ours and TRL's alike) must do the same matrix multiplies: generation, the
+reference, value and reward forwards, and the update's forward and backward passes. Their FLOPs are fixed by
+the setting; this script counts them GEMM by GEMM, times `torch.mm` at each GEMM's shape on this machine (the
+best of several runs, at the benchmark's thread count), and adds up FLOPs / rate. Everything else (attention
+softmax, layer norms, GELU, the optimizer, Python) is left out, so no implementation in this precision can be
+faster than the floor. Dividing a measured iteration time by it bounds the speed-up any other trainer could have:
+
+    TRL s/iter / floor s/iter  = the largest speed-up over TRL that equal FLOPs allow on this machine.
+
+    python -m benchmarks.gemm_floor                        # the anchor setting, PPO, GRPO and RLOO
+    python -m benchmarks.gemm_floor --epochs 4 --threads 2
+
+The GEMMs are a GPT-2's four linears per block and its tied LM head. The attention products (about 4% of the
+FLOPs here) are left out too, which keeps the floor a lower bound whatever attention kernel one uses.
+Generation runs the LM head on one position per row and step, the scoring forwards on the T response positions
+only (as `agents.ppo.policy_forward` does). Token counts assume every response runs the full T tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Setting:
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    vocab: int = 4096
+    batch: int = 32
+    prompt_len: int = 16
+    response_len: int = 48
+
+
+# A GEMM: (phase, batch count, M, K, N, times, token dim): `times` products of a (batch x) (M, K) by a (K, N)
+# matrix; the token dim ("m", "k" or "") is the one a trainer can split by chunking its batch.
+Gemm = tuple[str, int, int, int, int, int, str]
+
+
+def trunk(M: int, s: Setting, phase: str, backward: bool = False) -> list[Gemm]:
+    """The transformer blocks' four linears over M tokens (and, for a backward pass, their two products each)."""
+    E = s.n_embd
+    linears = [(E, 3 * E), (E, E), (E, 4 * E), (4 * E, E)]  # c_attn, attn c_proj, c_fc, mlp c_proj
+    out = [(phase, 1, M, k, n, s.n_layer, "m") for k, n in linears]
+    if backward:  # d input = dY W^T (the first block's feeds the embeddings' gradient), d weight = X^T dY
+        out += [(phase, 1, M, n, k, s.n_layer, "m") for k, n in linears]
+        out += [(phase, 1, k, M, n, s.n_layer, "k") for k, n in linears]
+    return out
+
+
+def head(M: int, s: Setting, phase: str, backward: bool = False) -> list[Gemm]:
+    """The tied LM head on M positions (and its two backward products)."""
+    out = [(phase, 1, M, s.n_embd, s.vocab, 1, "m")]
+    if backward:
+        out += [(phase, 1, M, s.vocab, s.n_embd, 1, "m"), (phase, 1, s.vocab, M, s.n_embd, 1, "k")]
+    return out
+
+
+def iteration_gemms(algo: str, s: Setting, epochs: int) -> list[Gemm]:
+    """Every GEMM of one iteration of `algo` ('ppo', 'grpo' or 'rloo', each with a reference forward for its KL
+    term; PPO also with a separate value model) in setting `s` with `epochs` update passes."""
+    B, P, T = s.batch, s.prompt_len, s.response_len
+    L = P + T
+    gen = trunk(B * P, s, "generate") + head(B, s, "generate")  # prefill: the LM head on the last position only
+    gen += [(g[0], g[1], g[2], g[3], g[4], g[5] * (T - 1), "") for g in trunk(B, s, "generate") + head(B, s, "generate")]
+    score = trunk(B * L, s, "score") + head(B * T, s, "score")  # reference log-probs
+    score += trunk(B * L, s, "score")  # reward model (its 1-logit head is negligible)
+    update = trunk(B * L, s, "update", backward=True) + head(B * T, s, "update", backward=True)
+    if algo == "ppo":  # the value model: its rollout values, then its forward and backward in every epoch
+        score += trunk(B * L, s, "score")
+        update += trunk(B * L, s, "update", backward=True)
+    elif algo not in ("grpo", "rloo"):
+        raise ValueError(f"algo must be 'ppo', 'grpo' or 'rloo', got {algo!r}")
+    return gen + score + [(g[0], g[1], g[2], g[3], g[4], g[5] * epochs, g[6]) for g in update]
+
+
+def flops(g: Gemm) -> int:
+    _, b, m, k, n, times, _ = g
+    return 2 * b * m * k * n * times
+
+
+def gemm_seconds(b: int, m: int, k: int, n: int, repeats: int = 7, min_time: float = 0.05) -> float:
+    """Best time of one (b x) (m, k) @ (k, n) product over `repeats` timed loops of at least `min_time` s each."""
+    x, w = torch.randn(b, m, k), torch.randn(b, k, n)
+    mm = torch.mm if b == 1 else torch.bmm
+    if b == 1:
+        x, w = x[0], w[0]
+    for _ in range(3):
+        mm(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        loops, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < min_time or loops < 3:
+            mm(x, w)
+            loops += 1
+        best = min(best, elapsed / loops)
+    return best
+
+
+def best_seconds(b: int, m: int, k: int, n: int, split: str) -> float:
+    """The fastest way to do the product in chunks: its token dimension `split` in 1, 2, 4 or 8 equal parts of at
+    least 64, each part timed (a trainer may chunk its batch as it likes; adding up k-chunks is not counted)."""
+    tokens = {"m": m, "k": k}.get(split, 0)
+    best = gemm_seconds(b, m, k, n)
+    for parts in (2, 4, 8):
+        if tokens % parts or tokens // parts < 64:
+            continue
+        shape = (b, tokens // parts, k, n) if split == "m" else (b, m, tokens // parts, n)
+        best = min(best, parts * gemm_seconds(*shape))
+    return best
+
+
+def floor_seconds(gemms: list[Gemm], cache: dict | None = None) -> dict[str, float]:
+    """Seconds per phase (and 'total'): each GEMM's count times its best measured time at its shape."""
+    cache = {} if cache is None else cache
+    out: dict[str, float] = {}
+    for phase, b, m, k, n, times, split in gemms:
+        if (b, m, k, n, split) not in cache:
+            cache[(b, m, k, n, split)] = best_seconds(b, m, k, n, split)
+        out[phase] = out.get(phase, 0.0) + times * cache[(b, m, k, n, split)]
+    out["total"] = sum(out.values())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algos", nargs="+", default=["ppo", "grpo", "rloo"], choices=["ppo", "grpo", "rloo"])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    s, cache, results = Setting(), {}, []
+    for algo in args.algos:
+        for epochs in args.epochs:
+            gemms = iteration_gemms(algo, s, epochs)
+            sec = floor_seconds(gemms, cache)
+            gflop = sum(map(flops, gemms)) / 1e9
+            results.append({"algo": algo, "epochs": epochs, "gflop": gflop, "floor_s": sec})
+            print(f"{algo} epochs={epochs}: {gflop:.1f} GFLOP in GEMMs, floor {sec['total']:.3f} s/iter "
+                  f"(generate {sec['generate']:.3f}, score {sec['score']:.3f}, update {sec['update']:.3f}); "
+                  f"{gflop / sec['total']:.0f} GFLOP/s", flush=True)
+    print(json.dumps({"bench": "gemm_floor", "threads": args.threads, "setting": vars(s), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
