@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured leading iterations")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved ours/TRL pairs per setting (medians reported)")
     parser.add_argument("--trl-script", default=None, help="path to the anchor's bench_trl.py (runs TRL side by side)")
     parser.add_argument("--trl-pythonpath", nargs="*", default=[], metavar="ALGO=DIR",
                         help="where each algorithm's TRL lives, e.g. ppo=.trl112 grpo=.trl116 rloo=.trl116")
@@ -117,50 +118,54 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     trl_paths = dict(item.split("=", 1) for item in args.trl_pythonpath)
-
-    common = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
-              "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads),
-              "--beta", str(args.beta), "--num-generations", str(args.num_generations)]
     import torch
 
     from benchmarks.gemm_floor import Setting, floor_seconds, iteration_gemms
-
-    torch.set_num_threads(args.threads)
     from textenv.embedded import default_tokenizer
     from textenv.models import preset_config
 
+    torch.set_num_threads(args.threads)
     c = preset_config("small", default_tokenizer())  # the models the workers build
     setting = Setting(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, vocab=c.vocab_size, batch=args.batch,
                       prompt_len=args.prompt_len, response_len=args.response_len)
+    common = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
+              "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads),
+              "--beta", str(args.beta), "--num-generations", str(args.num_generations)]
     results, gemm_times = [], {}
     for algo in args.algos:
         for epochs in args.epochs:
-            floor = floor_seconds(iteration_gemms(algo, setting, epochs), gemm_times)["total"]
-            ours = run_json([sys.executable, "-m", "benchmarks.trl_speed", "--worker", "--algo", algo, "--epochs", str(epochs),
-                             "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
-                             "--response-len", str(args.response_len), "--iterations", str(args.iterations),
-                             "--warmup", str(args.warmup), "--threads", str(args.threads), "--beta", str(args.beta),
-                             "--num-generations", str(args.num_generations)])
-            ours["gemm_floor_s"] = floor
-            results.append(ours)
-            line = (f"{algo} epochs={epochs}: GEMM floor {floor:.3f} s/iter | textenv {ours['sec_per_iter_median']:.3f} "
-                    f"s/iter ({floor / ours['sec_per_iter_median']:.0%} of floor speed), rollout "
-                    f"{ours['rollout_tokens_per_s']:,.0f} tok/s, peak RSS {ours['peak_rss_mib']:,.0f} MiB")
-            if args.trl_script:
-                env = {"PYTHONPATH": trl_paths.get(algo, ""), "TRL_EXPERIMENTAL_SILENCE": "1"}
-                trl = run_json([sys.executable, args.trl_script, "--trainer", algo, "--ppo-epochs", str(epochs), *common], env)
-                trl = {"side": "trl", "algo": algo, "epochs": epochs, "sec_per_iter_median": trl["sec_per_iter_median"],
-                       "rollout_tokens_per_s": trl["rollout_tokens_per_s"], "peak_rss_mib": trl["peak_rss_mib"],
-                       "trl_version": trl.get("trl_version_used")}
-                results.append(trl)
-                line += (f" | TRL {trl['trl_version']} {trl['sec_per_iter_median']:.3f} s/iter, rollout "
-                         f"{trl['rollout_tokens_per_s']:,.0f} tok/s, peak RSS {trl['peak_rss_mib']:,.0f} MiB | "
-                         f"speed-up x{trl['sec_per_iter_median'] / ours['sec_per_iter_median']:.2f}, "
-                         f"rollout x{ours['rollout_tokens_per_s'] / trl['rollout_tokens_per_s']:.2f}, "
-                         f"RSS x{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}, "
-                         f"most equal FLOPs allow x{trl['sec_per_iter_median'] / floor:.2f}")
-            print(line, flush=True)
+            floors, ours, trl = [], [], []
+            for _ in range(args.repeats):  # ours, TRL, ours, TRL, ...: drift on a noisy VM hits both sides alike
+                floors.append(floor_seconds(iteration_gemms(algo, setting, epochs), gemm_times)["total"])
+                gemm_times.clear()  # re-timed each repeat, in the machine's state of the moment
+                ours.append(run_json([sys.executable, "-m", "benchmarks.trl_speed", "--worker", "--algo", algo,
+                                      "--epochs", str(epochs), *common]))
+                if args.trl_script:
+                    env = {"PYTHONPATH": trl_paths.get(algo, ""), "TRL_EXPERIMENTAL_SILENCE": "1"}
+                    out = run_json([sys.executable, args.trl_script, "--trainer", algo, "--ppo-epochs", str(epochs), *common], env)
+                    trl.append({"side": "trl", "algo": algo, "epochs": epochs, "sec_per_iter_median": out["sec_per_iter_median"],
+                                "rollout_tokens_per_s": out["rollout_tokens_per_s"], "peak_rss_mib": out["peak_rss_mib"],
+                                "trl_version": out.get("trl_version_used")})
+            results.append({"algo": algo, "epochs": epochs, "gemm_floor_s": floors, "textenv": ours, "trl": trl})
+            print(summary_line(algo, epochs, floors, ours, trl), flush=True)
     print(json.dumps({"bench": "trl_speed", "args": vars(args), "results": results}))
+
+
+def summary_line(algo: str, epochs: int, floors: list[float], ours: list[dict], trl: list[dict]) -> str:
+    """Medians over the repeats (each repeat's figure is itself the median of its measured iterations)."""
+    med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+    floor, sec = statistics.median(floors), med(ours, "sec_per_iter_median")
+    each = lambda runs: "/".join(f"{r['sec_per_iter_median']:.2f}" for r in runs)  # noqa: E731
+    line = (f"{algo} epochs={epochs} ({len(ours)} repeats): GEMM floor {floor:.3f} s/iter | textenv {sec:.3f} s/iter "
+            f"[{each(ours)}] ({floor / sec:.0%} of floor speed), rollout {med(ours, 'rollout_tokens_per_s'):,.0f} tok/s, "
+            f"peak RSS {med(ours, 'peak_rss_mib'):,.0f} MiB")
+    if trl:
+        trl_sec = med(trl, "sec_per_iter_median")
+        line += (f" | TRL {trl[0]['trl_version']} {trl_sec:.3f} s/iter [{each(trl)}], rollout "
+                 f"{med(trl, 'rollout_tokens_per_s'):,.0f} tok/s, peak RSS {med(trl, 'peak_rss_mib'):,.0f} MiB | "
+                 f"speed-up x{trl_sec / sec:.2f}, rollout x{med(ours, 'rollout_tokens_per_s') / med(trl, 'rollout_tokens_per_s'):.2f}, "
+                 f"RSS x{med(ours, 'peak_rss_mib') / med(trl, 'peak_rss_mib'):.2f}, most equal FLOPs allow x{trl_sec / floor:.2f}")
+    return line
 
 
 if __name__ == "__main__":
