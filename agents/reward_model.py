@@ -26,6 +26,7 @@ happen on the main process.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -261,7 +262,11 @@ def fresh_sample_eval(rm: PreTrainedModel, rm_tokenizer, policy_path: str, task_
                                batch_size, 1.0, seed)
     seen, responses, gold = ([s[0] for s in samples], [s[1][0] for s in samples], [s[2][0] for s in samples])
     rm_scores = SequenceClassifierReward(rm, rm_tokenizer, batch_size=batch_size)(seen, responses)
-    return {"spearman": float(spearmanr(rm_scores, gold).statistic), "rm_mean": float(np.mean(rm_scores)),
+    # a rank correlation with a constant is undefined (a weak policy that solves no arithmetic prompt): NaN, said
+    # plainly rather than through scipy's ConstantInputWarning
+    constant = np.ptp(rm_scores) == 0 or np.ptp(gold) == 0
+    spearman = math.nan if constant else float(spearmanr(rm_scores, gold).statistic)
+    return {"spearman": spearman, "rm_mean": float(np.mean(rm_scores)),
             "rm_std": float(np.std(rm_scores)), "gold_mean": float(np.mean(gold)), "samples": n}
 
 
