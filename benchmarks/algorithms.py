@@ -1,7 +1,7 @@
-"""RL algorithms side by side on one task, one SFT policy, one learned reward model, the same seeds and budgets.
+"""RL algorithms side by side on the same tasks, SFT policies, learned reward models, seeds and budgets.
 
-For every algorithm x seed it trains from the SFT policy, then samples the test prompts and scores the samples
-with the gold scorer and the proxy (the learned RM), with KL to SFT. Best-of-n sampling from the SFT policy,
+For every task x algorithm x budget x seed it trains from the task's SFT policy, then samples the test prompts and
+scores the samples with the gold scorer and the proxy (the learned RM), with KL to SFT. Best-of-n sampling from the SFT policy,
 chosen by the proxy, is the training-free baseline at KL log n - (n-1)/n. It writes:
 
 - results.csv / results.md: one row per algorithm x seed, and the mean +- std over seeds;
@@ -12,10 +12,16 @@ chosen by the proxy, is the training-free baseline at KL log n - (n-1)/n. It wri
 
     python -m benchmarks.algorithms --run runs/default          # defaults: 3 seeds, PPO GRPO RLOO DPO BoN SB3
     python -m benchmarks.algorithms --run runs/default --algos ppo grpo --seeds 0
+    python -m benchmarks.algorithms --tasks sentiment arithmetic --runs runs/default runs/arithmetic \\
+        --iterations 10 20 --algos ppo rloo bon            # tasks x budgets; a subfolder per task, one table over all
+
+Several budgets (--iterations) label the RL rows ppo@10, ppo@20, ...; several tasks write one folder per task
+and a results.csv/results.md over all of them.
 
 Default budget: 1,280 episodes per RL run (20 iterations x 64), DPO one pass over the comparisons, SB3 PPO 6,144
 env steps on seed 0 only (no KV cache in SB3: each step is a full forward); 17 minutes on the 2-core box.
-Needs the main job's run folder (sft/model, rm/model, comparisons/): it runs `textenv pipeline` there if missing.
+Needs each task's main-job run folder (sft/model, rm/model, comparisons/): it runs `textenv pipeline --task <task>`
+there if missing (about 8 minutes a task here).
 """
 
 from __future__ import annotations
@@ -66,11 +72,13 @@ def gao_curve(d: np.ndarray, a: float, b: float, form: str) -> np.ndarray:
 
 # ---- one training run per algorithm (each returns the final policy folder and its metrics.jsonl) ----
 
-def train(algo: str, sft: str, rm: str, comparisons: str, task: str, seed: int, out: Path, args) -> Path:
+def train(algo: str, sft: str, rm: str, comparisons: str, task: str, seed: int, out: Path, args,
+          iterations: int | None = None) -> Path:
+    """Train `algo` from the SFT policy; `iterations` is the RL algorithms' budget (unused by DPO and SB3)."""
     if algo == "ppo":
         from agents.ppo import PPOConfig, ppo
 
-        return ppo(PPOConfig(policy=sft, reward=rm, task=task, out_dir=str(out), seed=seed, iterations=args.iterations,
+        return ppo(PPOConfig(policy=sft, reward=rm, task=task, out_dir=str(out), seed=seed, iterations=iterations,
                              num_envs=args.episodes_per_iteration))
     if algo in ("grpo", "rloo"):
         k = args.group_size
@@ -78,7 +86,7 @@ def train(algo: str, sft: str, rm: str, comparisons: str, task: str, seed: int, 
             from agents.grpo import GRPOConfig as Config, grpo as run
         else:
             from agents.rloo import RLOOConfig as Config, rloo as run
-        return run(Config(policy=sft, reward=rm, task=task, out_dir=str(out), seed=seed, iterations=args.iterations,
+        return run(Config(policy=sft, reward=rm, task=task, out_dir=str(out), seed=seed, iterations=iterations,
                           num_prompts=args.episodes_per_iteration // k, num_generations=k))
     if algo == "dpo":
         from agents.dpo import DPOConfig, dpo
@@ -136,11 +144,14 @@ def best_of_n_curve(sft: str, rm: str, task_name: str, n_prompts: int, n_max: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/default", help="the main job's run folder (sft/, rm/, comparisons/)")
-    parser.add_argument("--task", default="sentiment")
+    parser.add_argument("--tasks", "--task", nargs="+", default=["sentiment"], help="embedded tasks, one run folder each")
+    parser.add_argument("--runs", "--run", nargs="+", default=None,
+                        help="each task's main-job run folder (sft/, rm/, comparisons/), in --tasks order; default "
+                             "runs/default for sentiment and runs/<task> for the others; the pipeline runs there if missing")
     parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--iterations", type=int, default=20, help="RL iterations (PPO, GRPO, RLOO)")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[20],
+                        help="RL budgets (PPO, GRPO, RLOO iterations): each budget is its own set of runs")
     parser.add_argument("--episodes-per-iteration", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=4, help="GRPO/RLOO completions per prompt")
     parser.add_argument("--sb3-timesteps", type=int, default=6144)
@@ -148,60 +159,88 @@ def main() -> None:
     parser.add_argument("--bon-max", type=int, default=32)
     parser.add_argument("--eval-prompts", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7, help="evaluation sampling temperature")
-    parser.add_argument("--out", default=None, help="default: <run>/algorithms")
+    parser.add_argument("--out", default=None, help="default: <first run>/algorithms (a subfolder per task if several)")
     args = parser.parse_args()
+    runs = args.runs or ["runs/default" if task == "sentiment" else f"runs/{task}" for task in args.tasks]
+    if len(runs) != len(args.tasks):
+        parser.error(f"--runs names {len(runs)} folders for {len(args.tasks)} tasks {args.tasks}")
+    out = Path(args.out or Path(runs[0]) / "algorithms")
+    rows = []
+    for task, run in zip(args.tasks, runs):
+        task_rows = run_task(task, Path(run), out if len(args.tasks) == 1 else out / task, args)
+        rows += [{"task": task, **r} for r in task_rows]
+    if len(args.tasks) > 1:  # one table over the tasks; each task's folder has its own tables, fits and plots
+        with (out / "results.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        (out / "results.md").write_text("\n".join(f"## {task}\n\n" + (out / task / "results.md").read_text()
+                                                  for task in args.tasks))
+        print(f"all tasks: {out / 'results.csv'}, {out / 'results.md'}")
 
+
+def run_task(task: str, run: Path, out: Path, args) -> list[dict]:
+    """Every algorithm x budget x seed on one task; writes out/results.{csv,md}, the plots and summary.json."""
     from agents.evaluate import EvalConfig, evaluate
     from agents.pipeline import PipelineConfig, run_pipeline
     from agents.report import read_metrics
 
-    run = Path(args.run)
     sft, rm, comparisons = run / "sft" / "model", run / "rm" / "model", run / "comparisons"
     if not (sft.exists() and rm.exists() and comparisons.exists()):
         print(f"{run} has no sft/rm/comparisons yet: running the pipeline there first")
-        run_pipeline(PipelineConfig(out=str(run), task=args.task))
-    out = Path(args.out or run / "algorithms")
+        run_pipeline(PipelineConfig(out=str(run), task=task))
+    run_task_name = json.loads((run / "config.json").read_text())["task"]
+    if run_task_name != task:
+        raise ValueError(f"run folder {str(run)!r} is the main job of task {run_task_name!r}, not {task!r}; "
+                         "pass each task's own folder with --runs")
     out.mkdir(parents=True, exist_ok=True)
     sft, rm, comparisons = str(sft), str(rm), str(comparisons)
-    eval_kw = dict(task=args.task, reference=sft, reward=rm, n_prompts=args.eval_prompts, temperature=args.temperature)
+    eval_kw = dict(task=task, reference=sft, reward=rm, n_prompts=args.eval_prompts, temperature=args.temperature)
 
     sft_eval = evaluate(EvalConfig(policy=sft, **eval_kw))
     base_gold, base_proxy = sft_eval["gold_mean"], sft_eval["proxy_mean"]
-    print(f"SFT: gold {base_gold:+.3f} proxy {base_proxy:+.3f}")
+    print(f"{task} SFT: gold {base_gold:+.3f} proxy {base_proxy:+.3f}")
     rows: list[dict] = []
     curves: dict[str, list[list[dict]]] = {}
     bon: list[dict] = []
     for algo in args.algos:
         if algo == "bon":
             t0 = time.perf_counter()
-            bon = best_of_n_curve(sft, rm, args.task, args.eval_prompts, args.bon_max, args.temperature, seed=0)
+            bon = best_of_n_curve(sft, rm, task, args.eval_prompts, args.bon_max, args.temperature, seed=0)
             wall = time.perf_counter() - t0
             for r in bon:
-                rows.append({"algo": f"bon-{r['n']}", "seed": 0, "gold": r["gold"], "proxy": r["proxy"], "kl": r["kl"],
-                             "wall_s": wall, "tokens_per_s": math.nan})
+                rows.append({"algo": f"bon-{r['n']}", "iterations": None, "seed": 0, "gold": r["gold"], "proxy": r["proxy"],
+                             "kl": r["kl"], "wall_s": wall, "tokens_per_s": math.nan})
             print("best-of-n: " + ", ".join(f"n={r['n']} gold {r['gold']:+.3f} at KL {r['kl']:.2f}" for r in bon))
             continue
-        for seed in args.sb3_seeds if algo == "sb3" else args.seeds:
-            folder = out / f"{algo}_seed{seed}"
-            t0 = time.perf_counter()
-            final = train(algo, sft, rm, comparisons, args.task, seed, folder, args)
-            wall = time.perf_counter() - t0
-            e = evaluate(EvalConfig(policy=str(final), seed=seed, **eval_kw))
-            metrics = read_metrics(folder / "metrics.jsonl")
-            tps = [m["charts/tokens_per_s"] for m in metrics if "charts/tokens_per_s" in m]
-            rows.append({"algo": algo, "seed": seed, "gold": e["gold_mean"], "proxy": e["proxy_mean"],
-                         "kl": e["kl_to_reference"], "wall_s": wall, "tokens_per_s": statistics.mean(tps) if tps else math.nan})
-            curves.setdefault(algo, []).append([m for m in metrics if "objective/gold" in m])
-            print(f"{algo} seed {seed}: gold {e['gold_mean']:+.3f} proxy {e['proxy_mean']:+.3f} at KL "
-                  f"{e['kl_to_reference']:.2f} ({wall:.0f} s)", flush=True)
+        rl = algo in ("ppo", "grpo", "rloo")
+        for iterations in args.iterations if rl else [None]:
+            # one budget keeps the plain names (ppo, ppo_seed0); several are told apart (ppo@10, ppo_it10_seed0)
+            several = rl and len(args.iterations) > 1
+            label, stem = (f"{algo}@{iterations}", f"{algo}_it{iterations}") if several else (algo, algo)
+            for seed in args.sb3_seeds if algo == "sb3" else args.seeds:
+                folder = out / f"{stem}_seed{seed}"
+                t0 = time.perf_counter()
+                final = train(algo, sft, rm, comparisons, task, seed, folder, args, iterations)
+                wall = time.perf_counter() - t0
+                e = evaluate(EvalConfig(policy=str(final), seed=seed, **eval_kw))
+                metrics = read_metrics(folder / "metrics.jsonl")
+                tps = [m["charts/tokens_per_s"] for m in metrics if "charts/tokens_per_s" in m]
+                rows.append({"algo": label, "iterations": iterations, "seed": seed, "gold": e["gold_mean"],
+                             "proxy": e["proxy_mean"], "kl": e["kl_to_reference"], "wall_s": wall,
+                             "tokens_per_s": statistics.mean(tps) if tps else math.nan})
+                curves.setdefault(label, []).append([m for m in metrics if "objective/gold" in m])
+                print(f"{task} {label} seed {seed}: gold {e['gold_mean']:+.3f} proxy {e['proxy_mean']:+.3f} at KL "
+                      f"{e['kl_to_reference']:.2f} ({wall:.0f} s)", flush=True)
 
     fits = gao_fits(bon, curves, base_gold, base_proxy)
     write_tables(rows, fits, out, base_gold, base_proxy)
     plot_all(rows, curves, bon, fits, base_gold, base_proxy, out, args.episodes_per_iteration)
-    summary = {"bench": "algorithms", "args": vars(args), "sft": {"gold": base_gold, "proxy": base_proxy},
-               "rows": rows, "fits": fits}
+    summary = {"bench": "algorithms", "task": task, "run": str(run), "args": vars(args),
+               "sft": {"gold": base_gold, "proxy": base_proxy}, "rows": rows, "fits": fits}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print((out / "results.md").read_text())
+    return rows
 
 
 def gao_fits(bon: list[dict], curves: dict, base_gold: float, base_proxy: float) -> dict:

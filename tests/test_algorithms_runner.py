@@ -1,0 +1,48 @@
+"""benchmarks/algorithms.py over tasks x budgets, end to end on two `tiny` main jobs (about 45 s on 2 cores)."""
+
+import csv
+import sys
+
+import pytest
+
+from benchmarks import algorithms
+from textenv.cli import main as textenv_main
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("algorithms")
+    for task in ("sentiment", "arithmetic"):
+        textenv_main(["pipeline", "--preset", "tiny", "--task", task, "--out", str(root / task)])
+    return root
+
+
+def run_benchmark(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["algorithms", *args])
+    algorithms.main()
+
+
+def test_tasks_by_budgets(runs, monkeypatch):
+    out = runs / "bench"
+    run_benchmark(monkeypatch, "--tasks", "sentiment", "arithmetic", "--runs", str(runs / "sentiment"),
+                  str(runs / "arithmetic"), "--iterations", "1", "2", "--algos", "ppo", "bon", "--seeds", "0",
+                  "--eval-prompts", "8", "--bon-max", "4", "--episodes-per-iteration", "8", "--out", str(out))
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    expected = ["ppo@1", "ppo@2", "bon-1", "bon-2", "bon-4"]
+    assert [(r["task"], r["algo"]) for r in rows] == [(t, a) for t in ("sentiment", "arithmetic") for a in expected]
+    assert [r["iterations"] for r in rows[:2]] == ["1", "2"]
+    for task in ("sentiment", "arithmetic"):
+        # each budget trained its own run, for as many iterations as it says
+        for n in (1, 2):
+            lines = (out / task / f"ppo_it{n}_seed0" / "metrics.jsonl").read_text().splitlines()
+            assert len(lines) == n
+        assert all((out / task / name).exists() for name in ("results.md", "gold_vs_kl.png", "curves.png", "summary.json"))
+        assert f"## {task}" in (out / "results.md").read_text()
+
+
+def test_a_run_folder_of_another_task_is_refused(runs, monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="main job of task 'sentiment', not 'arithmetic'"):
+        run_benchmark(monkeypatch, "--tasks", "arithmetic", "--runs", str(runs / "sentiment"), "--algos", "bon",
+                      "--eval-prompts", "4", "--bon-max", "2", "--out", str(tmp_path / "x"))
+    with pytest.raises(SystemExit):  # argparse: 2 tasks, 1 folder
+        run_benchmark(monkeypatch, "--tasks", "sentiment", "arithmetic", "--runs", str(runs / "sentiment"))
