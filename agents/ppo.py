@@ -193,12 +193,13 @@ def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float
         output_hidden_states=hidden,
     )
     logits = out.logits[:, :-1, :vocab_size]  # (B, T, V)
-    logp = logprobs_from_logits(logits, input_ids[:, P:], temperature)  # (B, T)
+    z = logits if temperature == 1.0 else logits / temperature  # (B, T, V) scaled once, for both below
+    logp = logprobs_from_logits(z, input_ids[:, P:])  # (B, T)
     states = out.hidden_states[-1][:, P - 1 : -1] if hidden else None  # (B, T, H)
     ent = None
     if entropy:
         with torch.no_grad():  # logged only (RLHF's PPO has no entropy bonus): no (B, T, V) graph for it
-            ent = entropy_from_logits(logits.detach(), temperature)  # (B, T)
+            ent = entropy_from_logits(z)  # (B, T)
     return logp, ent, states
 
 
