@@ -24,6 +24,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -39,27 +40,34 @@ class Setting:
     response_len: int = 48
 
 
-# A GEMM: (phase, batch count, M, K, N, times, token dim): `times` products of a (batch x) (M, K) by a (K, N)
-# matrix; the token dim ("m", "k" or "") is the one a trainer can split by chunking its batch.
-Gemm = tuple[str, int, int, int, int, int, str]
+class Gemm(NamedTuple):
+    """`times` products of an (m, k) by a (k, n) matrix in `phase`; `split` ("m", "k" or "") names the token
+    dimension, the one a trainer can split by chunking its batch."""
+
+    phase: str
+    m: int
+    k: int
+    n: int
+    times: int
+    split: str
 
 
 def trunk(M: int, s: Setting, phase: str, backward: bool = False) -> list[Gemm]:
     """The transformer blocks' four linears over M tokens (and, for a backward pass, their two products each)."""
     E = s.n_embd
     linears = [(E, 3 * E), (E, E), (E, 4 * E), (4 * E, E)]  # c_attn, attn c_proj, c_fc, mlp c_proj
-    out = [(phase, 1, M, k, n, s.n_layer, "m") for k, n in linears]
+    out = [Gemm(phase, M, k, n, s.n_layer, "m") for k, n in linears]
     if backward:  # d input = dY W^T (the first block's feeds the embeddings' gradient), d weight = X^T dY
-        out += [(phase, 1, M, n, k, s.n_layer, "m") for k, n in linears]
-        out += [(phase, 1, k, M, n, s.n_layer, "k") for k, n in linears]
+        out += [Gemm(phase, M, n, k, s.n_layer, "m") for k, n in linears]
+        out += [Gemm(phase, k, M, n, s.n_layer, "k") for k, n in linears]
     return out
 
 
 def head(M: int, s: Setting, phase: str, backward: bool = False) -> list[Gemm]:
     """The tied LM head on M positions (and its two backward products)."""
-    out = [(phase, 1, M, s.n_embd, s.vocab, 1, "m")]
+    out = [Gemm(phase, M, s.n_embd, s.vocab, 1, "m")]
     if backward:
-        out += [(phase, 1, M, s.vocab, s.n_embd, 1, "m"), (phase, 1, s.vocab, M, s.n_embd, 1, "k")]
+        out += [Gemm(phase, M, s.vocab, s.n_embd, 1, "m"), Gemm(phase, s.vocab, M, s.n_embd, 1, "k")]
     return out
 
 
@@ -69,7 +77,7 @@ def iteration_gemms(algo: str, s: Setting, epochs: int) -> list[Gemm]:
     B, P, T = s.batch, s.prompt_len, s.response_len
     L = P + T
     gen = trunk(B * P, s, "generate") + head(B, s, "generate")  # prefill: the LM head on the last position only
-    gen += [(g[0], g[1], g[2], g[3], g[4], g[5] * (T - 1), "") for g in trunk(B, s, "generate") + head(B, s, "generate")]
+    gen += [g._replace(times=g.times * (T - 1), split="") for g in trunk(B, s, "generate") + head(B, s, "generate")]
     score = trunk(B * L, s, "score") + head(B * T, s, "score")  # reference log-probs
     score += trunk(B * L, s, "score")  # reward model (its 1-logit head is negligible)
     update = trunk(B * L, s, "update", backward=True) + head(B * T, s, "update", backward=True)
@@ -78,53 +86,51 @@ def iteration_gemms(algo: str, s: Setting, epochs: int) -> list[Gemm]:
         update += trunk(B * L, s, "update", backward=True)
     elif algo not in ("grpo", "rloo"):
         raise ValueError(f"algo must be 'ppo', 'grpo' or 'rloo', got {algo!r}")
-    return gen + score + [(g[0], g[1], g[2], g[3], g[4], g[5] * epochs, g[6]) for g in update]
+    return gen + score + [g._replace(times=g.times * epochs) for g in update]
 
 
 def flops(g: Gemm) -> int:
-    _, b, m, k, n, times, _ = g
-    return 2 * b * m * k * n * times
+    return 2 * g.m * g.k * g.n * g.times
 
 
-def gemm_seconds(b: int, m: int, k: int, n: int, repeats: int = 7, min_time: float = 0.05) -> float:
-    """Best time of one (b x) (m, k) @ (k, n) product over `repeats` timed loops of at least `min_time` s each."""
-    x, w = torch.randn(b, m, k), torch.randn(b, k, n)
-    mm = torch.mm if b == 1 else torch.bmm
-    if b == 1:
-        x, w = x[0], w[0]
+def gemm_seconds(m: int, k: int, n: int, repeats: int = 7, min_time: float = 0.05) -> float:
+    """Best time of one (m, k) @ (k, n) product over `repeats` timed loops of at least `min_time` s each."""
+    x, w = torch.randn(m, k), torch.randn(k, n)
     for _ in range(3):
-        mm(x, w)
+        torch.mm(x, w)
     best = float("inf")
     for _ in range(repeats):
         loops, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < min_time or loops < 3:
-            mm(x, w)
+            torch.mm(x, w)
             loops += 1
         best = min(best, elapsed / loops)
     return best
 
 
-def best_seconds(b: int, m: int, k: int, n: int, split: str) -> float:
+def best_seconds(m: int, k: int, n: int, split: str) -> float:
     """The fastest way to do the product in chunks: its token dimension `split` in 1, 2, 4 or 8 equal parts of at
     least 64, each part timed (a trainer may chunk its batch as it likes; adding up k-chunks is not counted)."""
     tokens = {"m": m, "k": k}.get(split, 0)
-    best = gemm_seconds(b, m, k, n)
+    best = gemm_seconds(m, k, n)
     for parts in (2, 4, 8):
         if tokens % parts or tokens // parts < 64:
             continue
-        shape = (b, tokens // parts, k, n) if split == "m" else (b, m, tokens // parts, n)
+        shape = (tokens // parts, k, n) if split == "m" else (m, tokens // parts, n)
         best = min(best, parts * gemm_seconds(*shape))
     return best
 
 
 def floor_seconds(gemms: list[Gemm], cache: dict | None = None) -> dict[str, float]:
-    """Seconds per phase (and 'total'): each GEMM's count times its best measured time at its shape."""
+    """Seconds per phase (and 'total'): each GEMM's count times its best measured time at its shape (a shape is
+    timed once per `cache`)."""
     cache = {} if cache is None else cache
     out: dict[str, float] = {}
-    for phase, b, m, k, n, times, split in gemms:
-        if (b, m, k, n, split) not in cache:
-            cache[(b, m, k, n, split)] = best_seconds(b, m, k, n, split)
-        out[phase] = out.get(phase, 0.0) + times * cache[(b, m, k, n, split)]
+    for g in gemms:
+        shape = (g.m, g.k, g.n, g.split)
+        if shape not in cache:
+            cache[shape] = best_seconds(*shape)
+        out[g.phase] = out.get(g.phase, 0.0) + g.times * cache[shape]
     out["total"] = sum(out.values())
     return out
 

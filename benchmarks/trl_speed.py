@@ -131,13 +131,13 @@ def main() -> None:
     common = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
               "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads),
               "--beta", str(args.beta), "--num-generations", str(args.num_generations)]
-    results, gemm_times = [], {}
+    results = []
     for algo in args.algos:
         for epochs in args.epochs:
             floors, ours, trl = [], [], []
             for _ in range(args.repeats):  # ours, TRL, ours, TRL, ...: drift on a noisy VM hits both sides alike
-                floors.append(floor_seconds(iteration_gemms(algo, setting, epochs), gemm_times)["total"])
-                gemm_times.clear()  # re-timed each repeat, in the machine's state of the moment
+                # re-timed each repeat, in the machine's state of the moment
+                floors.append(floor_seconds(iteration_gemms(algo, setting, epochs))["total"])
                 ours.append(run_json([sys.executable, "-m", "benchmarks.trl_speed", "--worker", "--algo", algo,
                                       "--epochs", str(epochs), *common]))
                 if args.trl_script:

@@ -26,7 +26,7 @@ def test_flops_by_hand():
 def test_anchor_forward_flops_per_token():
     # the anchor's 4.27M-parameter GPT-2 does about 8.6 MFLOP a token forward; its GEMMs are 2 * (12 E^2 L + E V)
     s = Setting()
-    one_step = [g for g in iteration_gemms("grpo", s, 1) if g[0] == "generate" and g[2] == s.batch and g[5] > 1]
+    one_step = [g for g in iteration_gemms("grpo", s, 1) if g.phase == "generate" and g.m == s.batch and g.times > 1]
     assert sum(map(flops, one_step)) / (s.batch * (s.response_len - 1)) == 2 * (12 * 256**2 * 4 + 256 * 4096)
 
 
