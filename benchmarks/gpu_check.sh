@@ -7,7 +7,7 @@
 #
 # Why wheels: the device image (.library/device/KINDS.md) has torch 2.11 (CUDA) and transformers 5.17, but textenv
 # needs transformers >= 5.24 (the `cache=` forward argument) and gymnasium, stable-baselines3, tyro, vaderSentiment
-# and datasets, and nothing can be fetched there. Written before any session was lent a GPU: not yet run on one.
+# and datasets, and nothing can be fetched there. First run on a lent H200 in session 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +28,7 @@ run)
     mkdir -p "$out"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    set +e  # from here a failing check is reported and the next one still runs
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
     python3 - <<'EOF' 2>&1 | tee "$out/decoder.txt"
 # the lean GPT-2 decoder against the HF forward, on CUDA, fp32
@@ -51,6 +52,12 @@ EOF
     # the main job's pipeline at the tiny preset: pretrain, SFT, collect, RM, PPO and eval pick cuda
     python3 -m textenv.cli pipeline --preset tiny --out /tmp/gpu_tiny 2>&1 | grep '\[pipeline\]' | tee "$out/pipeline_tiny.txt"
     cp /tmp/gpu_tiny/timings.json /tmp/gpu_tiny/report.md "$out/"
+    # the main job itself (default preset), capped so the test run below still fits one lease
+    timeout 200 python3 -m textenv.cli pipeline --out /tmp/gpu_default 2>&1 | grep '\[pipeline\]' \
+        | tee "$out/pipeline_default.txt"
+    # the test suite with CUDA visible: the trainers' default device is then cuda, so their CUDA paths run
+    timeout 150 python3 -m pytest -q -p no:cacheprovider --maxfail=10 --durations=5 tests > "$out/pytest.txt" 2>&1
+    echo "pytest exit $?"; tail -30 "$out/pytest.txt"
     ;;
 *)
     echo "usage: bash benchmarks/gpu_check.sh prepare|run" >&2
