@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agents.common import keep_freed_memory
+
 ALGOS = ("ppo", "grpo", "rloo", "dpo", "bon", "sb3")
 
 
@@ -161,6 +163,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="evaluation sampling temperature")
     parser.add_argument("--out", default=None, help="default: <first run>/algorithms (a subfolder per task if several)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the `textenv` command does before it trains
     runs = args.runs or ["runs/default" if task == "sentiment" else f"runs/{task}" for task in args.tasks]
     if len(runs) != len(args.tasks):
         parser.error(f"--runs names {len(runs)} folders for {len(args.tasks)} tasks {args.tasks}")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from agents.best_of_n import best_of_n, best_of_n_kl
+from agents.common import keep_freed_memory
 from agents.evaluate import EvalConfig, evaluate
 from agents.ppo import PPOConfig, ppo
 from agents.report import plot_curves, read_metrics
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--out", default=None, help="default: <run>/ppo_learning")
     args = parser.parse_args()
+    keep_freed_memory()  # as the `textenv` command does before it trains
     run = Path(args.run)
     out = Path(args.out or run / "ppo_learning")
     out.mkdir(parents=True, exist_ok=True)

@@ -36,12 +36,14 @@ def worker(args) -> dict:
     import torch
     from transformers import GPT2ForSequenceClassification
 
+    from agents.common import keep_freed_memory
     from benchmarks.env_throughput import fixed_length_prompts
     from textenv.embedded import default_tokenizer
     from textenv.models import build_model, preset_config
     from textenv.tasks import get_task
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the `textenv` command does before it trains
     tok = default_tokenizer()
     work = Path(tempfile.mkdtemp(prefix="trl_speed_"))
     build_model("small", tok, seed=0).save_pretrained(work / "policy")

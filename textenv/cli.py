@@ -73,6 +73,7 @@ def sample(cfg: SampleConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     import tyro
 
+    from agents.common import keep_freed_memory
     from agents.comparisons import CollectConfig, collect_comparisons
     from agents.dpo import DPOConfig, dpo
     from agents.evaluate import EvalConfig, evaluate
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for cls, run, _ in commands.values():
         if type(config) is cls:
+            keep_freed_memory()  # a process-wide malloc setting, so the command's to make (agents/common.py)
             run(config)
             return
 

@@ -1,0 +1,57 @@
+"""agents.common.keep_freed_memory: glibc keeps freed blocks for reuse, so a training step stops re-faulting its
+activation memory; and a user's own malloc settings win."""
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+
+# minor page faults per training step of a model whose (512, 4096) logits and activations are freed every step
+STEP_FAULTS = """
+import resource, sys, torch
+from agents.common import keep_freed_memory
+torch.set_num_threads(1)
+print(keep_freed_memory())
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 4096))
+x = torch.randn(512, 256)
+def step():
+    model(x).logsumexp(-1).sum().backward()
+step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 10)
+"""
+
+
+def run(code: str, **env: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.split()
+
+
+@glibc_only
+def test_fewer_page_faults_per_step():
+    applied, faults_on = run(STEP_FAULTS)
+    # the same program with the call turned into a no-op by a user setting that only restates glibc's default
+    skipped, faults_off = run(STEP_FAULTS, GLIBC_TUNABLES="glibc.malloc.perturb=0")
+    assert (applied, skipped) == ("True", "False")
+    # measured here: about 1,800 faults a step against 3,400-5,100
+    assert float(faults_on) < 0.75 * float(faults_off), (faults_on, faults_off)
+
+
+@pytest.mark.parametrize("env", [{"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, {"MALLOC_ARENA_MAX": "2"}])
+def test_user_settings_win(env, monkeypatch):
+    from agents.common import keep_freed_memory
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert keep_freed_memory() is False  # read before any mallopt call, so this process is left as it was
