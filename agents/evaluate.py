@@ -15,7 +15,7 @@ import torch
 from agents.core import kl_estimate, logprobs_from_logits
 from agents.decoding import position_ids_from_mask
 from agents.sampler import rollout
-from rewards.hf import SequenceClassifierReward
+from rewards.base import as_reward_fn, call_reward
 from textenv.models import load_causal_lm
 from textenv.tasks import get_task
 from textenv.tokenizer import load_tokenizer
@@ -31,7 +31,8 @@ class EvalConfig:
     reference: str | None = None
     """Folder of a reference policy (the SFT model) for KL(policy || reference); None skips the KL."""
     reward: str | None = None
-    """Folder or hub id of a proxy reward model to score the samples with, beside the gold score."""
+    """A proxy reward to score the samples with, beside the gold score: a sequence-classification folder or hub id
+    (a learned reward model), or a 'module:attr' batched callable."""
     few_shot: bool = False
     """Prompt with the task's few-shot document (for a pretrained-only model) and cut the answer at a newline."""
     split: str = "test"
@@ -101,7 +102,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     tokenizer = load_tokenizer(cfg.policy)
     policy = load_causal_lm(cfg.policy).to(device).eval()
     reference = load_causal_lm(cfg.reference).to(device).eval() if cfg.reference else None
-    proxy = SequenceClassifierReward(cfg.reward, device=device) if cfg.reward else None
+    proxy = as_reward_fn(cfg.reward, device=device) if cfg.reward else None
     prompts = task.prompts(cfg.split, n=cfg.n_prompts)
     shown = [task.few_shot(p) for p in prompts] if cfg.few_shot else prompts
     T = cfg.max_new_tokens or task.max_new_tokens
@@ -140,7 +141,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "distinct_1": distinct_n(responses, 1),
         "distinct_2": distinct_n(responses, 2),
     }
-    proxy_scores = proxy(prompts, responses) if proxy else None
+    proxy_scores = call_reward(proxy, prompts, responses) if proxy else None
     if proxy_scores is not None:
         result["proxy_mean"] = float(np.mean(proxy_scores))
     if kls:

@@ -18,6 +18,16 @@ chosen by the proxy, is the training-free baseline at KL log n - (n-1)/n. It wri
 Several budgets (--iterations) label the RL rows ppo@10, ppo@20, ...; several tasks write one folder per task
 and a results.csv/results.md over all of them.
 
+A --tasks entry may also be a registered env id (`module:Name-v0` imports `module` first, as `gymnasium.make`
+does) whose entry point is `TextGenEnv` and whose kwargs name an embedded `task`: that task gives the SFT policy,
+the reward model, the gold scorer and the test prompts, while the id's `prompts`, `reward_fn` (a model folder or
+a 'module:attr' callable; without it the task's learned RM) and `max_new_tokens` set what the RL algorithms and
+SB3 train on; the proxy column is that reward. DPO trains on the task's comparisons either way.
+
+    gymnasium.register("MyLab/TerseReview-v0", entry_point="textenv.env:TextGenEnv",  # in mylab/envs.py
+                       kwargs={"task": "sentiment", "max_new_tokens": 12, "reward_fn": "mylab.rewards:terse"})
+    python -m benchmarks.algorithms --tasks mylab.envs:MyLab/TerseReview-v0 --run runs/default
+
 Default budget: 1,280 episodes per RL run (20 iterations x 64), DPO one pass over the comparisons, SB3 PPO 6,144
 env steps on seed 0 only (no KV cache in SB3: each step is a full forward); 17 minutes on the 2-core box.
 Needs each task's main-job run folder (sft/model, rm/model, comparisons/): it runs `textenv pipeline --task <task>`
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -72,34 +83,67 @@ def gao_curve(d: np.ndarray, a: float, b: float, form: str) -> np.ndarray:
     return d * (a - b * d) if form == "bon" else d * (a - b * np.log(np.maximum(d, 1e-12)))
 
 
-# ---- one training run per algorithm (each returns the final policy folder and its metrics.jsonl) ----
+# ---- what a --tasks entry names: an embedded task or a registered TextGenEnv id ----
 
-def train(algo: str, sft: str, rm: str, comparisons: str, task: str, seed: int, out: Path, args,
-          iterations: int | None = None) -> Path:
-    """Train `algo` from the SFT policy; `iterations` is the RL algorithms' budget (unused by DPO and SB3)."""
-    if algo == "ppo":
-        from agents.ppo import PPOConfig, ppo
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What one --tasks entry benchmarks: an embedded task, or a registered TextGenEnv id built on one."""
 
-        return ppo(PPOConfig(policy=sft, reward=rm, task=task, out_dir=str(out), seed=seed, iterations=iterations,
-                             num_envs=args.episodes_per_iteration))
-    if algo in ("grpo", "rloo"):
-        k = args.group_size
-        if algo == "grpo":
-            from agents.grpo import GRPOConfig as Config, grpo as run
-        else:
-            from agents.rloo import RLOOConfig as Config, rloo as run
-        return run(Config(policy=sft, reward=rm, task=task, out_dir=str(out), seed=seed, iterations=iterations,
-                          num_prompts=args.episodes_per_iteration // k, num_generations=k))
-    if algo == "dpo":
-        from agents.dpo import DPOConfig, dpo
+    name: str  # as given, minus any 'module:' prefix: the tables' task column
+    task: str  # the embedded task: main job (SFT, RM, comparisons), gold scorer, test prompts
+    env_id: str  # what SB3 trains in
+    reward: str | None = None  # the RL reward and the proxy column; None: the task's learned RM
+    prompts: str | None = None  # the RL training prompts; None: the task's train split
+    max_new_tokens: int | None = None  # None: the task's
 
-        return dpo(DPOConfig(policy=sft, comparisons=comparisons, out_dir=str(out), seed=seed))
-    if algo == "sb3":
-        from agents.sb3_lm import SB3PPOConfig, sb3_ppo
+    @property
+    def folder(self) -> str:
+        return self.name.replace("/", "_")
 
-        return sb3_ppo(SB3PPOConfig(policy=sft, reward=rm, out_dir=str(out), seed=seed,
-                                    env_id=task_env_id(task), total_timesteps=args.sb3_timesteps))
-    raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS}")
+
+ENV_KWARGS = ("task", "prompts", "reward_fn", "max_new_tokens")  # what a registered id may set here
+
+
+def resolve_target(name: str) -> Target:
+    """An embedded task name, or a registered env id (optionally 'module:id'), as a Target; ValueError names what
+    the runner cannot honour."""
+    import importlib
+
+    import gymnasium as gym
+    from gymnasium.envs.registration import load_env_creator
+
+    from textenv.env import TextGenEnv
+    from textenv.tasks import TASKS
+
+    if name in TASKS:
+        return Target(name=name, task=name, env_id=task_env_id(name))
+    module, _, env_id = name.rpartition(":")
+    if module:
+        importlib.import_module(module)  # registers the id, as gymnasium.make("module:id") does
+    if env_id not in gym.registry:
+        raise ValueError(f"{name!r} is neither an embedded task {sorted(TASKS)} nor a registered env id "
+                         f"(register it first, or pass 'module:{env_id}' to import the module that does)")
+    spec = gym.spec(env_id)
+    entry = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
+    if not (isinstance(entry, type) and issubclass(entry, TextGenEnv)):
+        raise ValueError(f"env id {env_id!r} has entry point {spec.entry_point!r}; the runner trains language "
+                         "models and needs a TextGenEnv")
+    kwargs = dict(spec.kwargs)
+    unsupported = sorted(set(kwargs) - set(ENV_KWARGS))
+    if unsupported:
+        raise ValueError(f"env id {env_id!r} sets {unsupported}, which the runner cannot pass on to every "
+                         f"algorithm; it honours {list(ENV_KWARGS)}")
+    task = kwargs.get("task")
+    if task not in TASKS:
+        raise ValueError(f"env id {env_id!r} has task={task!r}; the runner needs an embedded task {sorted(TASKS)} "
+                         "for the SFT policy, the reward model and the gold score")
+    for key in ("prompts", "reward_fn"):  # recorded in every run's config.json, so they must be strings
+        if kwargs.get(key) is not None and not isinstance(kwargs[key], str):
+            raise ValueError(f"env id {env_id!r}: {key} is a {type(kwargs[key]).__name__}; register it as a string "
+                             f"(a file, folder or hub id{', or a module:attr callable' if key == 'reward_fn' else ''}) "
+                             "so that each run records it")
+    return Target(name=env_id, task=task, env_id=env_id, reward=kwargs.get("reward_fn"), prompts=kwargs.get("prompts"),
+                  max_new_tokens=kwargs.get("max_new_tokens"))
 
 
 def task_env_id(task: str) -> str:
@@ -112,23 +156,57 @@ def task_env_id(task: str) -> str:
     return ids[0]
 
 
-def best_of_n_curve(sft: str, rm: str, task_name: str, n_prompts: int, n_max: int, temperature: float, seed: int):
+# ---- one training run per algorithm (each returns the final policy folder and its metrics.jsonl) ----
+
+def train(algo: str, sft: str, rm: str, comparisons: str, target: Target, seed: int, out: Path, args,
+          iterations: int | None = None) -> Path:
+    """Train `algo` from the SFT policy; `iterations` is the RL algorithms' budget (unused by DPO and SB3)."""
+    reward = target.reward or rm
+    env = dict(task=target.task, prompts=target.prompts, max_new_tokens=target.max_new_tokens)
+    if algo == "ppo":
+        from agents.ppo import PPOConfig, ppo
+
+        return ppo(PPOConfig(policy=sft, reward=reward, **env, out_dir=str(out), seed=seed, iterations=iterations,
+                             num_envs=args.episodes_per_iteration))
+    if algo in ("grpo", "rloo"):
+        k = args.group_size
+        if algo == "grpo":
+            from agents.grpo import GRPOConfig as Config, grpo as run
+        else:
+            from agents.rloo import RLOOConfig as Config, rloo as run
+        return run(Config(policy=sft, reward=reward, **env, out_dir=str(out), seed=seed, iterations=iterations,
+                          num_prompts=args.episodes_per_iteration // k, num_generations=k))
+    if algo == "dpo":
+        from agents.dpo import DPOConfig, dpo
+
+        return dpo(DPOConfig(policy=sft, comparisons=comparisons, out_dir=str(out), seed=seed))
+    if algo == "sb3":
+        from agents.sb3_lm import SB3PPOConfig, sb3_ppo
+
+        return sb3_ppo(SB3PPOConfig(policy=sft, reward=reward, out_dir=str(out), seed=seed,
+                                    env_id=target.env_id, total_timesteps=args.sb3_timesteps))
+    raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS}")
+
+
+def best_of_n_curve(sft: str, proxy_spec: str, task_name: str, n_prompts: int, n_max: int, temperature: float,
+                    seed: int, max_new_tokens: int | None = None):
     """Gold and proxy of best-of-n for n = 1, 2, 4, ..., n_max, from one set of n_max samples per test prompt
-    (best-of-n takes the first n of them), with the analytic KL."""
+    (best-of-n takes the first n of them, the proxy's favourite), with the analytic KL."""
     from agents.best_of_n import best_of_n_kl
     from agents.sampler import rollout
-    from rewards.hf import SequenceClassifierReward
+    from rewards.base import as_reward_fn, call_reward
     from textenv.models import load_causal_lm
     from textenv.tasks import get_task
     from textenv.tokenizer import load_tokenizer
     from textenv.vector_env import TextGenVectorEnv
 
-    task, proxy = get_task(task_name), SequenceClassifierReward(rm)
+    task, proxy_fn = get_task(task_name), as_reward_fn(proxy_spec)
+    proxy = lambda p, c: call_reward(proxy_fn, p, c)  # noqa: E731  (checked: one finite float per completion)
     prompts = task.prompts("test", n=n_prompts)
     policy, tokenizer = load_causal_lm(sft).eval(), load_tokenizer(sft)
     envs = TextGenVectorEnv(num_envs=len(prompts), prompts=prompts, tokenizer=tokenizer,
                             reward_fn=lambda p, c: [0.0] * len(c), max_prompt_tokens=task.max_prompt_tokens,
-                            max_new_tokens=task.max_new_tokens)
+                            max_new_tokens=max_new_tokens or task.max_new_tokens)
     generator = torch.Generator().manual_seed(seed)
     gold, prox = np.zeros((len(prompts), n_max)), np.zeros((len(prompts), n_max))  # (prompts, samples)
     for j in range(n_max):
@@ -146,7 +224,8 @@ def best_of_n_curve(sft: str, rm: str, task_name: str, n_prompts: int, n_max: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", "--task", nargs="+", default=["sentiment"], help="embedded tasks, one run folder each")
+    parser.add_argument("--tasks", "--task", nargs="+", default=["sentiment"],
+                        help="embedded tasks or registered TextGenEnv ids ('module:id' imports module first), one run folder each")
     parser.add_argument("--runs", "--run", nargs="+", default=None,
                         help="each task's main-job run folder (sft/, rm/, comparisons/), in --tasks order; default "
                              "runs/default for sentiment and runs/<task> for the others; the pipeline runs there if missing")
@@ -164,26 +243,27 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default: <first run>/algorithms (a subfolder per task if several)")
     args = parser.parse_args()
     keep_freed_memory()  # as the `textenv` command does before it trains
-    runs = args.runs or ["runs/default" if task == "sentiment" else f"runs/{task}" for task in args.tasks]
-    if len(runs) != len(args.tasks):
-        parser.error(f"--runs names {len(runs)} folders for {len(args.tasks)} tasks {args.tasks}")
+    targets = [resolve_target(name) for name in args.tasks]  # every entry checked before anything trains
+    runs = args.runs or ["runs/default" if t.task == "sentiment" else f"runs/{t.task}" for t in targets]
+    if len(runs) != len(targets):
+        parser.error(f"--runs names {len(runs)} folders for {len(targets)} tasks {args.tasks}")
     out = Path(args.out or Path(runs[0]) / "algorithms")
     rows = []
-    for task, run in zip(args.tasks, runs):
-        task_rows = run_task(task, Path(run), out if len(args.tasks) == 1 else out / task, args)
-        rows += [{"task": task, **r} for r in task_rows]
-    if len(args.tasks) > 1:  # one table over the tasks; each task's folder has its own tables, fits and plots
+    for target, run in zip(targets, runs):
+        task_rows = run_task(target, Path(run), out if len(targets) == 1 else out / target.folder, args)
+        rows += [{"task": target.name, **r} for r in task_rows]
+    if len(targets) > 1:  # one table over the tasks; each task's folder has its own tables, fits and plots
         with (out / "results.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        (out / "results.md").write_text("\n".join(f"## {task}\n\n" + (out / task / "results.md").read_text()
-                                                  for task in args.tasks))
+        (out / "results.md").write_text("\n".join(f"## {t.name}\n\n" + (out / t.folder / "results.md").read_text()
+                                                  for t in targets))
         print(f"all tasks: {out / 'results.csv'}, {out / 'results.md'}")
 
 
-def run_task(task: str, run: Path, out: Path, args) -> list[dict]:
-    """Every algorithm x budget x seed on one task; writes out/results.{csv,md}, the plots and summary.json."""
+def run_task(target: Target, run: Path, out: Path, args) -> list[dict]:
+    """Every algorithm x budget x seed on one target; writes out/results.{csv,md}, the plots and summary.json."""
     from agents.evaluate import EvalConfig, evaluate
     from agents.pipeline import PipelineConfig, run_pipeline
     from agents.report import read_metrics
@@ -191,14 +271,16 @@ def run_task(task: str, run: Path, out: Path, args) -> list[dict]:
     sft, rm, comparisons = run / "sft" / "model", run / "rm" / "model", run / "comparisons"
     if not (sft.exists() and rm.exists() and comparisons.exists()):
         print(f"{run} has no sft/rm/comparisons yet: running the pipeline there first")
-        run_pipeline(PipelineConfig(out=str(run), task=task))
+        run_pipeline(PipelineConfig(out=str(run), task=target.task))
     run_task_name = json.loads((run / "config.json").read_text())["task"]
-    if run_task_name != task:
-        raise ValueError(f"run folder {str(run)!r} is the main job of task {run_task_name!r}, not {task!r}; "
+    if run_task_name != target.task:
+        raise ValueError(f"run folder {str(run)!r} is the main job of task {run_task_name!r}, not {target.task!r}; "
                          "pass each task's own folder with --runs")
     out.mkdir(parents=True, exist_ok=True)
     sft, rm, comparisons = str(sft), str(rm), str(comparisons)
-    eval_kw = dict(task=task, reference=sft, reward=rm, n_prompts=args.eval_prompts, temperature=args.temperature)
+    task, proxy = target.name, target.reward or rm  # the proxy column is the reward the RL algorithms maximise
+    eval_kw = dict(task=target.task, reference=sft, reward=proxy, n_prompts=args.eval_prompts,
+                   temperature=args.temperature, max_new_tokens=target.max_new_tokens)
 
     sft_eval = evaluate(EvalConfig(policy=sft, **eval_kw))
     base_gold, base_proxy = sft_eval["gold_mean"], sft_eval["proxy_mean"]
@@ -209,7 +291,8 @@ def run_task(task: str, run: Path, out: Path, args) -> list[dict]:
     for algo in args.algos:
         if algo == "bon":
             t0 = time.perf_counter()
-            bon = best_of_n_curve(sft, rm, task, args.eval_prompts, args.bon_max, args.temperature, seed=0)
+            bon = best_of_n_curve(sft, proxy, target.task, args.eval_prompts, args.bon_max, args.temperature, seed=0,
+                                  max_new_tokens=target.max_new_tokens)
             wall = time.perf_counter() - t0
             for r in bon:
                 rows.append({"algo": f"bon-{r['n']}", "iterations": None, "seed": 0, "gold": r["gold"], "proxy": r["proxy"],
@@ -224,7 +307,7 @@ def run_task(task: str, run: Path, out: Path, args) -> list[dict]:
             for seed in args.sb3_seeds if algo == "sb3" else args.seeds:
                 folder = out / f"{stem}_seed{seed}"
                 t0 = time.perf_counter()
-                final = train(algo, sft, rm, comparisons, task, seed, folder, args, iterations)
+                final = train(algo, sft, rm, comparisons, target, seed, folder, args, iterations)
                 wall = time.perf_counter() - t0
                 e = evaluate(EvalConfig(policy=str(final), seed=seed, **eval_kw))
                 metrics = read_metrics(folder / "metrics.jsonl")
@@ -239,7 +322,7 @@ def run_task(task: str, run: Path, out: Path, args) -> list[dict]:
     fits = gao_fits(bon, curves, base_gold, base_proxy)
     write_tables(rows, fits, out, base_gold, base_proxy)
     plot_all(rows, curves, bon, fits, base_gold, base_proxy, out, args.episodes_per_iteration)
-    summary = {"bench": "algorithms", "task": task, "run": str(run), "args": vars(args),
+    summary = {"bench": "algorithms", "task": task, "env": dataclasses.asdict(target), "run": str(run), "args": vars(args),
                "sft": {"gold": base_gold, "proxy": base_proxy}, "rows": rows, "fits": fits}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print((out / "results.md").read_text())

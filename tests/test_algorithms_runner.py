@@ -1,6 +1,7 @@
 """benchmarks/algorithms.py over tasks x budgets, end to end on two `tiny` main jobs (about 45 s on 2 cores)."""
 
 import csv
+import json
 import sys
 
 import pytest
@@ -46,3 +47,38 @@ def test_a_run_folder_of_another_task_is_refused(runs, monkeypatch, tmp_path):
                       "--eval-prompts", "4", "--bon-max", "2", "--out", str(tmp_path / "x"))
     with pytest.raises(SystemExit):  # argparse: 2 tasks, 1 folder
         run_benchmark(monkeypatch, "--tasks", "sentiment", "arithmetic", "--runs", str(runs / "sentiment"))
+
+
+def test_a_user_registered_env_id(runs, monkeypatch):
+    """The id's reward and response budget are what PPO trains on and what the proxy column reports."""
+    out = runs / "user_env"
+    run_benchmark(monkeypatch, "--tasks", "tests.user_envs:TestLab/TerseReview-v0", "--runs", str(runs / "sentiment"),
+                  "--iterations", "1", "--algos", "ppo", "bon", "--seeds", "0", "--eval-prompts", "8", "--bon-max", "2",
+                  "--episodes-per-iteration", "8", "--out", str(out))
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["algo"] for r in rows] == ["ppo", "bon-1", "bon-2"]
+    # the proxy is terse(): minus a tenth of the words of at most 6 tokens, never the learned RM's score
+    assert all(-0.6 <= float(r["proxy"]) <= 0 for r in rows), rows
+    config = json.loads((out / "ppo_seed0" / "config.json").read_text())
+    assert (config["task"], config["reward"], config["max_new_tokens"]) == ("sentiment", "tests.user_envs:terse", 6)
+    lengths = [json.loads(line)["charts/episode_length"] for line in (out / "ppo_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < max(lengths) <= 6
+    assert json.loads((out / "summary.json").read_text())["task"] == "TestLab/TerseReview-v0"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("CartPole-v1", "needs a TextGenEnv"),
+    ("textenv/TextGen-v0", "has task=None; the runner needs an embedded task"),
+    ("TestLab/NoSuchEnv-v0", "neither an embedded task"),
+    ("tests.user_envs:TestLab/LongPrompts-v0", r"sets \['max_prompt_tokens'\]"),
+    ("tests.user_envs:TestLab/CallableReward-v0", "reward_fn is a function; register it as a string"),
+])
+def test_what_the_runner_cannot_honour_is_refused(name, message):
+    with pytest.raises(ValueError, match=message):
+        algorithms.resolve_target(name)
+
+
+def test_embedded_tasks_and_their_ids_resolve():
+    assert algorithms.resolve_target("arithmetic") == algorithms.Target("arithmetic", "arithmetic", "textenv/Arithmetic-v0")
+    target = algorithms.resolve_target("textenv/PositiveReview-v0")
+    assert (target.task, target.reward, target.folder) == ("sentiment", None, "textenv_PositiveReview-v0")
