@@ -6,7 +6,8 @@
   with the keys and values written in place into buffers allocated once. A cached decode step of a small model
   on a CPU is dominated by per-op overhead, not arithmetic (about 2.5 of 4.5 ms at batch 32 here: module calls,
   mask building, cache objects, `torch.cat` of the cache, a six-op GELU); this path issues about a dozen ops per
-  layer. tests/test_decoding.py checks its logits against the HF forward's.
+  layer. On a CPU its matrix multiplies run on weights reordered once per decoder (that is, per rollout) into
+  oneDNN's blocked layout (`PackedLinear`). tests/test_decoding.py checks its logits against the HF forward's.
 - `HFDecoder`, for every other causal LM: the model's own forward with a `DynamicCache`.
 
 Both see the same tokens and positions: positions count real tokens only, so a left-padded prompt is encoded
@@ -23,6 +24,27 @@ from transformers.pytorch_utils import Conv1D
 
 # GPT-2 activations the lean path implements ("gelu_new" is GELU's tanh approximation)
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+class PackedLinear:
+    """x @ W + b for a weight W (in, out) that does not change while this object is used.
+
+    On a CPU with oneDNN (float32), W is reordered once into oneDNN's blocked layout for `rows`-row inputs (any row
+    count still works). At 32 rows, a decode step's shapes, that runs 1.3-2x faster than MKL's `addmm` here (AMD
+    EPYC with AVX-512: 256x4096 in 337 against 663 us), and the whole 48-token decode of the anchor model 22-30%
+    faster. Elsewhere (CUDA, other dtypes) it is `addmm`. The ops are the ones inductor's CPU weight prepacking
+    emits (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+        self.bias = bias
+        self.packed = weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        # oneDNN takes nn.Linear's (out, in) layout
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), rows) if self.packed else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -78,6 +100,12 @@ class GPT2Decoder:
         self.bias = w.new_zeros(B, 1, 1, max_len)  # (B, 1, 1, L)
         self.length = 0
         self.next_position = None  # (B,)
+        # the weights stay fixed for this decoder's lifetime (one rollout), so they are packed once for B rows
+        self.linears = [
+            [PackedLinear(conv.weight, conv.bias, B) for conv in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+            for b in model.transformer.h
+        ]
+        self.head = PackedLinear(model.lm_head.weight.t(), None, B)  # (E, V) as x @ W
 
     def _blocks(self, x: torch.Tensor, bias: torch.Tensor, start: int) -> torch.Tensor:
         """x (B, S, E) at cache slots [start, start + S) through every block; bias (B, 1, S, start + S)."""
@@ -85,9 +113,9 @@ class GPT2Decoder:
         H = self.n_head
         end = start + S
         for i, block in enumerate(self.model.transformer.h):
-            attn, mlp = block.attn, block.mlp
+            qkv_proj, attn_proj, fc, fc_proj = self.linears[i]
             h = F.layer_norm(x, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
-            qkv = torch.addmm(attn.c_attn.bias, h.view(B * S, E), attn.c_attn.weight)  # (B*S, 3E); Conv1D is x @ W + b
+            qkv = qkv_proj(h.view(B * S, E))  # (B*S, 3E); Conv1D is x @ W + b
             q, k, v = qkv.view(B, S, 3, H, E // H).permute(2, 0, 3, 1, 4)  # each (B, H, S, D)
             self.keys[i][:, :, start:end] = k
             self.values[i][:, :, start:end] = v
@@ -96,15 +124,14 @@ class GPT2Decoder:
             else:
                 a = F.scaled_dot_product_attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=bias)  # (B, H, S, D)
             a = a.transpose(1, 2).reshape(B * S, E)
-            x = x + torch.addmm(attn.c_proj.bias, a, attn.c_proj.weight).view(B, S, E)
+            x = x + attn_proj(a).view(B, S, E)
             h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * S, E)
-            h = F.gelu(torch.addmm(mlp.c_fc.bias, h, mlp.c_fc.weight), approximate=self.approximate)  # (B*S, 4E)
-            x = x + torch.addmm(mlp.c_proj.bias, h, mlp.c_proj.weight).view(B, S, E)
+            h = F.gelu(fc(h), approximate=self.approximate)  # (B*S, 4E)
+            x = x + fc_proj(h).view(B, S, E)
         return F.layer_norm(x, (E,), self.model.transformer.ln_f.weight, self.model.transformer.ln_f.bias, self.eps)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        # W (V, E) @ x^T rather than x @ W^T: at a batch of 32 rows MKL runs this orientation about 5% faster
-        return (self.model.lm_head.weight @ x.t()).t()  # (B, V)
+        return self.head(x.contiguous())  # (B, E) -> (B, V)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, P = input_ids.shape

@@ -76,3 +76,22 @@ def test_fast_path_only_where_exact():
     assert not gpt2_fast_path(swapped)
     with pytest.raises(ValueError, match="not supported by GPT2Decoder"):
         GPT2Decoder(gpt2(activation_function="relu"), 1, 4)
+
+
+def test_packed_linear_is_x_at_w_plus_b():
+    from agents.decoding import PackedLinear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(64, 96), torch.randn(96)  # (in, out), as GPT-2's Conv1D
+    for rows in (32, 5, 200):  # packed for 32 rows; any row count is still served
+        x = torch.randn(rows, 64)
+        for bias in (b, None):
+            lin = PackedLinear(w, bias, 32)
+            assert lin.packed == torch.backends.mkldnn.is_available()
+            want = x @ w if bias is None else torch.addmm(bias, x, w)
+            torch.testing.assert_close(lin(x), want, atol=1e-5, rtol=1e-5)
+    # float64 (or a GPU) is left to addmm: exactly the same numbers
+    lin = PackedLinear(w.double(), b.double(), 32)
+    assert not lin.packed
+    x = torch.randn(7, 64, dtype=torch.float64)
+    assert torch.equal(lin(x), torch.addmm(b.double(), x, w.double()))
