@@ -142,6 +142,9 @@ def resolve_target(name: str) -> Target:
             raise ValueError(f"env id {env_id!r}: {key} is a {type(kwargs[key]).__name__}; register it as a string "
                              f"(a file, folder or hub id{', or a module:attr callable' if key == 'reward_fn' else ''}) "
                              "so that each run records it")
+    budget = kwargs.get("max_new_tokens")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"env id {env_id!r}: max_new_tokens must be a positive int, got {budget!r}")
     return Target(name=env_id, task=task, env_id=env_id, reward=kwargs.get("reward_fn"), prompts=kwargs.get("prompts"),
                   max_new_tokens=kwargs.get("max_new_tokens"))
 

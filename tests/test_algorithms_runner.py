@@ -72,6 +72,7 @@ def test_a_user_registered_env_id(runs, monkeypatch):
     ("TestLab/NoSuchEnv-v0", "neither an embedded task"),
     ("tests.user_envs:TestLab/LongPrompts-v0", r"sets \['max_prompt_tokens'\]"),
     ("tests.user_envs:TestLab/CallableReward-v0", "reward_fn is a function; register it as a string"),
+    ("tests.user_envs:TestLab/HalfToken-v0", "max_new_tokens must be a positive int, got 0.5"),
 ])
 def test_what_the_runner_cannot_honour_is_refused(name, message):
     with pytest.raises(ValueError, match=message):

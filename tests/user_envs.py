@@ -12,6 +12,7 @@ IDS = {
     "TestLab/TerseReview-v0": {"task": "sentiment", "max_new_tokens": 6, "reward_fn": "tests.user_envs:terse"},
     "TestLab/LongPrompts-v0": {"task": "sentiment", "max_prompt_tokens": 8},  # a kwarg the runner cannot honour
     "TestLab/CallableReward-v0": {"task": "sentiment", "reward_fn": terse},  # not recordable in a run's config
+    "TestLab/HalfToken-v0": {"task": "sentiment", "max_new_tokens": 0.5},
 }
 for env_id, kwargs in IDS.items():
     if env_id not in registry:
