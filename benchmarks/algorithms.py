@@ -29,7 +29,7 @@ SB3 train on; the proxy column is that reward. DPO trains on the task's comparis
     python -m benchmarks.algorithms --tasks mylab.envs:MyLab/TerseReview-v0 --run runs/default
 
 Default budget: 1,280 episodes per RL run (20 iterations x 64), DPO one pass over the comparisons, SB3 PPO 6,144
-env steps on seed 0 only (no KV cache in SB3: each step is a full forward); 17 minutes on the 2-core box.
+env steps on seed 0 only (no KV cache in SB3: each step is a full forward); 13-17 minutes on the 2-core box.
 Needs each task's main-job run folder (sft/model, rm/model, comparisons/): it runs `textenv pipeline --task <task>`
 there if missing (about 8 minutes a task here).
 """
