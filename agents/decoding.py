@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2LMHeadModel, PreTrainedModel
+from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 # GPT-2 activations the lean path implements ("gelu_new" is GELU's tanh approximation)
@@ -86,7 +86,7 @@ class GPT2Decoder:
     """GPT-2 (`GPT2LMHeadModel`) decoding over the model's weights, with preallocated key/value buffers."""
 
     def __init__(self, model: GPT2LMHeadModel, batch_size: int, max_len: int):
-        if not gpt2_fast_path(model):
+        if type(model) is not GPT2LMHeadModel or not gpt2_fast_path(model):
             raise ValueError(f"{type(model).__name__} with this config is not supported by GPT2Decoder; use HFDecoder")
         c = model.config
         self.model, self.eps = model, c.layer_norm_epsilon
@@ -168,26 +168,28 @@ def attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: 
 
 
 def gpt2_fast_path(model: PreTrainedModel) -> bool:
-    """Whether `GPT2Decoder` computes exactly what this model's HF forward computes: a plain GPT-2 config, its
-    own module types (not, e.g., PEFT/LoRA or quantized layers swapped in) and no forward hooks anywhere (a hook
-    may edit what the forward returns; the lean path would skip it)."""
-    if type(model) is not GPT2LMHeadModel:
+    """Whether the lean GPT-2 paths (`GPT2Decoder`, `agents.gpt2.GPT2Forward`) compute exactly what this model's HF
+    forward computes: a `GPT2LMHeadModel` or `GPT2ForSequenceClassification` with a plain GPT-2 config, its own
+    module types (not, e.g., PEFT/LoRA or quantized layers swapped in) and no forward hooks anywhere (a hook may
+    edit what the forward returns; the lean path would skip it)."""
+    if type(model) not in (GPT2LMHeadModel, GPT2ForSequenceClassification):
         return False
     c = model.config
     if not (c.activation_function in _GELU and c.scale_attn_weights and not c.scale_attn_by_inverse_layer_idx
             and not c.add_cross_attention):
         return False
     tr = model.transformer
-    expected = [(tr.wte, nn.Embedding), (tr.wpe, nn.Embedding), (tr.ln_f, nn.LayerNorm), (model.lm_head, nn.Linear)]
+    head = model.lm_head if type(model) is GPT2LMHeadModel else model.score
+    expected = [(tr.wte, nn.Embedding), (tr.wpe, nn.Embedding), (tr.ln_f, nn.LayerNorm), (head, nn.Linear)]
     for b in tr.h:
         expected += [(b.ln_1, nn.LayerNorm), (b.ln_2, nn.LayerNorm), (b.attn.c_attn, Conv1D), (b.attn.c_proj, Conv1D),
                      (b.mlp.c_fc, Conv1D), (b.mlp.c_proj, Conv1D)]
-    if any(type(m) is not t for m, t in expected):
+    if any(type(m) is not t for m, t in expected) or head.bias is not None:
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def make_decoder(model: PreTrainedModel, batch_size: int, max_len: int) -> GPT2Decoder | HFDecoder:
     """The fastest decoder that is exact for `model` (see the module docstring)."""
-    cls = GPT2Decoder if gpt2_fast_path(model) else HFDecoder
+    cls = GPT2Decoder if type(model) is GPT2LMHeadModel and gpt2_fast_path(model) else HFDecoder
     return cls(model, batch_size, max_len)

@@ -1,0 +1,136 @@
+"""A lean GPT-2 forward over an HF model's own weights, for the RL loops' scoring and training passes.
+
+The RL loops never need a GPT-2's outputs at every position: the policy and the value model are read at the
+response positions, a reward model at one token per row. `GPT2Forward.hidden` computes the final hidden states at
+the positions asked for (`keep`) and skips, in the last block, the attention output, the MLP and the final layer
+norm of every other position (their keys and values are still computed: the kept queries attend to them). At the
+anchor's shapes that is about 5% of a trunk's FLOPs for the policy (16 of 64 positions) and about 20% for a reward
+model (63 of 64). It also skips the HF forward's mask building and module calls.
+
+`GPT2Forward(model)` reads the live parameters, so autograd trains through it. `GPT2Forward(model, pack_rows=M)`
+is for weights that do not change while it is used (a frozen reference or reward model): its matrix multiplies
+run on weights reordered once into oneDNN's blocked layout (`agents.decoding.PackedLinear`), on a CPU.
+
+It computes what the HF forward computes, at every kept position that is a real token (attention_mask 1), up to
+float rounding; tests/test_gpt2_forward.py checks it against the HF forward, left- and right-padded. Where a model
+is not a plain GPT-2 (`gpt2_fast_path`), the callers use the HF forward instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+from agents.decoding import _GELU, PackedLinear, gpt2_fast_path, position_ids_from_mask
+
+
+class _Affine:
+    """x @ W + b on the live parameters (HF's Conv1D computes exactly this addmm)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+
+
+class GPT2Forward:
+    """Final hidden states, logits or sequence scores of a GPT-2 model (`GPT2LMHeadModel` or
+    `GPT2ForSequenceClassification`) at chosen positions.
+
+    `pack_rows`: pack the weights once for matrix multiplies of about that many rows (batch x length); the
+    weights must then stay as they are for this object's lifetime (it is for frozen models, and no gradient
+    flows through it). None: use the parameters as they are, with autograd.
+    """
+
+    def __init__(self, model: GPT2LMHeadModel | GPT2ForSequenceClassification, pack_rows: int | None = None):
+        if not gpt2_fast_path(model):
+            raise ValueError(f"{type(model).__name__} with this config is not supported by GPT2Forward; use its HF forward")
+        c = model.config
+        self.model, self.transformer = model, model.transformer
+        self.eps, self.n_head, self.approximate = c.layer_norm_epsilon, c.n_head, _GELU[c.activation_function]
+        self.packed = pack_rows is not None
+        linear = (lambda w, b: PackedLinear(w, b, pack_rows)) if self.packed else _Affine  # noqa: E731
+        self.linears = [
+            [linear(conv.weight, conv.bias) for conv in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+            for b in self.transformer.h
+        ]
+        head = model.lm_head if isinstance(model, GPT2LMHeadModel) else model.score  # nn.Linear, no bias
+        self.head = linear(head.weight.t(), None)  # (E, V or num_labels) as x @ W
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: slice | torch.Tensor) -> torch.Tensor:
+        """Final (ln_f) hidden states at `keep`: a slice of positions, the same for every row -> (B, K, E); or a
+        (B,) tensor of one position per row -> (B, 1, E). `attention_mask` (B, L) may pad on either side."""
+        if self.packed and torch.is_grad_enabled():
+            raise RuntimeError("packed weights carry no gradient: call a GPT2Forward with pack_rows under torch.no_grad()")
+        B, L = input_ids.shape
+        tr = self.transformer
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        real = attention_mask.bool()  # (B, L)
+        arange = torch.arange(L, device=input_ids.device)
+        if isinstance(keep, slice):
+            rows, kept = slice(None), arange[keep][None]  # (1, K) the kept positions
+        else:
+            rows, kept = torch.arange(B, device=input_ids.device), keep.long()[:, None]  # (B, 1)
+        x = tr.wte(input_ids) + tr.wpe(position_ids_from_mask(attention_mask))  # (B, L, E)
+        # a query sees earlier real keys; a padding query also sees itself, so that no row is fully masked (a
+        # NaN there would reach the real rows through 0 * NaN in the attention's weighted sum)
+        causal = None if real.all() else (arange[None, :] <= arange[:, None]) & (real[:, None, :] | torch.eye(L, dtype=torch.bool, device=real.device))  # (B, L, L)
+        n = len(tr.h)
+        for i, block in enumerate(tr.h):
+            qkv_proj, attn_proj, fc, fc_proj = self.linears[i]
+            E = x.shape[-1]
+            h = F.layer_norm(x, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
+            q, k, v = self._heads(qkv_proj(h.reshape(-1, E)), B, L)  # each (B, H, L, D)
+            if i < n - 1:
+                if causal is None:
+                    a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, D)
+                else:
+                    a = F.scaled_dot_product_attention(q, k, v, attn_mask=causal[:, None])
+            else:  # the last block: only the kept positions' queries, and from here on only their rows
+                x = x[:, keep] if isinstance(keep, slice) else x[rows, keep][:, None]  # (B, K, E)
+                q = q[:, :, keep] if isinstance(keep, slice) else q[rows, :, keep][:, :, None]  # (B, H, K, D)
+                sees = arange[None, None, :] <= kept[:, :, None]  # (B or 1, K, L) causal, seen from the kept positions
+                if causal is not None:
+                    sees = sees & (real[:, None, :] | (arange[None, None, :] == kept[:, :, None]))  # (B, K, L)
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=sees[:, None])  # (B, H, K, D)
+            S = x.shape[1]
+            x = x + attn_proj(a.transpose(1, 2).reshape(B * S, E)).view(B, S, E)
+            h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * S, E)
+            x = x + fc_proj(F.gelu(fc(h), approximate=self.approximate)).view(B, S, E)
+        return F.layer_norm(x, (x.shape[-1],), tr.ln_f.weight, tr.ln_f.bias, self.eps)  # (B, K, E)
+
+    def _heads(self, qkv: torch.Tensor, B: int, L: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        H = self.n_head
+        q, k, v = qkv.view(B, L, 3, H, -1).permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
+        return q, k, v
+
+    def apply_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's head (LM head or score) on (B, K, E) hidden states: (B, K, V or num_labels)."""
+        return self.head(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:2], -1)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: slice | torch.Tensor) -> torch.Tensor:
+        """Next-token logits at `keep` (a `GPT2LMHeadModel`): (B, K, V)."""
+        return self.apply_head(self.hidden(input_ids, attention_mask, keep))
+
+    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """What `GPT2ForSequenceClassification` returns as logits: the head at each row's rightmost non-PAD token
+        (the last position if the config has no PAD): (B, num_labels). Positions count real tokens, as everywhere
+        here; for right padding that is HF's default too."""
+        pad = self.model.config.pad_token_id
+        L = input_ids.shape[1]
+        if pad is None:
+            if input_ids.shape[0] != 1:  # as HF: without a PAD id the last real token cannot be found
+                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+            last = torch.full((1,), L - 1, device=input_ids.device)  # (1,)
+        else:
+            last = (torch.arange(L, device=input_ids.device) * (input_ids != pad)).argmax(-1)  # (B,) as HF picks it
+        return self.apply_head(self.hidden(input_ids, attention_mask, last))[:, 0]  # (B, num_labels)
+
+
+def lean_forward(model, pack_rows: int | None = None) -> GPT2Forward | None:
+    """A `GPT2Forward` of `model` where it is exact (`gpt2_fast_path`), else None (use the HF forward).
+    `pack_rows`: see `GPT2Forward`; CPU float32 weights only, elsewhere the weights are used as they are."""
+    return GPT2Forward(model, pack_rows) if gpt2_fast_path(model) else None

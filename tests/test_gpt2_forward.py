@@ -1,0 +1,139 @@
+"""The lean GPT-2 forward (agents/gpt2.py) against HF's: logits, scores and gradients at the real positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+from agents.decoding import position_ids_from_mask
+from agents.gpt2 import GPT2Forward, lean_forward
+from rewards.hf import SequenceClassifierReward
+
+PAD = 0
+
+
+def config(**kw) -> GPT2Config:
+    return GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=3, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **kw)
+
+
+def lm(**kw) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config(**kw)).eval()
+
+
+def classifier(num_labels: int = 1, pad_token_id: int | None = PAD) -> GPT2ForSequenceClassification:
+    torch.manual_seed(1)
+    c = config(num_labels=num_labels)
+    c.pad_token_id = pad_token_id
+    return GPT2ForSequenceClassification(c).eval()
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """(4, 10): unpadded, left-padded by 3, right-padded after 6 tokens, and both."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 97, (4, 10), generator=g)
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, 6:] = 0
+    mask[3, :2] = 0
+    mask[3, 8:] = 0
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def hf_logits(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu"])
+def test_logits_and_gradients_equal_hf_at_real_positions(activation):
+    model, ids, mask = lm(activation_function=activation), *batch()
+    keep = slice(3, 9)  # the last block computes only these positions
+    real = mask[:, keep].bool()  # (B, K)
+    ours = GPT2Forward(model).logits(ids, mask, keep)  # (B, K, V)
+    want = hf_logits(model, ids, mask)[:, keep]
+    torch.testing.assert_close(ours[real], want[real], atol=1e-5, rtol=1e-5)
+
+    # the same loss through both forwards: the same gradient on every parameter
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for logits in (ours, want):
+        model.zero_grad()
+        (logits * weights)[real].sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_one_position_per_row_and_no_padding():
+    model = lm()
+    ids = torch.randint(3, 97, (3, 8), generator=torch.Generator().manual_seed(3))
+    want = model(input_ids=ids).logits  # (3, 8, V): no mask at all takes the causal-only path
+    torch.testing.assert_close(GPT2Forward(model).logits(ids, None, slice(0, 8)), want, atol=1e-5, rtol=1e-5)
+    pos = torch.tensor([7, 0, 4])
+    got = GPT2Forward(model).logits(ids, torch.ones_like(ids), pos)  # (3, 1, V)
+    torch.testing.assert_close(got[:, 0], want[torch.arange(3), pos], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_weights_equal_and_refuse_gradients():
+    model, ids, mask = lm().requires_grad_(False), *batch()
+    real = mask[:, 2:].bool()
+    packed = GPT2Forward(model, pack_rows=40)
+    with torch.no_grad():
+        torch.testing.assert_close(packed.logits(ids, mask, slice(2, 10))[real], hf_logits(model, ids, mask)[:, 2:][real],
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        packed.logits(ids, mask, slice(2, 10))
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_scores_equal_sequence_classifier(num_labels):
+    model, (ids, mask) = classifier(num_labels), batch()
+    # HF reads the rightmost non-PAD token; rows 2 and 3 end early, so it is not the last position for them
+    torch.testing.assert_close(GPT2Forward(model).scores(ids, mask), hf_logits(model, ids, mask), atol=1e-5, rtol=1e-5)
+    # right padding only (what the reward adapter feeds): HF's default positions are the same ones
+    torch.testing.assert_close(GPT2Forward(model).scores(ids[[0, 2]], mask[[0, 2]]),
+                               model(input_ids=ids[[0, 2]], attention_mask=mask[[0, 2]]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_scores_without_pad_id_as_hf():
+    model = classifier(pad_token_id=None)
+    ids = torch.randint(3, 97, (1, 6))
+    torch.testing.assert_close(GPT2Forward(model).scores(ids, None), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="batch sizes > 1"):
+        GPT2Forward(model).scores(torch.randint(3, 97, (2, 6)), None)
+
+
+def test_only_plain_gpt2_takes_the_lean_path():
+    assert lean_forward(lm()) is not None and lean_forward(classifier()) is not None
+    assert lean_forward(lm(scale_attn_by_inverse_layer_idx=True)) is None
+    hooked = lm()
+    hooked.transformer.h[1].mlp.register_forward_hook(lambda m, args, out: out * 2)
+    assert lean_forward(hooked) is None
+    with pytest.raises(ValueError, match="not supported by GPT2Forward"):
+        GPT2Forward(hooked)
+
+
+def test_reward_adapter_scores_as_hf(tmp_path):
+    """A folder (frozen, packed) and a model handed in (live weights) both score as the HF forward."""
+    from textenv.embedded import default_tokenizer
+    from textenv.models import preset_config
+
+    tok = default_tokenizer()
+    c = preset_config("tiny", tok)
+    c.num_labels = 1
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(c).eval()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    prompts, completions = ["The film was", "A", "Long prompt with several words in it"], [" great.", " bad", ""]
+    enc = tok([p + r for p, r in zip(prompts, completions)], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**enc).logits[:, 0].tolist()
+    folder = SequenceClassifierReward(str(tmp_path))
+    assert folder(prompts, completions) == pytest.approx(want, abs=1e-5)
+    live = SequenceClassifierReward(model, tok)
+    with torch.no_grad():
+        model.score.weight.mul_(2)  # the owner trains on: the adapter reads the new weights
+    assert live(prompts, completions) == pytest.approx([2 * w for w in want], abs=1e-5)
