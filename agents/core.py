@@ -35,6 +35,18 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     return z.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)  # (B, T)
 
 
+def logprobs_and_entropy(logits: Tensor, tokens: Tensor, entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """`logprobs_from_logits` and, without a graph (it is logged, not trained on), `entropy_from_logits` (None
+    unless `entropy`) at temperature 1, from one logsumexp over the (B, T, V) logits instead of two."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
+    logp = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)  # (B, T)
+    if not entropy:
+        return logp, None
+    with torch.no_grad():
+        ent = (lse - (torch.exp(logits - lse) * logits).sum(-1, keepdim=True)).squeeze(-1)  # (B, T)
+    return logp, ent
+
+
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """H = logsumexp(z) - sum_v softmax(z)_v z_v with z = logits / temperature, shape (B, T)."""
     z = _scaled(logits, temperature)  # (B, T, V)

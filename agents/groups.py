@@ -34,7 +34,8 @@ class GroupBatch:
 def sample_groups(policy, ref_policy, envs, *, num_prompts: int, k: int, iteration: int, seed: int,
                   temperature: float, missing_eos_penalty: float | None, rows: int, mine: slice, dist,
                   device: torch.device) -> GroupBatch:
-    """Play one iteration's groups; `rows` chunks the reference forward, `mine` are this process's global rows."""
+    """Play one iteration's groups; `rows` chunks the reference forward, `mine` are this process's global rows.
+    `ref_policy`: the frozen reference (a causal LM or a `GPT2Forward` of one), or None."""
     B, P, T, V = num_prompts * k, envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, envs.setup.vocab_size
     policy.eval()
     prompt_ids = torch.randint(len(envs.setup.prompts), (num_prompts,), generator=iteration_generator(seed, iteration, 2))

@@ -39,15 +39,15 @@ from agents.core import (
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
-    entropy_from_logits,
     explained_variance,
     kl_estimate,
-    logprobs_from_logits,
+    logprobs_and_entropy,
     masked_mean,
     masked_whiten,
     per_token_rewards,
 )
 from agents.decoding import position_ids_from_mask
+from agents.gpt2 import GPT2Forward, lean_forward
 from agents.distributed import (
     gather_rollout,
     gather_rows,
@@ -179,32 +179,40 @@ def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float
     """Temperature-scaled log-probs, entropies (None unless `entropy`) and last hidden states (None unless
     `hidden`) of the response tokens.
 
-    The logits at position P-1+t predict response token t; only those T positions go through the LM head.
+    `policy`: a causal LM, or a `GPT2Forward` of one (a frozen reference's, with packed weights). The logits at
+    position P-1+t predict response token t; only those T positions go through the LM head, and a GPT-2 runs
+    through the lean forward (agents/gpt2.py), which computes only them in its last block.
     `vocab_size`: the env's number of actions. A model whose embedding is padded past its tokenizer (Pythia,
     Qwen) has more logits than actions; the sampler drops the extra ones, so the loss must too, or the ratio
     and the KL are off by the probability mass on tokens that can never be sampled.
     """
-    T = input_ids.shape[1] - P
-    out = policy(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),  # correct positions under left padding
-        logits_to_keep=T + 1,
-        output_hidden_states=hidden,
-    )
-    logits = out.logits[:, :-1, :vocab_size]  # (B, T, V)
-    z = logits if temperature == 1.0 else logits / temperature  # (B, T, V) scaled once, for both below
-    logp = logprobs_from_logits(z, input_ids[:, P:])  # (B, T)
-    states = out.hidden_states[-1][:, P - 1 : -1] if hidden else None  # (B, T, H)
-    ent = None
-    if entropy:
-        with torch.no_grad():  # logged only (RLHF's PPO has no entropy bonus): no (B, T, V) graph for it
-            ent = entropy_from_logits(z)  # (B, T)
-    return logp, ent, states
+    L = input_ids.shape[1]
+    lean = policy if isinstance(policy, GPT2Forward) else lean_forward(policy)
+    if lean is not None:
+        states = lean.hidden(input_ids, attention_mask, slice(P - 1, L - 1))  # (B, T, E)
+        logits = lean.apply_head(states)  # (B, T, V)
+    else:
+        out = policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),  # correct positions under left padding
+            logits_to_keep=L - P + 1,
+            output_hidden_states=hidden,
+        )
+        logits = out.logits[:, :-1]  # (B, T, V)
+        states = out.hidden_states[-1][:, P - 1 : -1] if hidden else None  # (B, T, H)
+    z = logits[..., :vocab_size]  # (B, T, V)
+    z = z if temperature == 1.0 else z / temperature  # scaled once, for both below
+    logp, ent = logprobs_and_entropy(z, input_ids[:, P:], entropy)  # (B, T) each; entropy without a graph
+    return logp, ent, states if hidden else None
 
 
 def value_forward(value_model, input_ids, attention_mask, P: int) -> torch.Tensor:
     """Per-token values V(prompt + response[:t]) from a sequence-classification model's `score` head: (B, T)."""
+    L = input_ids.shape[1]
+    lean = value_model if isinstance(value_model, GPT2Forward) else lean_forward(value_model)
+    if lean is not None:  # the lean forward computes only the T positions in its last block
+        return lean.apply_head(lean.hidden(input_ids, attention_mask, slice(P - 1, L - 1))).squeeze(-1)  # (B, T)
     hidden = value_model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     ).last_hidden_state  # (B, L, H)
@@ -276,6 +284,9 @@ def ppo(cfg: PPOConfig) -> Path:
     )
     P, T, V = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, envs.setup.vocab_size
     mb_size = B // cfg.num_minibatches
+    rows = cfg.micro_batch_size or B
+    # the frozen reference through the lean forward (GPT-2) on weights packed once for the run (agents/gpt2.py)
+    ref_forward = lean_forward(ref_policy, pack_rows=rows * (P + T)) or ref_policy
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 
     params = list(policy.parameters()) + list(value_model.parameters())
@@ -307,12 +318,13 @@ def ppo(cfg: PPOConfig) -> Path:
             policy, envs, uniforms=uniforms[mine], temperature=cfg.temperature,
             seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start,
         )
-        rows = cfg.micro_batch_size or B
         with torch.no_grad():  # the reference log-probs and the values of this process's rows
             local_ids, local_mask = local.input_ids.to(device), local.attention_mask.to(device)  # (b, P+T)
-            ref_logp = chunked(lambda ids, am: policy_forward(ref_policy, ids, am, P, cfg.temperature, vocab_size=V, entropy=False)[0],
+            ref_logp = chunked(lambda ids, am: policy_forward(ref_forward, ids, am, P, cfg.temperature, vocab_size=V, entropy=False)[0],
                                rows, local_ids, local_mask)  # (b, T)
-            values = chunked(lambda ids, am: predict_values(value_model, value_states(policy, cfg, ids, am, P), ids, am, P),
+            # the value model does not change until the update: its weights are packed for this forward only
+            value_fwd = (lean_forward(value_model, pack_rows=rows * (P + T)) or value_model) if not cfg.shared_value_head else value_model
+            values = chunked(lambda ids, am: predict_values(value_fwd, value_states(policy, cfg, ids, am, P), ids, am, P),
                              rows, local_ids, local_mask)  # (b, T)
         # from here on every process holds the whole batch and computes the same advantages, KL and metrics
         batch = gather_rollout(dist, local)

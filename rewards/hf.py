@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from agents.gpt2 import lean_forward
 from textenv.models import load_sequence_classifier
 
 
@@ -37,12 +38,13 @@ class SequenceClassifierReward:
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
     ):
-        if isinstance(model, PreTrainedModel):
+        owned = not isinstance(model, PreTrainedModel)
+        if owned:
+            self.model = load_sequence_classifier(model, trust_remote_code=trust_remote_code).requires_grad_(False)
+            self.name = str(model)
+        else:
             self.model = model
             self.name = model.config.name_or_path or type(model).__name__
-        else:
-            self.model = load_sequence_classifier(model, trust_remote_code=trust_remote_code)
-            self.name = str(model)
         if tokenizer is None:
             tokenizer = self.model.config.name_or_path
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
@@ -59,6 +61,10 @@ class SequenceClassifierReward:
         self.batch_size = batch_size
         self.max_length = max_length or min(tokenizer.model_max_length, self.model.config.max_position_embeddings)
         self.label_index = self._resolve_label(label)
+        # A GPT-2 scores through the lean forward, which computes only the scored token in its last block
+        # (agents/gpt2.py). A model this adapter loaded is frozen, so its weights are packed once; a model handed
+        # in may still be trained by its owner, so its live weights are read at every call.
+        self._packed = lean_forward(self.model, pack_rows=batch_size * 64) if owned else None
 
     def _resolve_label(self, label: int | str | None) -> int:
         num_labels = self.model.config.num_labels
@@ -89,7 +95,8 @@ class SequenceClassifierReward:
             # Keep the end of over-long inputs (the completion) without touching the caller's truncation_side.
             ids = [row[-self.max_length :] for row in ids]
             batch = _right_pad(ids, self.tokenizer.pad_token_id, self.device)
-            logits = self.model(**batch).logits  # (B, num_labels)
+            lean = self._packed or lean_forward(self.model)
+            logits = self.model(**batch).logits if lean is None else lean.scores(**batch)  # (B, num_labels)
             scores.extend(logits[:, self.label_index].float().tolist())
         return scores
 

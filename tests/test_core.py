@@ -17,6 +17,7 @@ from agents.core import (
     entropy_from_logits,
     explained_variance,
     kl_estimate,
+    logprobs_and_entropy,
     logprobs_from_logits,
     masked_first_eos,
     masked_mean,
@@ -157,6 +158,16 @@ def test_logprobs_and_entropy_by_hand():
     # H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.3465736 + 0.2157616 = 0.5623352
     close(entropy_from_logits(logits), [[0.5623352]])
     close(entropy_from_logits(torch.zeros(1, 1, 7)), [[math.log(7.0)]])  # uniform: ln V
+    logp, ent = logprobs_and_entropy(logits, T([[1]]))  # both from one logsumexp
+    close(logp, [[math.log(0.75)]])
+    close(ent, [[0.5623352]])
+    assert logprobs_and_entropy(logits, T([[1]]), entropy=False)[1] is None
+
+
+def test_entropy_carries_no_graph():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    logp, ent = logprobs_and_entropy(logits, torch.zeros(2, 3, dtype=torch.long))
+    assert logp.requires_grad and not ent.requires_grad  # logged only: no (B, T, V) graph kept for it
 
 
 def test_logprobs_match_manual_softmax():
