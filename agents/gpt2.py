@@ -102,6 +102,62 @@ class GPT2Forward:
             x = x + fc_proj(F.gelu(fc(h), approximate=self.approximate)).view(B, S, E)
         return F.layer_norm(x, (x.shape[-1],), tr.ln_f.weight, tr.ln_f.bias, self.eps)  # (B, K, E)
 
+    def response_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int) -> torch.Tensor:
+        """Final hidden states at positions P-1 .. L-2, those that predict (or value) the L - P response tokens
+        after a P-token left-padded prompt: (B, T, E), what `hidden(..., slice(P - 1, L - 1))` returns.
+
+        Rows with the same prompt (GRPO's and RLOO's groups) compute it once: a prompt's positions attend only to
+        the prompt, so their keys and values are the same in every row of its group. The prompt runs once per
+        distinct prompt, each response attends to its prompt's keys and values and to its own, and the gradients
+        of the k responses add up in the shared prompt computation. At k = 4 with 16-token prompts and 48-token
+        responses that is 19% fewer rows through the trunk."""
+        L = input_ids.shape[1]
+        prompts = torch.cat([input_ids[:, :P], attention_mask[:, :P]], dim=1)  # (B, 2P) a prompt is its ids and mask
+        distinct, group = torch.unique(prompts, dim=0, return_inverse=True)  # (G, 2P), (B,) row -> its prompt
+        if len(distinct) == len(prompts) or L - P < 2:  # nothing shared (PPO's batches): the plain forward
+            return self.hidden(input_ids, attention_mask, slice(P - 1, L - 1))
+        if self.packed and torch.is_grad_enabled():
+            raise RuntimeError("packed weights carry no gradient: call a GPT2Forward with pack_rows under torch.no_grad()")
+        tr, B, G, T = self.transformer, len(input_ids), len(distinct), L - P
+        p_ids, p_mask = distinct[:, :P], distinct[:, P:]  # (G, P)
+        p_real = p_mask.bool()
+        positions = position_ids_from_mask(attention_mask)  # (B, L)
+        xp = tr.wte(p_ids) + tr.wpe(position_ids_from_mask(p_mask))  # (G, P, E)
+        xr = tr.wte(input_ids[:, P:]) + tr.wpe(positions[:, P:])  # (B, T, E)
+        E = xp.shape[-1]
+        ar = torch.arange(P + T, device=input_ids.device)
+        p_causal = None if p_real.all() else (ar[None, :P] <= ar[:P, None]) & (p_real[:, None, :] | torch.eye(P, dtype=torch.bool, device=p_real.device))  # (G, P, P)
+        # a response query sees its prompt's real tokens and the responses' tokens up to itself (right padding after
+        # EOS needs no mask: no real token comes after it)
+        r_sees = torch.cat([p_real[group][:, None, :].expand(B, T, P), (ar[None, :T] <= ar[:T, None]).expand(B, T, T)], dim=2)  # (B, T, P+T)
+        n = len(tr.h)
+        for i, block in enumerate(tr.h):
+            qkv_proj, attn_proj, fc, fc_proj = self.linears[i]
+            h = F.layer_norm(torch.cat([xp.reshape(G * P, E), xr.reshape(B * T, E)]), (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
+            qkv = qkv_proj(h)  # (G*P + B*T, 3E): one GEMM for prompts and responses
+            qp, kp, vp = self._heads(qkv[: G * P], G, P)  # each (G, H, P, D)
+            qr, kr, vr = self._heads(qkv[G * P :], B, T)  # each (B, H, T, D)
+            last = i == n - 1  # the last block needs only position P-1 of a prompt and 0 .. T-2 of a response
+            if last:
+                qp, qr = qp[:, :, P - 1 :], qr[:, :, : T - 1]
+                xp, xr = xp[:, P - 1 :], xr[:, : T - 1]
+            if p_causal is None and not last:
+                ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (G, H, P, D)
+            else:
+                sees = (ar[None, :P] <= ar[:P, None])[None] if p_causal is None else p_causal  # (G or 1, P, P)
+                ap = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=sees[:, None, P - 1 :] if last else sees[:, None])
+            keys, values = torch.cat([kp[group], kr], dim=2), torch.cat([vp[group], vr], dim=2)  # (B, H, P+T, D)
+            ar_mask = r_sees[:, : T - 1] if last else r_sees  # (B, T or T-1, P+T)
+            a_r = F.scaled_dot_product_attention(qr, keys, values, attn_mask=ar_mask[:, None])  # (B, H, T, D)
+            Sp, Sr = xp.shape[1], xr.shape[1]
+            a = torch.cat([ap.transpose(1, 2).reshape(G * Sp, E), a_r.transpose(1, 2).reshape(B * Sr, E)])
+            x = torch.cat([xp.reshape(G * Sp, E), xr.reshape(B * Sr, E)]) + attn_proj(a)  # (G*Sp + B*Sr, E)
+            h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
+            x = x + fc_proj(F.gelu(fc(h), approximate=self.approximate))
+            xp, xr = x[: G * Sp].view(G, Sp, E), x[G * Sp :].view(B, Sr, E)
+        x = torch.cat([xp[group], xr], dim=1)  # (B, T, E): position P-1 from the row's prompt, then its response
+        return F.layer_norm(x, (E,), tr.ln_f.weight, tr.ln_f.bias, self.eps)
+
     def _heads(self, qkv: torch.Tensor, B: int, L: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         H = self.n_head
         q, k, v = qkv.view(B, L, 3, H, -1).permute(2, 0, 3, 1, 4)  # each (B, H, L, D)

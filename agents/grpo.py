@@ -178,7 +178,9 @@ def grpo(cfg: GRPOConfig) -> Path:
         for epoch in range(cfg.update_epochs):
             order = torch.randperm(B, generator=order_rng)
             for start_i in range(0, B, mb_size):
-                mb = order[start_i : start_i + mb_size].to(device)
+                # in row order, a group's rows fall in the same micro-batches, where their prompt runs once
+                # (GPT2Forward.response_hidden); the minibatch's gradient is the same sum up to rounding
+                mb = order[start_i : start_i + mb_size].sort().values.to(device)
                 mb_tokens = mask[mb].sum()
                 optimizer.zero_grad(set_to_none=True)
                 mb_stats = torch.zeros(5, device=device)

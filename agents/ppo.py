@@ -189,7 +189,7 @@ def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float
     L = input_ids.shape[1]
     lean = policy if isinstance(policy, GPT2Forward) else lean_forward(policy)
     if lean is not None:
-        states = lean.hidden(input_ids, attention_mask, slice(P - 1, L - 1))  # (B, T, E)
+        states = lean.response_hidden(input_ids, attention_mask, P)  # (B, T, E); a shared prompt runs once
         logits = lean.apply_head(states)  # (B, T, V)
     else:
         out = policy(
@@ -209,10 +209,9 @@ def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float
 
 def value_forward(value_model, input_ids, attention_mask, P: int) -> torch.Tensor:
     """Per-token values V(prompt + response[:t]) from a sequence-classification model's `score` head: (B, T)."""
-    L = input_ids.shape[1]
     lean = value_model if isinstance(value_model, GPT2Forward) else lean_forward(value_model)
     if lean is not None:  # the lean forward computes only the T positions in its last block
-        return lean.apply_head(lean.hidden(input_ids, attention_mask, slice(P - 1, L - 1))).squeeze(-1)  # (B, T)
+        return lean.apply_head(lean.response_hidden(input_ids, attention_mask, P)).squeeze(-1)  # (B, T)
     hidden = value_model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     ).last_hidden_state  # (B, L, H)

@@ -137,3 +137,44 @@ def test_reward_adapter_scores_as_hf(tmp_path):
     with torch.no_grad():
         model.score.weight.mul_(2)  # the owner trains on: the adapter reads the new weights
     assert live(prompts, completions) == pytest.approx([2 * w for w in want], abs=1e-5)
+
+
+def grouped_batch(P: int = 5, T: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """7 rows over 3 prompts (one left-padded), in mixed order; one response ends early (PAD after it)."""
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randint(3, 97, (3, P), generator=g)
+    pmask = torch.ones(3, P, dtype=torch.long)
+    pmask[1, :2] = 0
+    group = torch.tensor([0, 0, 1, 2, 1, 1, 0])
+    resp = torch.randint(3, 97, (7, T), generator=g)
+    rmask = torch.ones(7, T, dtype=torch.long)
+    rmask[2, 3:] = 0
+    ids = torch.cat([prompts.masked_fill(pmask == 0, PAD)[group], resp.masked_fill(rmask == 0, PAD)], 1)
+    return ids, torch.cat([pmask[group], rmask], 1)
+
+
+def test_shared_prompts_run_once_with_the_same_numbers():
+    model, (ids, mask), P = lm(), grouped_batch(), 5
+    real = mask[:, P - 1 : -1].bool()  # (B, T) the real tokens among the positions returned
+    plain = GPT2Forward(model).hidden(ids, mask, slice(P - 1, ids.shape[1] - 1))  # every row runs its prompt
+    shared = GPT2Forward(model).response_hidden(ids, mask, P)  # each of the 3 prompts runs once
+    torch.testing.assert_close(shared[real], plain[real], atol=1e-5, rtol=1e-5)
+    weights = torch.randn(plain.shape, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for h in (shared, plain):
+        model.zero_grad()
+        (h * weights)[real].sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        packed = GPT2Forward(model.requires_grad_(False), pack_rows=20).response_hidden(ids, mask, P)
+    torch.testing.assert_close(packed[real], plain.detach()[real], atol=1e-5, rtol=1e-5)
+
+
+def test_response_hidden_is_hf_at_real_positions_without_shared_prompts():
+    model, (ids, mask), P = lm(), batch(), 4  # four distinct prompts: the plain forward
+    real = mask[:, P - 1 : -1].bool()
+    want = hf_logits(model, ids, mask)[:, P - 1 : -1]
+    lean = GPT2Forward(model)
+    torch.testing.assert_close(lean.apply_head(lean.response_hidden(ids, mask, P))[real], want[real], atol=1e-5, rtol=1e-5)
