@@ -35,16 +35,18 @@ class PackedLinear:
     faster. Elsewhere (CUDA, other dtypes) it is `addmm`. The ops are the ones inductor's CPU weight prepacking
     emits (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
-        self.bias = bias
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, gelu: str | None = None):
+        self.bias, self.gelu = bias, gelu  # gelu: F.gelu's `approximate` ("tanh" or "none") to apply after, or None
         self.packed = weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         # oneDNN takes nn.Linear's (out, in) layout
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), rows) if self.packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        if self.packed:  # a GELU runs as oneDNN's post-op, inside the matrix multiply's output pass
+            post, algorithm = ("none", "") if self.gelu is None else ("gelu", self.gelu)
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, post, [], algorithm)
+        y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -102,7 +104,9 @@ class GPT2Decoder:
         self.next_position = None  # (B,)
         # the weights stay fixed for this decoder's lifetime (one rollout), so they are packed once for B rows
         self.linears = [
-            [PackedLinear(conv.weight, conv.bias, B) for conv in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+            [PackedLinear(b.attn.c_attn.weight, b.attn.c_attn.bias, B), PackedLinear(b.attn.c_proj.weight, b.attn.c_proj.bias, B),
+             PackedLinear(b.mlp.c_fc.weight, b.mlp.c_fc.bias, B, gelu=self.approximate),  # the MLP's GELU fused in
+             PackedLinear(b.mlp.c_proj.weight, b.mlp.c_proj.bias, B)]
             for b in model.transformer.h
         ]
         self.head = PackedLinear(model.lm_head.weight.t(), None, B)  # (E, V) as x @ W
@@ -126,8 +130,7 @@ class GPT2Decoder:
             a = a.transpose(1, 2).reshape(B * S, E)
             x = x + attn_proj(a).view(B, S, E)
             h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * S, E)
-            h = F.gelu(fc(h), approximate=self.approximate)  # (B*S, 4E)
-            x = x + fc_proj(h).view(B, S, E)
+            x = x + fc_proj(fc(h)).view(B, S, E)  # fc applies the GELU
         return F.layer_norm(x, (E,), self.model.transformer.ln_f.weight, self.model.transformer.ln_f.bias, self.eps)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

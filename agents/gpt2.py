@@ -26,13 +26,43 @@ from agents.decoding import _GELU, PackedLinear, gpt2_fast_path, position_ids_fr
 
 
 class _Affine:
-    """x @ W + b on the live parameters (HF's Conv1D computes exactly this addmm)."""
+    """x @ W + b on the live parameters, W (in, out), with autograd (HF's Conv1D computes this as an addmm).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self.bias = weight, bias
+    On a CPU (float32, oneDNN) the forward and the input gradient run on oneDNN's linear (`_OneDNNAffine`): at the
+    update's shapes (512-2048 rows, width 256) 5-20% faster than MKL's `mm`, which PyTorch otherwise calls."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None):
+        self.weight, self.bias, self.gelu = weight, bias, gelu  # gelu: F.gelu's `approximate`, applied after
+        self.onednn = weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        if self.onednn:
+            y = _OneDNNAffine.apply(x, self.weight, self.bias)
+        else:
+            y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
+
+
+class _OneDNNAffine(torch.autograd.Function):
+    """x @ W + b, W (in, out), by oneDNN's linear (weights as they are, not reordered); the weight gradient by
+    `mm` (oneDNN was not faster for it here). `_linear_pointwise` is the op inductor emits for CPU linears; it
+    has no autograd formula of its own, hence this Function."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        # oneDNN takes nn.Linear's (out, in) layout: y = x @ weight.t().t()
+        return torch.ops.mkldnn._linear_pointwise(x, weight.t(), bias, "none", [], "")  # (M, out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()  # (M, out)
+        dx = torch.ops.mkldnn._linear_pointwise(grad, weight, None, "none", [], "") if ctx.needs_input_grad[0] else None  # (M, in)
+        dw = x.t() @ grad if ctx.needs_input_grad[1] else None  # (in, out)
+        db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (out,)
+        return dx, dw, db
 
 
 class GPT2Forward:
@@ -51,9 +81,10 @@ class GPT2Forward:
         self.model, self.transformer = model, model.transformer
         self.eps, self.n_head, self.approximate = c.layer_norm_epsilon, c.n_head, _GELU[c.activation_function]
         self.packed = pack_rows is not None
-        linear = (lambda w, b: PackedLinear(w, b, pack_rows)) if self.packed else _Affine  # noqa: E731
-        self.linears = [
-            [linear(conv.weight, conv.bias) for conv in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        linear = (lambda w, b, gelu=None: PackedLinear(w, b, pack_rows, gelu)) if self.packed else _Affine  # noqa: E731
+        self.linears = [  # the MLP's fc applies the GELU (on packed weights, fused into oneDNN's matrix multiply)
+            [linear(b.attn.c_attn.weight, b.attn.c_attn.bias), linear(b.attn.c_proj.weight, b.attn.c_proj.bias),
+             linear(b.mlp.c_fc.weight, b.mlp.c_fc.bias, self.approximate), linear(b.mlp.c_proj.weight, b.mlp.c_proj.bias)]
             for b in self.transformer.h
         ]
         head = model.lm_head if isinstance(model, GPT2LMHeadModel) else model.score  # nn.Linear, no bias
@@ -76,8 +107,12 @@ class GPT2Forward:
             rows, kept = torch.arange(B, device=input_ids.device), keep.long()[:, None]  # (B, 1)
         x = tr.wte(input_ids) + tr.wpe(position_ids_from_mask(attention_mask))  # (B, L, E)
         # a query sees earlier real keys; a padding query also sees itself, so that no row is fully masked (a
-        # NaN there would reach the real rows through 0 * NaN in the attention's weighted sum)
-        causal = None if real.all() else (arange[None, :] <= arange[:, None]) & (real[:, None, :] | torch.eye(L, dtype=torch.bool, device=real.device))  # (B, L, L)
+        # NaN there would reach the real rows through 0 * NaN in the attention's weighted sum). Padding after a
+        # row's last real token (a response's, after EOS) needs no mask: no real query sees a later key, so only
+        # the outputs at those padding positions change, and nothing reads them. Without left padding the
+        # attention is plain causal, the faster kernel path.
+        left_pad = ~real & (real.flip(-1).cumsum(-1).flip(-1) > 0)  # (B, L) padding with a real token after it
+        causal = None if not left_pad.any() else (arange[None, :] <= arange[:, None]) & (real[:, None, :] | torch.eye(L, dtype=torch.bool, device=real.device))  # (B, L, L)
         n = len(tr.h)
         for i, block in enumerate(tr.h):
             qkv_proj, attn_proj, fc, fc_proj = self.linears[i]
@@ -99,7 +134,7 @@ class GPT2Forward:
             S = x.shape[1]
             x = x + attn_proj(a.transpose(1, 2).reshape(B * S, E)).view(B, S, E)
             h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * S, E)
-            x = x + fc_proj(F.gelu(fc(h), approximate=self.approximate)).view(B, S, E)
+            x = x + fc_proj(fc(h)).view(B, S, E)  # fc applies the GELU
         return F.layer_norm(x, (x.shape[-1],), tr.ln_f.weight, tr.ln_f.bias, self.eps)  # (B, K, E)
 
     def response_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, P: int) -> torch.Tensor:
@@ -153,7 +188,7 @@ class GPT2Forward:
             a = torch.cat([ap.transpose(1, 2).reshape(G * Sp, E), a_r.transpose(1, 2).reshape(B * Sr, E)])
             x = torch.cat([xp.reshape(G * Sp, E), xr.reshape(B * Sr, E)]) + attn_proj(a)  # (G*Sp + B*Sr, E)
             h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
-            x = x + fc_proj(F.gelu(fc(h), approximate=self.approximate))
+            x = x + fc_proj(fc(h))  # fc applies the GELU
             xp, xr = x[: G * Sp].view(G, Sp, E), x[G * Sp :].view(B, Sr, E)
         x = torch.cat([xp[group], xr], dim=1)  # (B, T, E): position P-1 from the row's prompt, then its response
         return F.layer_norm(x, (E,), tr.ln_f.weight, tr.ln_f.bias, self.eps)

@@ -76,8 +76,9 @@ def test_one_position_per_row_and_no_padding():
     torch.testing.assert_close(got[:, 0], want[torch.arange(3), pos], atol=1e-5, rtol=1e-5)
 
 
-def test_packed_weights_equal_and_refuse_gradients():
-    model, ids, mask = lm().requires_grad_(False), *batch()
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])  # oneDNN's fused GELU post-op, tanh and erf
+def test_packed_weights_equal_and_refuse_gradients(activation):
+    model, ids, mask = lm(activation_function=activation).requires_grad_(False), *batch()
     real = mask[:, 2:].bool()
     packed = GPT2Forward(model, pack_rows=40)
     with torch.no_grad():
@@ -178,3 +179,22 @@ def test_response_hidden_is_hf_at_real_positions_without_shared_prompts():
     want = hf_logits(model, ids, mask)[:, P - 1 : -1]
     lean = GPT2Forward(model)
     torch.testing.assert_close(lean.apply_head(lean.response_hidden(ids, mask, P))[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_affine_equals_addmm_with_gradients():
+    from agents.gpt2 import _Affine
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 24, generator=g, requires_grad=True)
+    weight, bias = torch.randn(24, 56, generator=g, requires_grad=True), torch.randn(56, generator=g, requires_grad=True)
+    out_grad = torch.randn(40, 56, generator=g)
+    for transposed in (False, True):  # a Conv1D (in, out) weight, and nn.Linear's (out, in) seen as its transpose
+        w = weight if not transposed else weight.t().contiguous().detach().requires_grad_(True)
+        affine = _Affine(w if not transposed else w.t(), bias, gelu="tanh")
+        assert affine.onednn == torch.backends.mkldnn.is_available()
+        got = affine(x)
+        want = torch.nn.functional.gelu(torch.addmm(bias, x, w if not transposed else w.t()), approximate="tanh")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        grads = [torch.autograd.grad(y, (x, w, bias), out_grad) for y in (got, want)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
