@@ -7,9 +7,11 @@ norm of every other position (their keys and values are still computed: the kept
 anchor's shapes that is about 5% of a trunk's FLOPs for the policy (16 of 64 positions) and about 20% for a reward
 model (63 of 64). It also skips the HF forward's mask building and module calls.
 
-`GPT2Forward(model)` reads the live parameters, so autograd trains through it. `GPT2Forward(model, pack_rows=M)`
-is for weights that do not change while it is used (a frozen reference or reward model): its matrix multiplies
-run on weights reordered once into oneDNN's blocked layout (`agents.decoding.PackedLinear`), on a CPU.
+`GPT2Forward(model)` reads the live parameters, so autograd trains through it; on a CPU its matrix multiplies
+and their input gradients run on oneDNN (`_OneDNNAffine`). `GPT2Forward(model, pack_rows=M)` is for weights that
+do not change while it is used (a frozen reference or reward model): its matrix multiplies run on weights
+reordered once into oneDNN's blocked layout (`agents.decoding.PackedLinear`), on a CPU, with the MLP's GELU fused.
+`response_hidden` runs a prompt shared by several rows (GRPO's and RLOO's groups) once.
 
 It computes what the HF forward computes, at every kept position that is a real token (attention_mask 1), up to
 float rounding; tests/test_gpt2_forward.py checks it against the HF forward, left- and right-padded. Where a model
@@ -65,6 +67,22 @@ class _OneDNNAffine(torch.autograd.Function):
         return dx, dw, db
 
 
+def padded_causal_mask(real: torch.Tensor) -> torch.Tensor | None:
+    """(B, L, L) bool attention mask for (B, L) `real` tokens, or None when plain causal attention is exact.
+
+    A query sees earlier real keys; a padding query also sees itself, so that no row is fully masked (a NaN there
+    would reach the real rows through 0 * NaN in the attention's weighted sum). Padding after a row's last real
+    token (a response's, after EOS) needs no mask: no real query sees a later key, so only the outputs at those
+    padding positions change, and nothing reads them. Without left padding the attention is plain causal, the
+    faster kernel path."""
+    left_pad = ~real & (real.flip(-1).cumsum(-1).flip(-1) > 0)  # (B, L) padding with a real token after it
+    if not left_pad.any():
+        return None
+    L = real.shape[1]
+    ar = torch.arange(L, device=real.device)
+    return (ar[None, :] <= ar[:, None]) & (real[:, None, :] | torch.eye(L, dtype=torch.bool, device=real.device))
+
+
 class GPT2Forward:
     """Final hidden states, logits or sequence scores of a GPT-2 model (`GPT2LMHeadModel` or
     `GPT2ForSequenceClassification`) at chosen positions.
@@ -106,13 +124,7 @@ class GPT2Forward:
         else:
             rows, kept = torch.arange(B, device=input_ids.device), keep.long()[:, None]  # (B, 1)
         x = tr.wte(input_ids) + tr.wpe(position_ids_from_mask(attention_mask))  # (B, L, E)
-        # a query sees earlier real keys; a padding query also sees itself, so that no row is fully masked (a
-        # NaN there would reach the real rows through 0 * NaN in the attention's weighted sum). Padding after a
-        # row's last real token (a response's, after EOS) needs no mask: no real query sees a later key, so only
-        # the outputs at those padding positions change, and nothing reads them. Without left padding the
-        # attention is plain causal, the faster kernel path.
-        left_pad = ~real & (real.flip(-1).cumsum(-1).flip(-1) > 0)  # (B, L) padding with a real token after it
-        causal = None if not left_pad.any() else (arange[None, :] <= arange[:, None]) & (real[:, None, :] | torch.eye(L, dtype=torch.bool, device=real.device))  # (B, L, L)
+        causal = padded_causal_mask(real)  # (B, L, L), None: plain causal
         n = len(tr.h)
         for i, block in enumerate(tr.h):
             qkv_proj, attn_proj, fc, fc_proj = self.linears[i]
@@ -161,7 +173,7 @@ class GPT2Forward:
         xr = tr.wte(input_ids[:, P:]) + tr.wpe(positions[:, P:])  # (B, T, E)
         E = xp.shape[-1]
         ar = torch.arange(P + T, device=input_ids.device)
-        p_causal = None if p_real.all() else (ar[None, :P] <= ar[:P, None]) & (p_real[:, None, :] | torch.eye(P, dtype=torch.bool, device=p_real.device))  # (G, P, P)
+        p_causal = padded_causal_mask(p_real)  # (G, P, P), None: plain causal
         # a response query sees its prompt's real tokens and the responses' tokens up to itself (right padding after
         # EOS needs no mask: no real token comes after it)
         r_sees = torch.cat([p_real[group][:, None, :].expand(B, T, P), (ar[None, :T] <= ar[:T, None]).expand(B, T, T)], dim=2)  # (B, T, P+T)

@@ -46,6 +46,18 @@ def hf_logits(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
 
 
+def assert_same_gradients(model, ours: torch.Tensor, want: torch.Tensor, real: torch.Tensor) -> None:
+    """The same random-weighted loss over the `real` entries of both outputs: the same gradient on every parameter."""
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for out in (ours, want):
+        model.zero_grad()
+        (out * weights)[real].sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu"])
 def test_logits_and_gradients_equal_hf_at_real_positions(activation):
     model, ids, mask = lm(activation_function=activation), *batch()
@@ -55,15 +67,7 @@ def test_logits_and_gradients_equal_hf_at_real_positions(activation):
     want = hf_logits(model, ids, mask)[:, keep]
     torch.testing.assert_close(ours[real], want[real], atol=1e-5, rtol=1e-5)
 
-    # the same loss through both forwards: the same gradient on every parameter
-    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
-    grads = []
-    for logits in (ours, want):
-        model.zero_grad()
-        (logits * weights)[real].sum().backward(retain_graph=True)
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_gradients(model, ours, want, real)
 
 
 def test_one_position_per_row_and_no_padding():
@@ -160,14 +164,7 @@ def test_shared_prompts_run_once_with_the_same_numbers():
     plain = GPT2Forward(model).hidden(ids, mask, slice(P - 1, ids.shape[1] - 1))  # every row runs its prompt
     shared = GPT2Forward(model).response_hidden(ids, mask, P)  # each of the 3 prompts runs once
     torch.testing.assert_close(shared[real], plain[real], atol=1e-5, rtol=1e-5)
-    weights = torch.randn(plain.shape, generator=torch.Generator().manual_seed(5))
-    grads = []
-    for h in (shared, plain):
-        model.zero_grad()
-        (h * weights)[real].sum().backward(retain_graph=True)
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_gradients(model, shared, plain, real)
     with torch.no_grad():
         packed = GPT2Forward(model.requires_grad_(False), pack_rows=20).response_hidden(ids, mask, P)
     torch.testing.assert_close(packed[real], plain.detach()[real], atol=1e-5, rtol=1e-5)
@@ -198,3 +195,12 @@ def test_onednn_affine_equals_addmm_with_gradients():
         grads = [torch.autograd.grad(y, (x, w, bias), out_grad) for y in (got, want)]
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_only_left_padding_needs_a_mask():
+    from agents.gpt2 import padded_causal_mask
+
+    assert padded_causal_mask(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()) is None  # after EOS: causal
+    mask = padded_causal_mask(torch.tensor([[0, 1, 1], [1, 1, 0]]).bool())  # (2, 3, 3)
+    assert mask[0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]  # pad sees itself
+    assert mask[1].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
