@@ -30,15 +30,14 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     The temperature used when sampling must also divide the logits here, or the PPO ratio is off from step one
     (N details blog, "Scale the logits by sampling temperature").
     """
-    z = _scaled(logits, temperature)  # (B, T, V)
-    # z[token] - logsumexp(z): the same number as log_softmax(z)[token], without writing a (B, T, V) output
-    return z.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)  # (B, T)
+    return logprobs_and_entropy(_scaled(logits, temperature), tokens, entropy=False)[0]  # (B, T)
 
 
 def logprobs_and_entropy(logits: Tensor, tokens: Tensor, entropy: bool = True) -> tuple[Tensor, Tensor | None]:
     """`logprobs_from_logits` and, without a graph (it is logged, not trained on), `entropy_from_logits` (None
     unless `entropy`) at temperature 1, from one logsumexp over the (B, T, V) logits instead of two."""
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
+    # z[token] - logsumexp(z): the same number as log_softmax(z)[token], without writing a (B, T, V) output
     logp = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)  # (B, T)
     if not entropy:
         return logp, None

@@ -234,6 +234,15 @@ class GPT2Forward:
 
 
 def lean_forward(model, pack_rows: int | None = None) -> GPT2Forward | None:
-    """A `GPT2Forward` of `model` where it is exact (`gpt2_fast_path`), else None (use the HF forward).
-    `pack_rows`: see `GPT2Forward`; CPU float32 weights only, elsewhere the weights are used as they are."""
+    """A `GPT2Forward` of `model` where it is exact (`gpt2_fast_path`), else None (use the HF forward); a
+    `GPT2Forward` comes back as it is. `pack_rows`: see `GPT2Forward`; CPU float32 weights only, elsewhere the
+    weights are used as they are."""
+    if isinstance(model, GPT2Forward):
+        return model
     return GPT2Forward(model, pack_rows) if gpt2_fast_path(model) else None
+
+
+def frozen_forward(model, pack_rows: int):
+    """What to run a model through while its weights stay fixed (a reference, a reward model, the value model
+    during a rollout): its `GPT2Forward` on weights packed for `pack_rows`-row multiplies, or the model itself."""
+    return lean_forward(model, pack_rows) or model

@@ -47,7 +47,7 @@ from agents.core import (
     per_token_rewards,
 )
 from agents.decoding import position_ids_from_mask
-from agents.gpt2 import GPT2Forward, lean_forward
+from agents.gpt2 import frozen_forward, lean_forward
 from agents.distributed import (
     gather_rollout,
     gather_rows,
@@ -187,7 +187,7 @@ def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float
     and the KL are off by the probability mass on tokens that can never be sampled.
     """
     L = input_ids.shape[1]
-    lean = policy if isinstance(policy, GPT2Forward) else lean_forward(policy)
+    lean = lean_forward(policy)
     if lean is not None:
         states = lean.response_hidden(input_ids, attention_mask, P)  # (B, T, E); a shared prompt runs once
         logits = lean.apply_head(states)  # (B, T, V)
@@ -209,7 +209,7 @@ def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float
 
 def value_forward(value_model, input_ids, attention_mask, P: int) -> torch.Tensor:
     """Per-token values V(prompt + response[:t]) from a sequence-classification model's `score` head: (B, T)."""
-    lean = value_model if isinstance(value_model, GPT2Forward) else lean_forward(value_model)
+    lean = lean_forward(value_model)
     if lean is not None:  # the lean forward computes only the T positions in its last block
         return lean.apply_head(lean.response_hidden(input_ids, attention_mask, P)).squeeze(-1)  # (B, T)
     hidden = value_model.base_model(
@@ -285,7 +285,7 @@ def ppo(cfg: PPOConfig) -> Path:
     mb_size = B // cfg.num_minibatches
     rows = cfg.micro_batch_size or B
     # the frozen reference through the lean forward (GPT-2) on weights packed once for the run (agents/gpt2.py)
-    ref_forward = lean_forward(ref_policy, pack_rows=rows * (P + T)) or ref_policy
+    ref_forward = frozen_forward(ref_policy, pack_rows=rows * (P + T))
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 
     params = list(policy.parameters()) + list(value_model.parameters())
@@ -322,7 +322,7 @@ def ppo(cfg: PPOConfig) -> Path:
             ref_logp = chunked(lambda ids, am: policy_forward(ref_forward, ids, am, P, cfg.temperature, vocab_size=V, entropy=False)[0],
                                rows, local_ids, local_mask)  # (b, T)
             # the value model does not change until the update: its weights are packed for this forward only
-            value_fwd = (lean_forward(value_model, pack_rows=rows * (P + T)) or value_model) if not cfg.shared_value_head else value_model
+            value_fwd = frozen_forward(value_model, pack_rows=rows * (P + T))  # a shared ValueHead stays as it is
             values = chunked(lambda ids, am: predict_values(value_fwd, value_states(policy, cfg, ids, am, P), ids, am, P),
                              rows, local_ids, local_mask)  # (b, T)
         # from here on every process holds the whole batch and computes the same advantages, KL and metrics

@@ -28,7 +28,7 @@ from agents.common import (RunLogger, check_run_dir, distributed_state, is_compl
 from agents.core import clipped_policy_loss, group_advantages, kl_estimate
 from agents.distributed import gather_rows, process_device, rank_rows, sum_gradients, sum_over_processes
 from agents.groups import sample_groups
-from agents.gpt2 import lean_forward
+from agents.gpt2 import frozen_forward
 from agents.ppo import check_finite, iteration_generator, policy_forward, write_samples
 from rewards.base import as_reward_fn
 from textenv.models import load_causal_lm
@@ -144,9 +144,7 @@ def rloo(cfg: RLOOConfig) -> Path:
     P, V, mb_size = envs.setup.max_prompt_tokens, envs.setup.vocab_size, B // cfg.num_minibatches
     rows = cfg.micro_batch_size or mb_size
     # the frozen reference through the lean forward (GPT-2), its weights packed once for the run (agents/gpt2.py)
-    ref_forward = None
-    if ref_policy is not None:
-        ref_forward = lean_forward(ref_policy, pack_rows=rows * (P + envs.setup.max_new_tokens)) or ref_policy
+    ref_forward = None if ref_policy is None else frozen_forward(ref_policy, pack_rows=rows * (P + envs.setup.max_new_tokens))
 
     params = list(policy.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,

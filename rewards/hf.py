@@ -64,7 +64,7 @@ class SequenceClassifierReward:
         # A GPT-2 scores through the lean forward, which computes only the scored token in its last block
         # (agents/gpt2.py). A model this adapter loaded is frozen, so its weights are packed once; a model handed
         # in may still be trained by its owner, so its live weights are read at every call.
-        self._packed = lean_forward(self.model, pack_rows=batch_size * 64) if owned else None
+        self._packed = lean_forward(self.model, pack_rows=batch_size * 64) if owned else None  # rows of ~64 tokens
 
     def _resolve_label(self, label: int | str | None) -> int:
         num_labels = self.model.config.num_labels
