@@ -317,14 +317,27 @@ def ppo(cfg: PPOConfig) -> Path:
             policy, envs, uniforms=uniforms[mine], temperature=cfg.temperature,
             seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start,
         )
-        with torch.no_grad():  # the reference log-probs and the values of this process's rows
-            local_ids, local_mask = local.input_ids.to(device), local.attention_mask.to(device)  # (b, P+T)
+        local_ids, local_mask = local.input_ids.to(device), local.attention_mask.to(device)  # (b, P+T)
+        with torch.no_grad():  # the reference log-probs of this process's rows
             ref_logp = chunked(lambda ids, am: policy_forward(ref_forward, ids, am, P, cfg.temperature, vocab_size=V, entropy=False)[0],
                                rows, local_ids, local_mask)  # (b, T)
-            # the value model does not change until the update: its weights are packed for this forward only
-            value_fwd = frozen_forward(value_model, pack_rows=rows * (P + T))  # a shared ValueHead stays as it is
-            values = chunked(lambda ids, am: predict_values(value_fwd, value_states(policy, cfg, ids, am, P), ids, am, P),
-                             rows, local_ids, local_mask)  # (b, T)
+        # The values ("old" values: GAE's baseline, the value clipping's centre). The value model does not change
+        # before the update's first optimizer step, so the rows of epoch 0's first minibatch take theirs from that
+        # minibatch's own value forward (the one its value loss needs): they are not computed here. With one
+        # minibatch (TRL's default) that saves the rollout's whole value forward. A shared value head reads the
+        # policy's trunk, which the update's value pass does not run: all its values are computed here.
+        order_rng = iteration_generator(cfg.seed, iteration, 1)
+        first_order = torch.randperm(B, generator=order_rng)  # epoch 0's minibatch order
+        deferred = torch.zeros(B, dtype=torch.bool)  # (B,) global rows whose values the update computes
+        deferred[first_order[:mb_size]] = not cfg.shared_value_head
+        here = torch.nonzero(~deferred[mine]).squeeze(1).to(device)  # (n,) this process's rows computed now
+        values = torch.zeros(len(local_ids), T, device=device)  # (b, T) 0 on deferred rows until the update
+        if len(here):
+            with torch.no_grad():
+                # the weights are packed for this forward only (a shared ValueHead stays as it is)
+                value_fwd = frozen_forward(value_model, pack_rows=rows * (P + T))
+                values[here] = chunked(lambda ids, am: predict_values(value_fwd, value_states(policy, cfg, ids, am, P), ids, am, P),
+                                       rows, local_ids[here], local_mask[here])  # (n, T)
         # from here on every process holds the whole batch and computes the same advantages, KL and metrics
         batch = gather_rollout(dist, local)
         ref_logp, values = gather_rows(dist, ref_logp, values)  # (B, T) each
@@ -341,48 +354,70 @@ def ppo(cfg: PPOConfig) -> Path:
             rewards, non_score_reward = per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value)  # (B, T)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
-            advantages = masked_whiten(advantages, mask)
         kl = (kl_estimate(logp, ref_logp) * mask).sum(1)  # (B,) k1 KL of each response, in nats
-        check_finite(iteration, scores=scores, kl=kl, values=values)
+        check_finite(iteration, scores=scores, kl=kl)
         t_rollout = time.perf_counter() - t0
 
         # ---- 2. update: epochs x minibatches of the clipped PPO objective ----
         # This process takes rows `my_mb` of each global minibatch; its loss is weighted by the GLOBAL minibatch's
         # token count and the gradients are summed over the processes (agents/distributed.py).
         policy.train()  # dropout is off, so train mode changes nothing but intent
-        order_rng = iteration_generator(cfg.seed, iteration, 1)
         my_mb = rank_rows(mb_size, dist)
+        advantages = returns = None  # (B, T) each, from the first minibatch on, once every value is known
         stats = []
         for epoch in range(cfg.update_epochs):
-            order = torch.randperm(B, generator=order_rng)
+            order = first_order if epoch == 0 else torch.randperm(B, generator=order_rng)
             for start_i in range(0, B, mb_size):
+                first = epoch == 0 and start_i == 0  # no optimizer step yet: the models are the rollout's
                 mb = order[start_i : start_i + mb_size].to(device)
                 mb_tokens = mask[mb].sum()
                 optimizer.zero_grad(set_to_none=True)
-                mb_stats = torch.zeros(6, device=device)
                 # gradient accumulation over micro-batches: each one's masked means weighted by its share of the
                 # minibatch's tokens, so the summed gradient is that of the minibatch's token mean
-                mb_mine = mb[my_mb]
-                for j in range(0, len(mb_mine), rows):
-                    mu = mb_mine[j : j + rows]
+                micro = mb[my_mb].split(rows)
+                vf_stats = torch.zeros(2, device=device)  # value loss, value clipfrac
+                if not cfg.shared_value_head:  # the value loss, on the value model's own forward
+                    fill = torch.zeros_like(values) if first else None  # the deferred rows' values, from this pass
+                    for mu in micro:
+                        new_values = value_forward(value_model, input_ids[mu], attention_mask[mu], P)  # (b, T)
+                        if first:  # the rollout's value forward for these rows; GAE is per row, so their returns too
+                            fill[mu] = old_values = new_values.detach()
+                            mu_returns = compute_gae(rewards[mu], old_values, mask[mu], cfg.gamma, cfg.gae_lambda)[1]
+                        else:
+                            old_values, mu_returns = values[mu], returns[mu]
+                        vf_loss, vf_clipfrac = clipped_value_loss(new_values, old_values, mu_returns, mask[mu], cfg.vf_clip_coef)
+                        weight = mask[mu].sum() / mb_tokens
+                        (weight * cfg.vf_coef * vf_loss).backward()
+                        vf_stats += weight * torch.stack([vf_loss.detach(), vf_clipfrac])
+                    if first:
+                        values = values + sum_over_processes(dist, fill)  # every process's deferred rows
+                if first:  # all values known: the advantages, whitened over the whole batch
+                    check_finite(iteration, values=values)
+                    with torch.no_grad():
+                        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
+                        advantages = masked_whiten(advantages, mask)
+                pg_stats = torch.zeros(4, device=device)  # policy loss, clipfrac, approx KL, entropy
+                for mu in micro:
                     mu_mask = mask[mu]
                     weight = mu_mask.sum() / mb_tokens
                     new_logp, entropy, mu_states = policy_forward(
                         policy, input_ids[mu], attention_mask[mu], P, cfg.temperature, cfg.shared_value_head, V
                     )
-                    new_values = predict_values(value_model, mu_states, input_ids[mu], attention_mask[mu], P)
                     pg_loss, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp[mu], advantages[mu], mu_mask, cfg.clip_coef)
-                    vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[mu], returns[mu], mu_mask, cfg.vf_clip_coef)
-                    loss = weight * (pg_loss + cfg.vf_coef * vf_loss)
-                    loss.backward()
-                    mb_stats += weight * torch.stack([pg_loss, vf_loss, clipfrac, vf_clipfrac, approx_kl, masked_mean(entropy, mu_mask)]).detach()
+                    loss = pg_loss
+                    if cfg.shared_value_head:  # the value head reads this forward's trunk
+                        new_values = value_model.score(mu_states).squeeze(-1)  # (b, T)
+                        vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[mu], returns[mu], mu_mask, cfg.vf_clip_coef)
+                        loss = loss + cfg.vf_coef * vf_loss
+                        vf_stats += weight * torch.stack([vf_loss.detach(), vf_clipfrac])
+                    (weight * loss).backward()
+                    pg_stats += weight * torch.stack([pg_loss, clipfrac, approx_kl, masked_mean(entropy, mu_mask)]).detach()
                 if ptx_blocks is not None:  # PPO-ptx: keep the pretraining distribution's log-likelihood up
                     # (a non-finite ptx loss shows up in the gradient norm)
                     loss = cfg.ptx_coef * ptx_loss(policy, ptx_blocks, mb_size, my_mb, order_rng, device)
                     loss.backward()
                 sum_gradients(dist, params)  # the global minibatch's gradient, in every process
-                mb_stats = sum_over_processes(dist, mb_stats)  # the global minibatch's token means
+                mb_stats = sum_over_processes(dist, torch.cat([pg_stats, vf_stats]))  # the global minibatch's token means
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 # checked after the sums, so that every process stops at the same minibatch, before the step
                 check_finite(iteration, loss=mb_stats, grad_norm=grad_norm)
@@ -393,7 +428,7 @@ def ppo(cfg: PPOConfig) -> Path:
         t_update = time.perf_counter() - t0 - t_rollout
 
         # ---- 3. log, sample, checkpoint ----
-        pg, vf, cf, vcf, akl, ent, gn = torch.stack(stats).mean(0).tolist()
+        pg, cf, akl, ent, vf, vcf, gn = torch.stack(stats).mean(0).tolist()
         gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses), dtype=torch.float64))[0].tolist()
         n_tokens = int(mask.sum())
         metrics = {

@@ -171,6 +171,45 @@ def test_micro_batches_make_the_same_update(sft_folder, tmp_path):
     assert any(not torch.equal(a[k], before[k]) for k in a)
 
 
+@pytest.mark.parametrize("num_minibatches", [1, 2])
+def test_values_are_the_rollout_value_models(sft_folder, tmp_path, monkeypatch, num_minibatches):
+    """GAE's values equal a plain forward of the value model as it was at the rollout, on every row: those of
+    epoch 0's first minibatch come from the update's own value forward (with grad), the others from the rollout's
+    no-grad forward (with num_minibatches=1 there are none)."""
+    import copy
+
+    import agents.ppo as ppo_module
+
+    seen = {}
+    real_load, real_gather, real_gae = ppo_module.load_sequence_classifier, ppo_module.gather_rollout, ppo_module.compute_gae
+
+    def load(*args, **kw):
+        model = real_load(*args, **kw)
+        seen["value_model"] = copy.deepcopy(model)  # before any update
+        return model
+
+    def gather(dist, batch):
+        seen.setdefault("batch", batch)
+        return real_gather(dist, batch)
+
+    def gae(rewards, values, *args, **kw):
+        if values.shape[0] == 8:  # the whole batch's call, after the first minibatch's value pass
+            seen.setdefault("values", values.clone())
+        return real_gae(rewards, values, *args, **kw)
+
+    monkeypatch.setattr(ppo_module, "load_sequence_classifier", load)
+    monkeypatch.setattr(ppo_module, "gather_rollout", gather)
+    monkeypatch.setattr(ppo_module, "compute_gae", gae)
+    ppo(tiny_config(sft_folder, tmp_path / "run", iterations=1, num_minibatches=num_minibatches, micro_batch_size=3))
+    batch, value_model = seen["batch"], seen["value_model"]
+    value_model.config.pad_token_id = 0
+    mask = batch.response_mask.bool()
+    with torch.no_grad():
+        expected = value_forward(value_model.eval(), batch.input_ids, batch.attention_mask, batch.prompt_ids.shape[1])
+    torch.testing.assert_close(seen["values"][mask], expected[mask], atol=1e-5, rtol=1e-5)
+    assert (seen["values"][mask] != 0).all()
+
+
 def test_shared_value_head_runs(sft_folder, tmp_path):
     ppo(tiny_config(sft_folder, tmp_path / "run", shared_value_head=True, iterations=1, ptx_coef=0.5))
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
