@@ -111,8 +111,10 @@ class GPT2Decoder:
         ]
         self.head = PackedLinear(model.lm_head.weight.t(), None, B)  # (E, V) as x @ W
 
-    def _blocks(self, x: torch.Tensor, bias: torch.Tensor, start: int) -> torch.Tensor:
-        """x (B, S, E) at cache slots [start, start + S) through every block; bias (B, 1, S, start + S)."""
+    def _blocks(self, x: torch.Tensor, bias: torch.Tensor, start: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, E) at cache slots [start, start + S) through every block; bias (B, 1, S, start + S).
+        `rows` (prefill only, start 0): x holds distinct prompts and cache row r takes prompt rows[r]'s keys and
+        values."""
         B, S, E = x.shape
         H = self.n_head
         end = start + S
@@ -121,12 +123,12 @@ class GPT2Decoder:
             h = F.layer_norm(x, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
             qkv = qkv_proj(h.view(B * S, E))  # (B*S, 3E); Conv1D is x @ W + b
             q, k, v = qkv.view(B, S, 3, H, E // H).permute(2, 0, 3, 1, 4)  # each (B, H, S, D)
-            self.keys[i][:, :, start:end] = k
-            self.values[i][:, :, start:end] = v
+            self.keys[i][:, :, start:end] = k if rows is None else k[rows]
+            self.values[i][:, :, start:end] = v if rows is None else v[rows]
             if S == 1:  # a decode step: one query per row; two batched matmuls beat the CPU flash kernel here
                 a = attend_one(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], bias)  # (B, H, 1, D)
-            else:
-                a = F.scaled_dot_product_attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=bias)  # (B, H, S, D)
+            else:  # the prefill: the cache holds just these keys and values
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, S, D)
             a = a.transpose(1, 2).reshape(B * S, E)
             x = x + attn_proj(a).view(B, S, E)
             h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * S, E)
@@ -137,20 +139,28 @@ class GPT2Decoder:
         return self.head(x.contiguous())  # (B, E) -> (B, V)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        B, P = input_ids.shape
+        """Encode (B, P) left-padded prompts; return the (B, V) logits of the first response token. Rows with the
+        same prompt (GRPO's and RLOO's groups) encode it once and share its keys and values."""
+        P = input_ids.shape[1]
         tr = self.model.transformer
         neg = torch.finfo(self.bias.dtype).min
         self.bias[:, 0, 0, :P] = torch.where(attention_mask.bool(), 0.0, neg)
         self.bias[:, 0, 0, P:] = 0.0
-        positions = position_ids_from_mask(attention_mask)  # (B, P)
-        x = tr.wte(input_ids) + tr.wpe(positions)  # (B, P, E)
+        self.length, self.next_position = P, attention_mask.sum(-1)  # (B,)
+        distinct, rows = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
+        if len(distinct) == len(input_ids):
+            rows = None  # nothing shared: the rows as they are
+        else:
+            input_ids, attention_mask = distinct[:, :P], distinct[:, P:]  # (G, P) each
+        # G prompts to encode below: the B rows, or the distinct prompts
+        positions = position_ids_from_mask(attention_mask)  # (G, P)
+        x = tr.wte(input_ids) + tr.wpe(positions)  # (G, P, E)
         causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()  # (P, P)
         # a query sees earlier real keys; a padding query also sees itself, so no row is fully masked (no NaN)
-        allowed = causal & (attention_mask.bool()[:, None, :] | torch.eye(P, dtype=torch.bool, device=x.device))  # (B, P, P)
-        bias = torch.where(allowed, 0.0, neg).to(self.bias.dtype)[:, None]  # (B, 1, P, P)
-        x = self._blocks(x, bias, 0)
-        self.length, self.next_position = P, attention_mask.sum(-1)  # (B,)
-        return self._logits(x[:, -1])
+        allowed = causal & (attention_mask.bool()[:, None, :] | torch.eye(P, dtype=torch.bool, device=x.device))  # (G, P, P)
+        bias = torch.where(allowed, 0.0, neg).to(self.bias.dtype)[:, None]  # (G, 1, P, P)
+        logits = self._logits(self._blocks(x, bias, 0, rows)[:, -1])  # (G, V)
+        return logits if rows is None else logits[rows]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         tr = self.model.transformer

@@ -36,18 +36,24 @@ PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13]]  # left-padded to P = 6: three diffe
 STEPS = [[20, 21, 22], [30, 31, 32], [40, 41, 42]]  # three decode steps per row
 
 
+# groups, as GRPO's and RLOO's rollouts have them: rows that share a prompt (the GPT-2 prefill encodes it once)
+GROUPED = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+GROUPED_STEPS = [[20, 21, 22], [30, 31, 32], [50, 51, 52], [40, 41, 42], [60, 61, 62]]
+
+
 @pytest.mark.parametrize("make", [gpt2, llama], ids=["gpt2", "llama"])
-def test_decoder_logits_equal_unpadded_hf_forward(make):
+@pytest.mark.parametrize("prompts,steps", [(PROMPTS, STEPS), (GROUPED, GROUPED_STEPS)], ids=["distinct", "grouped"])
+def test_decoder_logits_equal_unpadded_hf_forward(make, prompts, steps):
     model = make()
-    decoder = make_decoder(model, batch_size=3, max_len=6 + 3)
+    decoder = make_decoder(model, batch_size=len(prompts), max_len=6 + 3)
     assert isinstance(decoder, GPT2Decoder if make is gpt2 else HFDecoder)
-    ids, mask = left_padded(PROMPTS, 6)
+    ids, mask = left_padded(prompts, 6)
     with torch.no_grad():
         got = [decoder.prefill(ids, mask)]
         for t in range(3):
-            got.append(decoder.step(torch.tensor([s[t] for s in STEPS])))
-        for i, prompt in enumerate(PROMPTS):  # each row alone, unpadded, no cache
-            full = model(input_ids=torch.tensor([prompt + STEPS[i]])).logits[0]  # (len, V)
+            got.append(decoder.step(torch.tensor([s[t] for s in steps])))
+        for i, prompt in enumerate(prompts):  # each row alone, unpadded, no cache
+            full = model(input_ids=torch.tensor([prompt + steps[i]])).logits[0]  # (len, V)
             for t in range(4):
                 torch.testing.assert_close(got[t][i], full[len(prompt) - 1 + t], atol=2e-5, rtol=1e-4)
 
