@@ -3,8 +3,10 @@
 Setting (both sides): GPT-2 with 4 layers, width 256, 4 heads, vocab 4096 for the policy, the reference, the
 reward model and (PPO) a separate value model, all randomly initialised; 32 completions per iteration
 (GRPO/RLOO: 8 prompts x 4), 16-token prompts, 48-token responses, temperature 1, KL coefficient 0.05, lr 1e-5,
-fp32, 1 minibatch, 1 and 4 update epochs. Each run is its own process (so peak RSS is its own); the runs are
-interleaved ours/TRL so drift on a noisy VM hits both alike. TRL runs through the anchor's `bench_trl.py`
+fp32, 1 minibatch, 1 and 4 update epochs, each minibatch in one forward/backward pass (TRL's
+per_device_train_batch_size is the batch, with no gradient accumulation; ours runs with micro_batch_size None;
+`--micro-batch 8`, our trainers' default, measures ours with less memory). Each run is its own process (so peak
+RSS is its own); the runs are interleaved ours/TRL so drift on a noisy VM hits both alike. TRL runs through the anchor's `bench_trl.py`
 (shared/anchors/trl_baseline): PPO needs TRL 1.12.0 (the last with PPO), GRPO/RLOO a current TRL (1.16.0).
 
     python -m benchmarks.trl_speed --algos ppo grpo rloo                        # ours only
@@ -59,6 +61,7 @@ def worker(args) -> dict:
     common = dict(policy=str(work / "policy"), reward=str(work / "rm"), out_dir=str(work / "run"),
                   prompts=str(work / "prompts.txt"), num_minibatches=1, update_epochs=args.epochs,
                   max_new_tokens=args.response_len, temperature=1.0, lr=1e-5, missing_eos_penalty=None,
+                  micro_batch_size=args.micro_batch,
                   iterations=iterations, save_every=iterations, sample_every=iterations, device="cpu")
     if args.algo == "ppo":
         from agents.ppo import PPOConfig, ppo
@@ -108,6 +111,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured leading iterations")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="our rows per forward/backward pass (default: the whole minibatch, as TRL runs it)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved ours/TRL pairs per setting (medians reported)")
     parser.add_argument("--trl-script", default=None, help="path to the anchor's bench_trl.py (runs TRL side by side)")
     parser.add_argument("--trl-pythonpath", nargs="*", default=[], metavar="ALGO=DIR",
@@ -133,6 +138,7 @@ def main() -> None:
     common = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
               "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads),
               "--beta", str(args.beta), "--num-generations", str(args.num_generations)]
+    ours_only = [] if args.micro_batch is None else ["--micro-batch", str(args.micro_batch)]
     results = []
     for algo in args.algos:
         for epochs in args.epochs:
@@ -141,7 +147,7 @@ def main() -> None:
                 # re-timed each repeat, in the machine's state of the moment
                 floors.append(floor_seconds(iteration_gemms(algo, setting, epochs))["total"])
                 ours.append(run_json([sys.executable, "-m", "benchmarks.trl_speed", "--worker", "--algo", algo,
-                                      "--epochs", str(epochs), *common]))
+                                      "--epochs", str(epochs), *common, *ours_only]))
                 if args.trl_script:
                     env = {"PYTHONPATH": trl_paths.get(algo, ""), "TRL_EXPERIMENTAL_SILENCE": "1"}
                     out = run_json([sys.executable, args.trl_script, "--trainer", algo, "--ppo-epochs", str(epochs), *common], env)
