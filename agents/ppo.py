@@ -451,6 +451,7 @@ def ppo(cfg: PPOConfig) -> Path:
             "charts/eos_rate": batch.terminated.float().mean().item(),
             "charts/lr": scheduler.get_last_lr()[0],
             "charts/tokens_per_s": n_tokens / (t_rollout + t_update),
+            # generation + reference + reward (+ value, except the deferred rows whose value forward is in the update)
             "charts/rollout_tokens_per_s": n_tokens / t_rollout,
             "time/rollout_s": t_rollout,
             "time/update_s": t_update,
