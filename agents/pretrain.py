@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from agents.common import (
     RunLogger,
+    bf16_is_fast,
     check_run_dir,
     cosine_schedule,
     is_complete,
@@ -78,9 +79,9 @@ class PretrainConfig:
     """The cosine decay ends at min_lr_ratio * lr."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this."""
-    bf16: bool = True
-    """Forward passes under bfloat16 autocast (weights and optimizer state stay fp32): ~2x faster on GPUs and on CPUs
-    with AVX512-BF16/AMX; pass --no-bf16 on older CPUs, where it is slower than fp32."""
+    bf16: bool = field(default_factory=bf16_is_fast)
+    """Forward passes under bfloat16 autocast (weights and optimizer state stay fp32). Default: on where it is faster
+    than fp32 (a CUDA GPU with bf16, a CPU with AMX; `agents.common.bf16_is_fast`), off elsewhere."""
     log_every: int = 10
     """Log the training loss, lr and tokens/s every this many steps."""
     eval_every: int = 100

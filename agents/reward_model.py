@@ -29,7 +29,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +40,8 @@ from accelerate.utils import gather_object, reduce
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from agents.common import (RunLogger, check_run_dir, cosine_schedule, distributed_state, is_complete, load_checkpoint,
-                           multi_cpu, save_checkpoint, save_model_folder, seed_everything, write_summary)
+from agents.common import (RunLogger, bf16_is_fast, check_run_dir, cosine_schedule, distributed_state, is_complete,
+                           load_checkpoint, multi_cpu, save_checkpoint, save_model_folder, seed_everything, write_summary)
 from agents.comparisons import load_preferences, sample_responses
 from agents.data import batch_indices
 from agents.decoding import position_ids_from_mask
@@ -85,8 +85,9 @@ class RMConfig:
     """The cosine decay ends at min_lr_ratio * lr."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this."""
-    mixed_precision: str = "bf16"
-    """"bf16": autocast the training forward (~1.8x faster on CPUs with AVX512-BF16, and on GPUs); "no": fp32.
+    mixed_precision: str = field(default_factory=lambda: "bf16" if bf16_is_fast() else "no")
+    """"bf16": autocast the training forward; "no": fp32. Default: "bf16" where it is faster than fp32 (a CUDA GPU
+    with bf16, a CPU with AMX; `agents.common.bf16_is_fast`), else "no".
     Scoring for the normalisation and the evaluations is always fp32."""
     max_length: int | None = None
     """Keep the last max_length tokens of an input. Default: the model's context length."""

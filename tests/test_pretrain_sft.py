@@ -292,3 +292,21 @@ def test_bad_inputs_are_named(files, tmp_path):
     same.save_pretrained(tmp_path / "pad_is_eos")
     with pytest.raises(ValueError, match="same id 1 for PAD and EOS"):
         pretrain(tiny_pretrain(files, tmp_path / "e", tokenizer=str(tmp_path / "pad_is_eos")))
+
+
+@pytest.mark.parametrize("cuda, cuda_bf16, amx, expected", [
+    (False, False, False, False),  # a CPU without AMX (AVX512-BF16 alone): bf16 is slower than fp32
+    (False, False, True, True),    # a CPU with AMX tiles
+    (True, True, False, True),     # a GPU with bf16
+    (True, False, True, False),    # a GPU without bf16: the GPU decides, not the host CPU
+])
+def test_bf16_defaults_to_where_it_is_faster(monkeypatch, cuda, cuda_bf16, amx, expected):
+    from agents.reward_model import RMConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert PretrainConfig().bf16 is expected
+    assert SFTConfig(model="m").bf16 is expected
+    assert RMConfig(data="d", model="m").mixed_precision == ("bf16" if expected else "no")
+    assert PretrainConfig(bf16=not expected).bf16 is not expected  # an explicit choice wins
