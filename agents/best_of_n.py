@@ -2,7 +2,7 @@
 
 No training; its KL to the sampling policy is known in closed form, log n - (n - 1) / n (Stiennon et al. 2020,
 arXiv 2009.01325, App. G; Gao et al. 2022, arXiv 2210.10760), which makes it the usual baseline for RL at a
-given KL budget.
+given KL budget. `best_of_n` picks one n; `best_of_n_curve` reads every n = 1, 2, 4, ... off one set of samples.
 """
 
 from __future__ import annotations
@@ -24,25 +24,44 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n(policy, envs: TextGenVectorEnv, reward_fn, n: int, prompt_indices: np.ndarray,
-              generator: torch.Generator, temperature: float = 1.0) -> tuple[list[str], list[float]]:
-    """For each prompt index, the highest-scoring of n sampled responses and its score.
-
-    `envs` supplies the prompts and sampling budget; its own reward is ignored (pass a cheap one): every
-    candidate is scored by `reward_fn` in one batched call per rollout.
-    """
-    B = envs.num_envs
-    prompts = envs.setup.prompts
-    best: list[tuple[float, str]] = [(-math.inf, "")] * len(prompt_indices)
-    flat = np.repeat(np.asarray(prompt_indices), n)  # (len * n,) each prompt n times
+def sample_candidates(policy, envs: TextGenVectorEnv, n: int, prompt_indices: np.ndarray, generator: torch.Generator,
+                      reward_fns: list, temperature: float = 1.0) -> tuple[list[list[str]], list[np.ndarray]]:
+    """n responses to each of the prompts `prompt_indices` of `envs` ((prompts, n) texts) and their scores under each
+    of `reward_fns` (one (prompts, n) array each), scored in one batched call per rollout of envs.num_envs.
+    `envs` supplies the prompts and sampling budget; its own reward is ignored (pass a cheap one)."""
+    B, prompts = envs.num_envs, envs.setup.prompts
+    flat = np.repeat(np.asarray(prompt_indices), n)  # (prompts * n,) each prompt n times
+    texts: list[str] = []
+    scores: list[list[float]] = [[] for _ in reward_fns]
     for start in range(0, len(flat), B):
         index = flat[start : start + B]
         keep = len(index)
         index = np.resize(index, B)  # pad the last rollout by wrapping; the padding is dropped
         batch = rollout(policy, envs, generator, temperature=temperature, prompt_index=index)
-        scores = call_reward(reward_fn, [prompts[i] for i in index[:keep]], batch.responses[:keep])
-        for j, (score, response) in enumerate(zip(scores, batch.responses[:keep])):
-            slot = (start + j) // n
-            if score > best[slot][0]:
-                best[slot] = (score, response)
-    return [r for _, r in best], [s for s, _ in best]
+        responses = batch.responses[:keep]
+        texts += responses
+        for out, fn in zip(scores, reward_fns):
+            out += call_reward(fn, [prompts[i] for i in index[:keep]], responses)
+    grid = [texts[i * n : (i + 1) * n] for i in range(len(prompt_indices))]
+    return grid, [np.asarray(s).reshape(len(prompt_indices), n) for s in scores]
+
+
+def best_of_n(policy, envs: TextGenVectorEnv, reward_fn, n: int, prompt_indices: np.ndarray,
+              generator: torch.Generator, temperature: float = 1.0) -> tuple[list[str], list[float]]:
+    """For each prompt index, the highest-scoring of n sampled responses (the first of equal ones) and its score."""
+    texts, (scores,) = sample_candidates(policy, envs, n, prompt_indices, generator, [reward_fn], temperature)
+    pick = scores.argmax(1)  # (prompts,)
+    return [row[j] for row, j in zip(texts, pick)], scores[np.arange(len(pick)), pick].tolist()
+
+
+def best_of_n_curve(gold: np.ndarray, proxy: np.ndarray) -> list[dict]:
+    """Best-of-n by the proxy for n = 1, 2, 4, ... up to the samples there are, from (prompts, n_max) gold and proxy
+    scores of the same samples: the proxy's favourite among each prompt's first n, its mean gold and proxy score,
+    and the analytic KL."""
+    rows, n, prompts = [], 1, np.arange(len(gold))
+    while n <= gold.shape[1]:
+        pick = proxy[:, :n].argmax(1)  # (prompts,)
+        rows.append({"n": n, "kl": best_of_n_kl(n), "gold": float(gold[prompts, pick].mean()),
+                     "proxy": float(proxy[prompts, pick].mean())})
+        n *= 2
+    return rows

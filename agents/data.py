@@ -1,105 +1,18 @@
-"""Training data for the trainers: readers for users' files and hub data sets, and the step -> batch map.
+"""Training data for the trainers: the step -> batch map, pretraining blocks and SFT's (prompt, response) encoding.
 
-Local files: .jsonl (one JSON object per line), .csv (header row), .parquet; and for plain text, .txt (documents
-separated by blank lines). Anything else that is not an existing path is taken as a `datasets` hub id (split
-"train"), which needs the network.
+Readers of users' files live in `textenv.records` (the envs read prompts with them too).
 """
 
 from __future__ import annotations
 
-import csv
-import json
-from pathlib import Path
-
 import numpy as np
+import torch
 
-RECORD_SUFFIXES = (".jsonl", ".csv", ".parquet")
+from agents.core import IGNORE
+from textenv.models.tokens import pad_rows
+from textenv.records import load_pairs, load_text_source  # noqa: F401  (the trainers' readers, re-exported)
 
-
-def read_records(path: str | Path) -> list[dict]:
-    """The rows of a .jsonl/.csv/.parquet file as dicts; ValueError on an empty file or a malformed JSONL line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}): {line[:80]!r}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    elif path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            records = list(csv.DictReader(f))
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(path).to_pylist()
-    else:
-        raise ValueError(f"unsupported data file {path}: use one of {RECORD_SUFFIXES} (or .txt for plain text)")
-    if not records:
-        raise ValueError(f"data file {path} is empty (no records)")
-    return records
-
-
-def _hub_records(name: str) -> list[dict]:
-    import datasets  # only for hub ids: needs the network
-
-    records = datasets.load_dataset(name, split="train").to_list()
-    if not records:
-        raise ValueError(f"hub data set {name!r} has no records in its train split")
-    return records
-
-
-def _records(source: str | Path) -> tuple[list[dict], str]:
-    path = Path(source)
-    if path.exists() or path.suffix in RECORD_SUFFIXES + (".txt",):
-        return read_records(path), str(path)
-    return _hub_records(str(source)), f"hub data set {source!r}"
-
-
-def _column(records: list[dict], column: str, where: str) -> list[str]:
-    values = []
-    for i, record in enumerate(records):
-        if column not in record:
-            raise ValueError(f"{where}: record {i} has no column {column!r}; columns present: {sorted(record)}")
-        if not isinstance(record[column], str):
-            raise ValueError(f"{where}: record {i}, column {column!r} is {type(record[column]).__name__}, not a string")
-        values.append(record[column])
-    return values
-
-
-def load_text_source(source: str | Path | None, column: str = "text") -> list[str]:
-    """Documents for pretraining: the embedded generated corpus (None), a .txt file, a record file or a hub id."""
-    if source is None:
-        from textenv.data.corpus import generate_corpus
-
-        return generate_corpus(seed=0)
-    path = Path(source)
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise ValueError(f"data file {path} does not exist")
-        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
-        where = str(path)
-    else:
-        records, where = _records(source)
-        docs = _column(records, column, where)
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise ValueError(f"{where} is empty (no non-blank text)")
-    return docs
-
-
-def load_pairs(source: str | Path, prompt_col: str = "prompt", response_col: str = "response") -> list[dict]:
-    """[{"prompt": str, "response": str}] from a .jsonl/.csv/.parquet file or a hub id, columns renamed."""
-    records, where = _records(source)
-    prompts, responses = _column(records, prompt_col, where), _column(records, response_col, where)
-    return [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
+VALID_EVERY_NTH_BLOCK = 100  # pretraining: 1% of the blocks, spread over the whole corpus
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -114,3 +27,30 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     epoch, i = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     return perm[i * batch_size : (i + 1) * batch_size]
+
+
+def pack_blocks(tokenizer, docs: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize, join with EOS, cut into blocks of seq_len + 1; return (train, valid) int64 (N, seq_len + 1)."""
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    stream = np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=np.int64)
+    n_blocks = len(stream) // (seq_len + 1)
+    if n_blocks < 2:
+        raise ValueError(f"the data has {len(stream)} tokens, too few for two blocks of seq_len + 1 = {seq_len + 1}")
+    blocks = torch.from_numpy(stream[: n_blocks * (seq_len + 1)].reshape(n_blocks, seq_len + 1))
+    is_valid = torch.arange(n_blocks) % VALID_EVERY_NTH_BLOCK == 0
+    return blocks[~is_valid], blocks[is_valid]
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_prompt_tokens: int, max_response_tokens: int):
+    """(input ids, labels) of one demonstration: labels are IGNORE on the prompt, the response ids + EOS after."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = response_ids[:max_response_tokens]
+    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of (ids, labels): input_ids / attention_mask / labels, each (B, L) with L the longest."""
+    input_ids, attention_mask = pad_rows([ids for ids, _ in examples], pad_token_id)
+    labels, _ = pad_rows([lab for _, lab in examples], IGNORE)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -19,28 +19,34 @@ holds batch_size / N of them, so DDP's average of the gradients is the global ba
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from agents.common import (RunLogger, check_run_dir, cosine_schedule, is_complete, load_checkpoint, multi_cpu,
-                           save_checkpoint, save_model_folder, seed_everything, write_summary)
-from agents.comparisons import load_preferences
-from agents.core import logprobs_from_logits
-from agents.data import batch_indices
-from agents.decoding import position_ids_from_mask
-from agents.pretrain import adamw, run_config
-from agents.sft import IGNORE, encode_pair
+from agents.core import IGNORE, check_dpo_args, dpo_loss, logprobs_from_logits
+from agents.data import batch_indices, encode_pair
+from agents.preferences import load_preferences
+from agents.run import (
+    RunLogger,
+    adamw,
+    cli,
+    cosine_schedule,
+    finish_run,
+    load_checkpoint,
+    multi_cpu,
+    run_config,
+    save_checkpoint,
+    seed_everything,
+    start_run,
+)
 from textenv.models import load_causal_lm
+from textenv.models.tokens import check_temperature, position_ids_from_mask
 from textenv.tokenizer import load_tokenizer
 
-LOSS_TYPES = ("sigmoid", "ipo")
 PAIRINGS = ("best_vs_worst", "all")
 
 
@@ -82,7 +88,7 @@ class DPOConfig:
     """Peak AdamW learning rate (betas 0.9, 0.95); DPO wants a small one (paper: 1e-6, batch 64). Untuned here."""
     warmup_steps: int = 10
     """Linear warmup steps, then constant (the paper's schedule)."""
-    grad_clip: float = 1.0
+    max_grad_norm: float = 1.0
     """Clip the global gradient norm to this."""
     bf16: bool = False
     """Forward passes under bfloat16 autocast (the reference's too); fp32 by default: log-prob differences are small."""
@@ -96,42 +102,13 @@ class DPOConfig:
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
     def __post_init__(self):
-        _check_loss_args(self.beta, self.label_smoothing, self.loss_type)
+        check_dpo_args(self.beta, self.label_smoothing, self.loss_type)
         if self.pairs not in PAIRINGS:
             raise ValueError(f"pairs must be one of {PAIRINGS}, got {self.pairs!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)
         for name in ("max_prompt_tokens", "max_response_tokens", "batch_size", "log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def _check_loss_args(beta: float, label_smoothing: float, loss_type: str) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only, not {loss_type!r}")
-
-
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
-             label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
-    """(mean loss, chosen rewards, rejected rewards) from (B,) sequence log-probs; the implicit rewards
-    beta * (logp - ref_logp) are detached (they are for logging). With h the log-ratio margin:
-    sigmoid: -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h) (ls = 0: paper eq. 7; ls > 0: cDPO);
-    ipo: (h - 1 / (2 beta))^2 (Azar et al. 2023, eq. 17)."""
-    _check_loss_args(beta, label_smoothing, loss_type)
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)  # (B,)
-    else:
-        losses = (h - 1 / (2 * beta)) ** 2  # (B,)
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
-    return losses.mean(), chosen_rewards, rejected_rewards
 
 
 def preference_pairs(rows: list[dict], pairs: str) -> list[tuple[str, str, str]]:
@@ -170,8 +147,8 @@ def collate(triples: list[tuple[list[int], ...]], pad_token_id: int) -> dict[str
 
 
 def sequence_logps(model, batch: dict, temperature: float) -> torch.Tensor:
-    """(2B,) sum of the response tokens' log-probs. As `evaluate.sequence_logprobs` (which is no_grad), with
-    gradients: the logits at column P - 1 + t predict response token t, so only T + 1 positions reach the LM head."""
+    """(2B,) sum of the response tokens' log-probs, through the model's HF forward (which DDP and autocast wrap):
+    the logits at column P - 1 + t predict response token t, so only T + 1 positions reach the LM head."""
     T = batch["response_mask"].shape[1]
     P = batch["input_ids"].shape[1] - T
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -200,9 +177,8 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
 def dpo(cfg: DPOConfig) -> Path:
     """Run (or resume, or skip if already complete) DPO; return the final model folder out_dir/model."""
-    out_dir = check_run_dir(cfg.out_dir, {"stage": "dpo", **run_config(cfg)}, cfg.overwrite)
-    if is_complete(out_dir):
-        print(f"{out_dir} is complete (summary.json); nothing to do")
+    out_dir, complete = start_run(cfg, "dpo")
+    if complete:
         return out_dir / "model"
     t_start = time.time()
     accelerator = Accelerator(cpu=multi_cpu())  # a CPU (gloo) group when several processes share no GPU
@@ -245,7 +221,7 @@ def dpo(cfg: DPOConfig) -> Path:
         loss, chosen_r, rejected_r = dpo_loss(logps[0], logps[1], mb_ref[:, 0], mb_ref[:, 1], cfg.beta,
                                               cfg.label_smoothing, cfg.loss_type)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -273,17 +249,10 @@ def dpo(cfg: DPOConfig) -> Path:
     pbar.close()
     logger.close()
 
-    final = save_model_folder(model, tokenizer, out_dir / "model")
-    write_summary(out_dir, {"stage": "dpo", "wall_time_s": elapsed_before + time.time() - t_start, "steps": max_steps,
-                            "pairs": len(triples), "layout": prefs.layout, "skipped_rows": prefs.skipped,
-                            **last_metrics, "model": str(final)})
-    if accelerator.is_main_process:
-        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
-    accelerator.wait_for_everyone()
-    return final
+    return finish_run(out_dir, model, tokenizer, {
+        "stage": "dpo", "wall_time_s": elapsed_before + time.time() - t_start, "steps": max_steps, "pairs": len(triples),
+        "layout": prefs.layout, "skipped_rows": prefs.skipped, **last_metrics})
 
 
 if __name__ == "__main__":
-    import tyro
-
-    dpo(tyro.cli(DPOConfig))
+    dpo(cli(DPOConfig))

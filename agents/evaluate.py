@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.core import kl_estimate, logprobs_from_logits
-from agents.decoding import position_ids_from_mask
+from agents.core import IGNORE, kl_estimate, sft_loss
+from agents.data import collate, encode_pair
+from agents.policy import policy_forward
 from agents.sampler import rollout
 from rewards.base import as_reward_fn, call_reward
 from textenv.models import load_causal_lm
@@ -37,7 +38,7 @@ class EvalConfig:
     """Prompt with the task's few-shot document (for a pretrained-only model) and cut the answer at a newline."""
     split: str = "test"
     """Which prompts: train, valid or test."""
-    n_prompts: int = 128
+    num_prompts: int = 128
     """How many prompts (one response each)."""
     temperature: float = 0.7
     """Sampling temperature (the KL is computed at this temperature too)."""
@@ -47,7 +48,7 @@ class EvalConfig:
     """Episodes per rollout."""
     seed: int = 0
     """Sampling seed."""
-    out: str | None = None
+    out_file: str | None = None
     """Write the metrics and samples to this JSON file."""
     device: str | None = None
     """torch device for the policy, the reference and the proxy; default: cuda if available, else cpu."""
@@ -60,42 +61,22 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 @torch.no_grad()
-def sequence_logprobs(model, input_ids, attention_mask, P: int, temperature: float, vocab_size: int | None = None) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens (columns P:) under `model` at `temperature`, over the first
-    `vocab_size` logits (the env's actions; see `agents.ppo.policy_forward`)."""
-    T = input_ids.shape[1] - P
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=T + 1,
-    ).logits[:, :-1, :vocab_size]  # (B, T, V)
-    return logprobs_from_logits(logits, input_ids[:, P:], temperature)
-
-
-@torch.no_grad()
 def perplexity(model, tokenizer, pairs: list[dict], batch_size: int = 32) -> float:
-    """exp(mean NLL) of the demonstrations' response tokens (EOS included) given their prompts."""
+    """exp(mean NLL) of the demonstrations' response tokens (EOS included) given their prompts, encoded as SFT
+    encodes them."""
+    limit = model.config.max_position_embeddings
+    rows = [encode_pair(tokenizer, p["prompt"], p["response"], limit, limit) for p in pairs]
+    device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for start in range(0, len(pairs), batch_size):
-        rows = [
-            (tokenizer(p["prompt"])["input_ids"], tokenizer(p["response"])["input_ids"] + [tokenizer.eos_token_id])
-            for p in pairs[start : start + batch_size]
-        ]
-        width = max(len(a) + len(b) for a, b in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # (B, L) right-padded
-        labels = torch.full((len(rows), width), -100)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (a, b) in enumerate(rows):
-            ids[i, : len(a) + len(b)] = torch.tensor(a + b)
-            labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
-            mask[i, : len(a) + len(b)] = 1
-        device = next(model.parameters()).device
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]  # (B, L-1, V)
-        target = labels[:, 1:].to(device)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
-        nll, count = nll + loss.item(), count + int((target != -100).sum())
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+        nll += sft_loss(logits, batch["labels"], reduction="sum").item()
+        count += int((batch["labels"][:, 1:] != IGNORE).sum())
     return float(np.exp(nll / count))
 
 
+@torch.no_grad()
 def evaluate(cfg: EvalConfig) -> dict:
     task = get_task(cfg.task)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -103,7 +84,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     policy = load_causal_lm(cfg.policy).to(device).eval()
     reference = load_causal_lm(cfg.reference).to(device).eval() if cfg.reference else None
     proxy = as_reward_fn(cfg.reward, device=device) if cfg.reward else None
-    prompts = task.prompts(cfg.split, n=cfg.n_prompts)
+    prompts = task.prompts(cfg.split, n=cfg.num_prompts)
     shown = [task.few_shot(p) for p in prompts] if cfg.few_shot else prompts
     T = cfg.max_new_tokens or task.max_new_tokens
     # few-shot documents are long: give them the model's whole context but the response budget
@@ -123,8 +104,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         eos += batch.terminated[:keep].tolist()
         if reference is not None and not cfg.few_shot:
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            logp = sequence_logprobs(policy, ids, mask, P, cfg.temperature, envs.setup.vocab_size)
-            ref_logp = sequence_logprobs(reference, ids, mask, P, cfg.temperature, envs.setup.vocab_size)
+            V = envs.setup.vocab_size
+            logp = policy_forward(policy, ids, mask, P, cfg.temperature, vocab_size=V, entropy=False)[0]  # (B, T)
+            ref_logp = policy_forward(reference, ids, mask, P, cfg.temperature, vocab_size=V, entropy=False)[0]
             kls += (kl_estimate(logp, ref_logp) * batch.response_mask.to(device)).sum(1)[:keep].tolist()
     if cfg.few_shot:  # the document trick has no EOS: the answer is the first line
         responses = [r.split("\n")[0] for r in responses]
@@ -137,7 +119,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "gold_mean": float(np.mean(gold)),
         "gold_std": float(np.std(gold)),
         "eos_rate": float(np.mean(eos)),
-        "perplexity": perplexity(policy, tokenizer, task.demonstrations(cfg.split, n=min(256, cfg.n_prompts * 2))),
+        "perplexity": perplexity(policy, tokenizer, task.demonstrations(cfg.split, n=min(256, cfg.num_prompts * 2))),
         "distinct_1": distinct_n(responses, 1),
         "distinct_2": distinct_n(responses, 2),
     }
@@ -150,7 +132,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         {"prompt": p, "response": r, "gold": g, **({"proxy": proxy_scores[i]} if proxy_scores else {})}
         for i, (p, r, g) in enumerate(zip(prompts, responses, gold))
     ]
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps({"config": asdict(cfg), **result}, indent=2))
+    if cfg.out_file:
+        Path(cfg.out_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out_file).write_text(json.dumps({"config": asdict(cfg), **result}, indent=2))
     return result

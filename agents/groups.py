@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from agents.distributed import gather_rollout, gather_rows, rollout_uniforms
-from agents.ppo import chunked, iteration_generator, policy_forward
+from agents.policy import chunked, iteration_generator, policy_forward
 from agents.sampler import Rollout, rollout
 
 

@@ -1,11 +1,11 @@
 """The main job: the four stages of the recipe end to end, then an evaluation and report.md.
 
     textenv pipeline                          # sentiment task, small preset, runs/default, CPU, offline
-    textenv pipeline --preset tiny --out runs/smoke
+    textenv pipeline --preset tiny --out-dir runs/smoke
     textenv pipeline --ppo.iterations 100     # any stage's setting, by its config's field name
 
-Stages write to <out>/pretrain, sft, comparisons, rm, ppo; a stage whose folder holds summary.json is done and
-skipped, and an interrupted stage resumes from its checkpoint. <out>/pipeline.json pins the configuration: a
+Stages write to <out_dir>/pretrain, sft, comparisons, rm, ppo; a stage whose folder holds summary.json is done and
+skipped, and an interrupted stage resumes from its checkpoint. <out_dir>/pipeline.json pins the configuration: a
 rerun with another one is refused unless --overwrite.
 """
 
@@ -18,28 +18,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.common import check_run_dir, is_complete
 from agents.comparisons import CollectConfig, collect_comparisons
 from agents.evaluate import EvalConfig, evaluate
 from agents.ppo import PPOConfig, ppo
 from agents.pretrain import PretrainConfig, pretrain
 from agents.report import write_report
 from agents.reward_model import RMConfig, train_reward_model
+from agents.run import check_run_dir, is_complete, stage_dir, stage_model
 from agents.sft import SFTConfig, sft
 from textenv.models import PRESETS
 from textenv.tasks import TASKS
 
 # Per-preset budgets: "tiny" is the smoke test (well under a minute), "small" the default (minutes on 2 cores).
 BUDGETS = {
-    "tiny": dict(pretrain_steps=30, sft_steps=20, n_prompts=32, k=4, ppo_iterations=2, num_envs=16, eval_prompts=16),
-    "small": dict(pretrain_steps=None, sft_steps=None, n_prompts=None, k=4, ppo_iterations=None, num_envs=None, eval_prompts=128),
-    "medium": dict(pretrain_steps=None, sft_steps=None, n_prompts=None, k=4, ppo_iterations=None, num_envs=None, eval_prompts=128),
+    "tiny": dict(pretrain_steps=30, sft_steps=20, num_prompts=32, k=4, ppo_iterations=2, num_envs=16, eval_prompts=16),
+    "small": dict(pretrain_steps=None, sft_steps=None, num_prompts=None, k=4, ppo_iterations=None, num_envs=None, eval_prompts=128),
+    "medium": dict(pretrain_steps=None, sft_steps=None, num_prompts=None, k=4, ppo_iterations=None, num_envs=None, eval_prompts=128),
 }
 
 
 @dataclass
 class PipelineConfig:
-    out: str = "runs/default"
+    out_dir: str = "runs/default"
     """Run folder; each stage gets a subfolder."""
     task: str = "sentiment"
     """Embedded task: one of textenv.tasks.TASKS."""
@@ -48,7 +48,7 @@ class PipelineConfig:
     seed: int = 0
     """Seed of every stage."""
     overwrite: bool = False
-    """Delete a run with another configuration in --out instead of refusing."""
+    """Delete a run with another configuration in --out-dir instead of refusing."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     """Stage 1 settings (out_dir, preset and seed are set by the pipeline)."""
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -69,25 +69,27 @@ def stage_configs(cfg: PipelineConfig) -> dict:
         raise ValueError(f"unknown task {cfg.task!r}; choose one of {sorted(TASKS)}")
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
-    out, budget = Path(cfg.out), BUDGETS[cfg.preset]
+    out, budget = Path(cfg.out_dir), BUDGETS[cfg.preset]
     r = dataclasses.replace
 
     # A preset's budget applies where the user left a field at its default.
-    pre = r(cfg.pretrain, out_dir=str(out / "pretrain"), preset=cfg.preset, seed=cfg.seed)
+    pre = r(cfg.pretrain, out_dir=str(stage_dir(out, "pretrain")), preset=cfg.preset, seed=cfg.seed)
     if budget["pretrain_steps"] and cfg.pretrain.max_steps == PretrainConfig.max_steps:
         pre = r(pre, max_steps=budget["pretrain_steps"], eval_every=10, save_every=10, warmup_steps=5)
-    sft_cfg = r(cfg.sft, out_dir=str(out / "sft"), model=str(out / "pretrain" / "model"), task=cfg.task, seed=cfg.seed)
+    sft_cfg = r(cfg.sft, out_dir=str(stage_dir(out, "sft")), model=str(stage_model(out, "pretrain")), task=cfg.task,
+                seed=cfg.seed)
     if budget["sft_steps"] and cfg.sft.max_steps is None:
         sft_cfg = r(sft_cfg, max_steps=budget["sft_steps"], eval_every=10, save_every=10, warmup_steps=2)
-    collect = r(cfg.collect, out_dir=str(out / "comparisons"), policy=str(out / "sft" / "model"), task=cfg.task, seed=cfg.seed)
-    if budget["n_prompts"] and cfg.collect.n_prompts == CollectConfig.n_prompts:
-        collect = r(collect, n_prompts=budget["n_prompts"])
-    rm = r(cfg.rm, out_dir=str(out / "rm"), data=str(out / "comparisons"), model=str(out / "sft" / "model"),
-           task=cfg.task, policy=str(out / "sft" / "model"), seed=cfg.seed)
+    collect = r(cfg.collect, out_dir=str(stage_dir(out, "collect")), policy=str(stage_model(out, "sft")), task=cfg.task,
+                seed=cfg.seed)
+    if budget["num_prompts"] and cfg.collect.num_prompts == CollectConfig.num_prompts:
+        collect = r(collect, num_prompts=budget["num_prompts"])
+    rm = r(cfg.rm, out_dir=str(stage_dir(out, "rm")), data=str(stage_dir(out, "collect")), model=str(stage_model(out, "sft")),
+           task=cfg.task, policy=str(stage_model(out, "sft")), seed=cfg.seed)
     if cfg.preset == "tiny" and cfg.rm.n_eval_samples == RMConfig.n_eval_samples:
         rm = r(rm, n_eval_samples=16)
-    ppo_cfg = r(cfg.ppo, out_dir=str(out / "ppo"), policy=str(out / "sft" / "model"), reward=str(out / "rm" / "model"),
-                task=cfg.task, seed=cfg.seed)
+    ppo_cfg = r(cfg.ppo, out_dir=str(stage_dir(out, "ppo")), policy=str(stage_model(out, "sft")),
+                reward=str(stage_model(out, "rm")), task=cfg.task, seed=cfg.seed)
     if budget["ppo_iterations"] and cfg.ppo.iterations == PPOConfig.iterations:
         ppo_cfg = r(ppo_cfg, iterations=budget["ppo_iterations"], num_envs=budget["num_envs"], save_every=1, sample_every=1)
     return {"pretrain": pre, "sft": sft_cfg, "collect": collect, "rm": rm, "ppo": ppo_cfg}
@@ -103,18 +105,17 @@ def check_out_dir(out: Path) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
-    out = Path(cfg.out)
+    out = Path(cfg.out_dir)
     check_out_dir(out)
     configs = stage_configs(cfg)
     pinned = {"task": cfg.task, "preset": cfg.preset, "seed": cfg.seed,
               **{name: json.loads(json.dumps(dataclasses.asdict(c), default=str)) for name, c in configs.items()}}
     check_run_dir(out, pinned, cfg.overwrite)  # refuses a foreign folder or another configuration
     runners = {"pretrain": pretrain, "sft": sft, "collect": collect_comparisons, "rm": train_reward_model, "ppo": ppo}
-    folders = {"pretrain": "pretrain", "sft": "sft", "collect": "comparisons", "rm": "rm", "ppo": "ppo"}
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     for name, runner in runners.items():
-        folder = out / folders[name]
+        folder = stage_dir(out, name)
         if is_complete(folder):
             print(f"[pipeline] {name}: already complete in {folder}, skipped")
             continue
@@ -128,17 +129,18 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     start = time.perf_counter()
     n = cfg.eval_prompts or BUDGETS[cfg.preset]["eval_prompts"]
-    common = dict(task=cfg.task, reward=str(out / "rm" / "model"), n_prompts=n, temperature=configs["ppo"].temperature, seed=cfg.seed)
-    sft_model = str(out / "sft" / "model")
+    common = dict(task=cfg.task, reward=str(stage_model(out, "rm")), num_prompts=n,
+                  temperature=configs["ppo"].temperature, seed=cfg.seed)
+    sft_model = str(stage_model(out, "sft"))
     evals = {
-        "pretrained (few-shot)": evaluate(EvalConfig(policy=str(out / "pretrain" / "model"), few_shot=True, **common)),
+        "pretrained (few-shot)": evaluate(EvalConfig(policy=str(stage_model(out, "pretrain")), few_shot=True, **common)),
         "SFT": evaluate(EvalConfig(policy=sft_model, reference=sft_model, **common)),
-        "PPO": evaluate(EvalConfig(policy=str(out / "ppo" / "model"), reference=sft_model, **common)),
+        "PPO": evaluate(EvalConfig(policy=str(stage_model(out, "ppo")), reference=sft_model, **common)),
     }
     (out / "eval.json").write_text(json.dumps(evals, indent=2))
     timings["eval"] = time.perf_counter() - start
     timings_file.write_text(json.dumps(timings, indent=2))
-    summaries = {name: json.loads((out / folders[name] / "summary.json").read_text()) for name in runners}
+    summaries = {name: json.loads((stage_dir(out, name) / "summary.json").read_text()) for name in runners}
     report = write_report(out, evals, summaries, timings)
     for name, e in evals.items():
         print(f"[pipeline] {name:>22}: gold {e['gold_mean']:+.3f}  proxy {e.get('proxy_mean', float('nan')):+.3f}  "

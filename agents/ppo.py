@@ -7,6 +7,10 @@ References: Ziegler et al. 2019 (arXiv 1909.08593), Ouyang et al. 2022 (arXiv 22
     python -m agents.ppo --policy runs/x/sft/model --reward runs/x/rm/model --out-dir runs/x/ppo
     torchrun --nproc_per_node 2 -m agents.ppo --policy runs/x/sft/model ...  # data-parallel
 
+The loop reads in textbook order: 1. rollout, 2. values, 3. rewards and GAE, 4. epochs of minibatch updates,
+5. log. Comments marked `speed:` explain an optimisation a reader may skip; `N processes:` what matters only under
+several processes.
+
 Under N processes each plays num_envs / N of the episodes, every process then holds the whole batch, and each
 takes 1/N of every minibatch's rows with the gradients summed over the processes: the same updates as one process
 with the same seed, up to float rounding (agents/distributed.py).
@@ -14,7 +18,6 @@ with the same seed, up to float rounding (agents/distributed.py).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +26,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.common import (
-    RunLogger,
-    check_run_dir,
-    distributed_state,
-    is_complete,
-    load_checkpoint,
-    save_checkpoint,
-    save_model_folder,
-    write_summary,
-)
 from agents.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -41,13 +34,11 @@ from agents.core import (
     compute_gae,
     explained_variance,
     kl_estimate,
-    logprobs_and_entropy,
     masked_mean,
     masked_whiten,
     per_token_rewards,
 )
-from agents.decoding import position_ids_from_mask
-from agents.gpt2 import frozen_forward, lean_forward
+from agents.data import load_text_source, pack_blocks
 from agents.distributed import (
     gather_rollout,
     gather_rows,
@@ -57,10 +48,22 @@ from agents.distributed import (
     sum_gradients,
     sum_over_processes,
 )
-from agents.sampler import Rollout, rollout
+from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user catches, importable from here)
+    NonFiniteError,
+    check_finite,
+    chunked,
+    iteration_generator,
+    policy_forward,
+    value_forward,
+    write_samples,
+)
+from agents.run import RunLogger, cli, distributed_state, finish_run, load_checkpoint, save_checkpoint, start_run
+from agents.sampler import rollout
 from rewards.base import as_reward_fn
 from rewards.hf import SequenceClassifierReward
 from textenv.models import load_causal_lm, load_sequence_classifier
+from textenv.models.gpt2 import frozen_forward
+from textenv.models.tokens import check_temperature
 from textenv.tasks import get_task
 from textenv.tokenizer import load_tokenizer
 from textenv.vector_env import TextGenVectorEnv
@@ -155,12 +158,7 @@ class PPOConfig:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
         if self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} is not divisible by num_minibatches={self.num_minibatches}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-
-
-class NonFiniteError(RuntimeError):
-    """A loss, reward or gradient became NaN/inf; the run stops and the last good checkpoint stays as it was."""
+        check_temperature(self.temperature)
 
 
 class ValueHead(torch.nn.Module):
@@ -174,80 +172,48 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.score.bias)
 
 
-def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float, hidden: bool = False,
-                   vocab_size: int | None = None, entropy: bool = True):
-    """Temperature-scaled log-probs, entropies (None unless `entropy`) and last hidden states (None unless
-    `hidden`) of the response tokens.
+def rollout_values(value_model, policy, cfg: PPOConfig, local_ids, local_mask, mine: slice, input_ids, attention_mask,
+                   first_rows: torch.Tensor, first_micro: list[torch.Tensor], dist, rows: int,
+                   P: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The rollout's values V(prompt + response[:t]), (B, T) in every process, GAE's baseline and the value
+    clipping's centre; and, for the rows of epoch 0's first minibatch, the value model's outputs with their graph.
 
-    `policy`: a causal LM, or a `GPT2Forward` of one (a frozen reference's, with packed weights). The logits at
-    position P-1+t predict response token t; only those T positions go through the LM head, and a GPT-2 runs
-    through the lean forward (agents/gpt2.py), which computes only them in its last block.
-    `vocab_size`: the env's number of actions. A model whose embedding is padded past its tokenizer (Pythia,
-    Qwen) has more logits than actions; the sampler drops the extra ones, so the loss must too, or the ratio
-    and the KL are off by the probability mass on tokens that can never be sampled.
-    """
-    L = input_ids.shape[1]
-    lean = lean_forward(policy)
-    if lean is not None:
-        states = lean.response_hidden(input_ids, attention_mask, P)  # (B, T, E); a shared prompt runs once
-        logits = lean.apply_head(states)  # (B, T, V)
-    else:
-        out = policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),  # correct positions under left padding
-            logits_to_keep=L - P + 1,
-            output_hidden_states=hidden,
-        )
-        logits = out.logits[:, :-1]  # (B, T, V)
-        states = out.hidden_states[-1][:, P - 1 : -1] if hidden else None  # (B, T, H)
-    z = logits[..., :vocab_size]  # (B, T, V)
-    z = z if temperature == 1.0 else z / temperature  # scaled once, for both below
-    logp, ent = logprobs_and_entropy(z, input_ids[:, P:], entropy)  # (B, T) each; entropy without a graph
-    return logp, ent, states if hidden else None
+    # speed: the value model does not change before the update's first optimizer step, so the first minibatch's
+    value forward (which its value loss needs anyway) gives those rows' values: they are computed once, with the
+    graph kept for that loss, instead of once here and again there. With one minibatch (TRL's default, the anchor's
+    setting) that is the rollout's whole value forward, about 80 ms of a 1.2 s iteration on 2 cores. A shared value
+    head reads the policy's trunk, which the value loss's pass does not run: all its values are computed here.
 
+    `first_rows`: the first minibatch's global rows; `first_micro`: this process's micro-batches of them (none with
+    a shared head). The other rows are computed on this process's own rollout rows `mine`, on packed weights."""
+    B, T = len(input_ids), input_ids.shape[1] - P
+    deferred = torch.zeros(B, dtype=torch.bool)  # (B,) global rows whose values come from the first minibatch
+    deferred[first_rows] = not cfg.shared_value_head
+    here = torch.nonzero(~deferred[mine]).squeeze(1).to(local_ids.device)  # (n,) this process's rows computed now
+    values = torch.zeros(len(local_ids), T, device=local_ids.device)  # (b, T), 0 on deferred rows for now
+    if len(here):
+        with torch.no_grad():
+            value_fwd = frozen_forward(value_model, pack_rows=rows * input_ids.shape[1])  # packed for this forward only
 
-def value_forward(value_model, input_ids, attention_mask, P: int) -> torch.Tensor:
-    """Per-token values V(prompt + response[:t]) from a sequence-classification model's `score` head: (B, T)."""
-    lean = lean_forward(value_model)
-    if lean is not None:  # the lean forward computes only the T positions in its last block
-        return lean.apply_head(lean.response_hidden(input_ids, attention_mask, P)).squeeze(-1)  # (B, T)
-    hidden = value_model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).last_hidden_state  # (B, L, H)
-    return value_model.score(hidden[:, P - 1 : -1]).squeeze(-1)  # (B, T)
+            def predict(ids, am):
+                if cfg.shared_value_head:  # the value head on the policy's trunk
+                    states = policy_forward(policy, ids, am, P, cfg.temperature, hidden=True, entropy=False)[2]
+                    return value_model.score(states).squeeze(-1)
+                return value_forward(value_fwd, ids, am, P)
 
-
-def predict_values(value_model, states, input_ids, attention_mask, P: int) -> torch.Tensor:
-    """(B, T) values: from the policy's hidden `states` with the shared head, else a forward of the value model."""
-    if states is not None:  # shared_value_head: the policy forward already computed the trunk
-        return value_model.score(states).squeeze(-1)
-    return value_forward(value_model, input_ids, attention_mask, P)
-
-
-def value_states(policy, cfg: PPOConfig, input_ids, attention_mask, P: int):
-    """The policy's hidden states for the shared value head (B, T, H), or None with a separate value model."""
-    if not cfg.shared_value_head:
-        return None
-    return policy_forward(policy, input_ids, attention_mask, P, cfg.temperature, hidden=True, entropy=False)[2]
-
-
-def chunked(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
-    """fn over chunks of `rows` rows of the tensors, concatenated: a no-grad forward's memory stays that of a chunk."""
-    return torch.cat([fn(*(t[i : i + rows] for t in tensors)) for i in range(0, len(tensors[0]), rows)])
-
-
-def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generator:
-    """An RNG that is a pure function of (seed, iteration, stream): resuming at an iteration replays it exactly."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 16 + stream)
+            values[here] = chunked(predict, rows, local_ids[here], local_mask[here])  # (n, T)
+    values = gather_rows(dist, values)[0]  # (B, T)
+    first_values = [value_forward(value_model, input_ids[mu], attention_mask[mu], P) for mu in first_micro]  # graphs kept
+    fill = torch.zeros_like(values)
+    for mu, v in zip(first_micro, first_values):
+        fill[mu] = v.detach()
+    return values + sum_over_processes(dist, fill), first_values
 
 
 def ppo(cfg: PPOConfig) -> Path:
-    out_dir = Path(cfg.out_dir)
-    if is_complete(out_dir) and not cfg.overwrite:
+    out_dir, complete = start_run(cfg, "ppo")
+    if complete:
         return out_dir / "model"
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
-    check_run_dir(out_dir, config, cfg.overwrite)
     dist = distributed_state()  # this process among N (N = 1 without a launcher); only the main one writes
     device = process_device(cfg.device, dist)
     if (cfg.num_envs // cfg.num_minibatches) % dist.num_processes:
@@ -272,19 +238,14 @@ def ppo(cfg: PPOConfig) -> Path:
         value_model = load_sequence_classifier(value_init, num_labels=1).to(device)  # new head on a causal LM
         value_model.config.pad_token_id = tokenizer.pad_token_id
     B = cfg.num_envs
-    mine = rank_rows(B, dist)  # this process's episodes: global rows [mine.start, mine.stop)
-    envs = TextGenVectorEnv(
-        num_envs=mine.stop - mine.start,
-        task=cfg.task,
-        prompts=cfg.prompts,
-        tokenizer=tokenizer,
-        reward_fn=reward_fn,
-        max_new_tokens=cfg.max_new_tokens,
-    )
+    mine = rank_rows(B, dist)  # N processes: this process's episodes, global rows [mine.start, mine.stop)
+    envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
+                            reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens)
     P, T, V = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, envs.setup.vocab_size
     mb_size = B // cfg.num_minibatches
+    my_mb = rank_rows(mb_size, dist)  # N processes: this process's rows of every minibatch
     rows = cfg.micro_batch_size or B
-    # the frozen reference through the lean forward (GPT-2) on weights packed once for the run (agents/gpt2.py)
+    # speed: the frozen reference through the lean forward (GPT-2) on weights packed once for the run
     ref_forward = frozen_forward(ref_policy, pack_rows=rows * (P + T))
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 
@@ -292,11 +253,8 @@ def ppo(cfg: PPOConfig) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for the whole step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal
-    kl_ctl = (
-        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        if cfg.kl_target is not None
-        else FixedKLController(cfg.kl_coef)
-    )
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
+              else FixedKLController(cfg.kl_coef))
     models = {"policy": policy, "value": value_model}
     state = load_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler)
     start = 0 if state is None else state["iteration"]
@@ -309,66 +267,54 @@ def ppo(cfg: PPOConfig) -> Path:
     for iteration in bar:
         t0 = time.perf_counter()
         # ---- 1. rollout: one episode per sub-env; the env pays the reward model's score at the last token ----
-        # This process plays global rows `mine`: sub-env i is seeded with seed + i and row i's tokens are picked by
-        # row i of the (B, T) uniforms, so N processes play the episodes one process plays.
+        # N processes: this process plays global rows `mine` (sub-env i seeded with seed + i, row i's tokens picked
+        # by row i of the (B, T) uniforms), so N processes play the episodes one process plays.
         policy.eval()
         uniforms = rollout_uniforms(iteration_generator(cfg.seed, iteration, 0), B, T)  # (B, T)
-        local = rollout(
-            policy, envs, uniforms=uniforms[mine], temperature=cfg.temperature,
-            seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start,
-        )
+        local = rollout(policy, envs, uniforms=uniforms[mine], temperature=cfg.temperature,
+                        seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start)
         local_ids, local_mask = local.input_ids.to(device), local.attention_mask.to(device)  # (b, P+T)
-        with torch.no_grad():  # the reference log-probs of this process's rows
-            ref_logp = chunked(lambda ids, am: policy_forward(ref_forward, ids, am, P, cfg.temperature, vocab_size=V, entropy=False)[0],
-                               rows, local_ids, local_mask)  # (b, T)
-        # The values ("old" values: GAE's baseline, the value clipping's centre). The value model does not change
-        # before the update's first optimizer step, so the rows of epoch 0's first minibatch take theirs from that
-        # minibatch's own value forward (the one its value loss needs): they are not computed here. With one
-        # minibatch (TRL's default) that saves the rollout's whole value forward. A shared value head reads the
-        # policy's trunk, which the update's value pass does not run: all its values are computed here.
-        order_rng = iteration_generator(cfg.seed, iteration, 1)
-        first_order = torch.randperm(B, generator=order_rng)  # epoch 0's minibatch order
-        deferred = torch.zeros(B, dtype=torch.bool)  # (B,) global rows whose values the update computes
-        deferred[first_order[:mb_size]] = not cfg.shared_value_head
-        here = torch.nonzero(~deferred[mine]).squeeze(1).to(device)  # (n,) this process's rows computed now
-        values = torch.zeros(len(local_ids), T, device=device)  # (b, T) 0 on deferred rows until the update
-        if len(here):
-            with torch.no_grad():
-                # the weights are packed for this forward only (a shared ValueHead stays as it is)
-                value_fwd = frozen_forward(value_model, pack_rows=rows * (P + T))
-                values[here] = chunked(lambda ids, am: predict_values(value_fwd, value_states(policy, cfg, ids, am, P), ids, am, P),
-                                       rows, local_ids[here], local_mask[here])  # (n, T)
-        # from here on every process holds the whole batch and computes the same advantages, KL and metrics
+        with torch.no_grad():  # the reference's log-probs of this process's rows
+            ref_logp = chunked(lambda ids, am: policy_forward(ref_forward, ids, am, P, cfg.temperature, vocab_size=V,
+                                                              entropy=False)[0], rows, local_ids, local_mask)  # (b, T)
+        # N processes: from here on every process holds the whole batch and computes the same advantages and metrics
         batch = gather_rollout(dist, local)
-        ref_logp, values = gather_rows(dist, ref_logp, values)  # (B, T) each
+        ref_logp = gather_rows(dist, ref_logp)[0]  # (B, T)
         input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # (B, P+T)
         mask = batch.response_mask.to(device).float()  # (B, T) 1 up to and including EOS
+        # the "old" log-probs are the sampler's: same model, same temperature, so a forward of the policy would only
+        # repeat them (up to float rounding) at the cost of a third of the rollout
+        logp = batch.logprobs.to(device)  # (B, T)
         scores = batch.scores.to(device)  # (B,)
         if cfg.missing_eos_penalty is not None:  # the EOS trick: a truncated response gets a fixed penalty
             scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
+
+        # ---- 2. values of every response token, by the value model as it was during the rollout ----
+        order_rng = iteration_generator(cfg.seed, iteration, 1)
+        first_order = torch.randperm(B, generator=order_rng)  # epoch 0's minibatch order
+        first_micro = [] if cfg.shared_value_head else list(first_order[:mb_size].to(device)[my_mb].split(rows))
+        values, first_values = rollout_values(value_model, policy, cfg, local_ids, local_mask, mine, input_ids,
+                                              attention_mask, first_order[:mb_size], first_micro, dist, rows, P)
+
+        # ---- 3. rewards and GAE: -kl_coef * (logp - ref_logp) per token plus the score at the last one ----
         with torch.no_grad():
-            # the "old" log-probs are the sampler's: same model, same temperature, so a full forward of the policy
-            # would only repeat them (up to float rounding) at the cost of a third of the rollout
-            logp = batch.logprobs.to(device)  # (B, T)
-            # per-token reward: -kl_coef * (logp - ref_logp), plus the score at the last real token
             rewards, non_score_reward = per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value)  # (B, T)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
-        kl = (kl_estimate(logp, ref_logp) * mask).sum(1)  # (B,) k1 KL of each response, in nats
-        check_finite(iteration, scores=scores, kl=kl)
+            kl = (kl_estimate(logp, ref_logp) * mask).sum(1)  # (B,) k1 KL of each response, in nats
+            check_finite(iteration, scores=scores, kl=kl, values=values)
+            advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
+            advantages = masked_whiten(advantages, mask)  # over the whole batch
         t_rollout = time.perf_counter() - t0
 
-        # ---- 2. update: epochs x minibatches of the clipped PPO objective ----
-        # This process takes rows `my_mb` of each global minibatch; its loss is weighted by the GLOBAL minibatch's
-        # token count and the gradients are summed over the processes (agents/distributed.py).
+        # ---- 4. epochs x minibatches of the clipped PPO objective ----
+        # N processes: this process takes rows `my_mb` of each global minibatch, its loss weighted by the GLOBAL
+        # minibatch's token count, and the gradients are summed over the processes (agents/distributed.py).
         policy.train()  # dropout is off, so train mode changes nothing but intent
-        my_mb = rank_rows(mb_size, dist)
-        advantages = returns = None  # (B, T) each, from the first minibatch on, once every value is known
         stats = []
         for epoch in range(cfg.update_epochs):
             order = first_order if epoch == 0 else torch.randperm(B, generator=order_rng)
             for start_i in range(0, B, mb_size):
-                first = epoch == 0 and start_i == 0  # no optimizer step yet: the models are the rollout's
                 mb = order[start_i : start_i + mb_size].to(device)
                 mb_tokens = mask[mb].sum()
                 optimizer.zero_grad(set_to_none=True)
@@ -377,25 +323,16 @@ def ppo(cfg: PPOConfig) -> Path:
                 micro = mb[my_mb].split(rows)
                 vf_stats = torch.zeros(2, device=device)  # value loss, value clipfrac
                 if not cfg.shared_value_head:  # the value loss, on the value model's own forward
-                    fill = torch.zeros_like(values) if first else None  # the deferred rows' values, from this pass
-                    for mu in micro:
-                        new_values = value_forward(value_model, input_ids[mu], attention_mask[mu], P)  # (b, T)
-                        if first:  # the rollout's value forward for these rows; GAE is per row, so their returns too
-                            fill[mu] = old_values = new_values.detach()
-                            mu_returns = compute_gae(rewards[mu], old_values, mask[mu], cfg.gamma, cfg.gae_lambda)[1]
+                    for j, mu in enumerate(micro):
+                        if epoch == 0 and start_i == 0:  # speed: the forward `rollout_values` kept for these rows
+                            new_values = first_values[j]  # (b, T)
                         else:
-                            old_values, mu_returns = values[mu], returns[mu]
-                        vf_loss, vf_clipfrac = clipped_value_loss(new_values, old_values, mu_returns, mask[mu], cfg.vf_clip_coef)
+                            new_values = value_forward(value_model, input_ids[mu], attention_mask[mu], P)  # (b, T)
+                        vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[mu], returns[mu], mask[mu],
+                                                                  cfg.vf_clip_coef)
                         weight = mask[mu].sum() / mb_tokens
                         (weight * cfg.vf_coef * vf_loss).backward()
                         vf_stats += weight * torch.stack([vf_loss.detach(), vf_clipfrac])
-                    if first:
-                        values = values + sum_over_processes(dist, fill)  # every process's deferred rows
-                if first:  # all values known: the advantages, whitened over the whole batch
-                    check_finite(iteration, values=values)
-                    with torch.no_grad():
-                        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
-                        advantages = masked_whiten(advantages, mask)
                 pg_stats = torch.zeros(4, device=device)  # policy loss, clipfrac, approx KL, entropy
                 for mu in micro:
                     mu_mask = mask[mu]
@@ -403,11 +340,13 @@ def ppo(cfg: PPOConfig) -> Path:
                     new_logp, entropy, mu_states = policy_forward(
                         policy, input_ids[mu], attention_mask[mu], P, cfg.temperature, cfg.shared_value_head, V
                     )
-                    pg_loss, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp[mu], advantages[mu], mu_mask, cfg.clip_coef)
+                    pg_loss, clipfrac, approx_kl = clipped_policy_loss(new_logp, logp[mu], advantages[mu], mu_mask,
+                                                                       cfg.clip_coef)
                     loss = pg_loss
                     if cfg.shared_value_head:  # the value head reads this forward's trunk
                         new_values = value_model.score(mu_states).squeeze(-1)  # (b, T)
-                        vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[mu], returns[mu], mu_mask, cfg.vf_clip_coef)
+                        vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[mu], returns[mu], mu_mask,
+                                                                  cfg.vf_clip_coef)
                         loss = loss + cfg.vf_coef * vf_loss
                         vf_stats += weight * torch.stack([vf_loss.detach(), vf_clipfrac])
                     (weight * loss).backward()
@@ -416,8 +355,8 @@ def ppo(cfg: PPOConfig) -> Path:
                     # (a non-finite ptx loss shows up in the gradient norm)
                     loss = cfg.ptx_coef * ptx_loss(policy, ptx_blocks, mb_size, my_mb, order_rng, device)
                     loss.backward()
-                sum_gradients(dist, params)  # the global minibatch's gradient, in every process
-                mb_stats = sum_over_processes(dist, torch.cat([pg_stats, vf_stats]))  # the global minibatch's token means
+                sum_gradients(dist, params)  # N processes: the global minibatch's gradient, in every process
+                mb_stats = sum_over_processes(dist, torch.cat([pg_stats, vf_stats]))  # the global minibatch's means
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 # checked after the sums, so that every process stops at the same minibatch, before the step
                 check_finite(iteration, loss=mb_stats, grad_norm=grad_norm)
@@ -427,7 +366,7 @@ def ppo(cfg: PPOConfig) -> Path:
         kl_ctl.update(kl.mean().item(), B)
         t_update = time.perf_counter() - t0 - t_rollout
 
-        # ---- 3. log, sample, checkpoint ----
+        # ---- 5. log, sample, checkpoint ----
         pg, cf, akl, ent, vf, vcf, gn = torch.stack(stats).mean(0).tolist()
         gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses), dtype=torch.float64))[0].tolist()
         n_tokens = int(mask.sum())
@@ -451,50 +390,28 @@ def ppo(cfg: PPOConfig) -> Path:
             "charts/eos_rate": batch.terminated.float().mean().item(),
             "charts/lr": scheduler.get_last_lr()[0],
             "charts/tokens_per_s": n_tokens / (t_rollout + t_update),
-            # generation + reference + reward (+ value, except the deferred rows whose value forward is in the update)
-            "charts/rollout_tokens_per_s": n_tokens / t_rollout,
+            "charts/rollout_tokens_per_s": n_tokens / t_rollout,  # generation, reference, reward and value forwards
             "time/rollout_s": t_rollout,
             "time/update_s": t_update,
         }
         metrics["time/iteration_s"] = time.perf_counter() - t0  # rollout + update + scoring and metrics
         logger.log(iteration + 1, metrics)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
+        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}",
+                        kl=f"{metrics['objective/kl']:.2f}")
         done = iteration + 1 == cfg.iterations
         if ((iteration + 1) % cfg.sample_every == 0 or done) and dist.is_main_process:
             write_samples(out_dir / "samples.jsonl", iteration + 1, batch, gold, n=8)
         if (iteration + 1) % cfg.save_every == 0 or done:
-            save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler, {"iteration": iteration + 1, "kl_ctl": kl_ctl.state_dict()})
+            save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler,
+                            {"iteration": iteration + 1, "kl_ctl": kl_ctl.state_dict()})
     logger.close()
-
-    final = save_model_folder(policy, tokenizer, out_dir / "model")
-    write_summary(out_dir, {"iterations": cfg.iterations, "final_kl_coef": kl_ctl.value})
-    dist.wait_for_everyone()  # the model and summary are on disk when ppo() returns, in every process
-    return final
-
-
-def check_finite(iteration: int, **values: torch.Tensor) -> None:
-    for name, value in values.items():
-        if not torch.isfinite(value).all():
-            raise NonFiniteError(
-                f"non-finite {name} at iteration {iteration + 1}; stopping before the update, "
-                "the last checkpoint is intact (try a lower lr or a larger kl_coef)"
-            )
-
-
-def write_samples(path: Path, iteration: int, batch: Rollout, gold: list[float], n: int) -> None:
-    import json
-
-    with path.open("a") as f:
-        for i in range(min(n, len(batch.prompts))):
-            row = {"iteration": iteration, "prompt": batch.prompts[i], "response": batch.responses[i],
-                   "score": batch.scores[i].item(), "gold": gold[i]}
-            f.write(json.dumps(row) + "\n")
+    # the value model is kept beside the policy: a further PPO run can start from it (--value-model)
+    return finish_run(out_dir, policy, tokenizer, {"iterations": cfg.iterations, "final_kl_coef": kl_ctl.value},
+                      extra_models={"value_model": value_model})
 
 
 def load_ptx_blocks(cfg: PPOConfig, tokenizer) -> torch.Tensor:
-    from agents.data import load_text_source
-    from agents.pretrain import pack_blocks
-
+    """The pretraining blocks PPO-ptx samples from (pretrain's packing of `ptx_data`, the embedded corpus by default)."""
     blocks, _ = pack_blocks(tokenizer, load_text_source(cfg.ptx_data), cfg.ptx_seq_len)
     return blocks
 
@@ -510,9 +427,7 @@ def ptx_loss(policy, blocks: torch.Tensor, n: int, mine: slice, generator: torch
 
 
 def main() -> None:
-    import tyro
-
-    ppo(tyro.cli(PPOConfig))
+    ppo(cli(PPOConfig))
 
 
 if __name__ == "__main__":

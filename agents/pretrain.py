@@ -14,44 +14,39 @@ of the processes' mean losses is the global batch's mean, and N processes comput
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from agents.common import (
+from agents.data import batch_indices, load_text_source, pack_blocks
+from agents.run import (
     RunLogger,
-    bf16_is_fast,
-    check_run_dir,
+    adamw,
+    cli,
     cosine_schedule,
-    is_complete,
+    finish_run,
     load_checkpoint,
     multi_cpu,
+    run_config,
     save_checkpoint,
-    save_model_folder,
     seed_everything,
-    write_summary,
+    start_run,
 )
-from agents.data import batch_indices, load_text_source
 from textenv.embedded import default_tokenizer
-from textenv.models import PRESETS, build_model, load_causal_lm
+from textenv.models import PRESETS, bf16_is_fast, build_model, load_causal_lm
 from textenv.tokenizer import load_tokenizer, train_tokenizer
-
-VALID_EVERY_NTH_BLOCK = 100  # 1% of the blocks, spread over the whole corpus
 
 
 @dataclass
 class PretrainConfig:
-    out_dir: str = "runs/pretrain"
+    out_dir: str = "runs/default/pretrain"
     """Run folder: config, metrics.jsonl, tb/, checkpoint/, and the final model/ (model + tokenizer)."""
     preset: str = "small"
     """Model size to build from scratch: one of textenv.models.PRESETS (tiny, small, medium)."""
@@ -77,11 +72,11 @@ class PretrainConfig:
     """Linear warmup steps."""
     min_lr_ratio: float = 0.1
     """The cosine decay ends at min_lr_ratio * lr."""
-    grad_clip: float = 1.0
+    max_grad_norm: float = 1.0
     """Clip the global gradient norm to this."""
     bf16: bool = field(default_factory=bf16_is_fast)
     """Forward passes under bfloat16 autocast (weights and optimizer state stay fp32). Default: on where it is faster
-    than fp32 (a CUDA GPU with bf16, a CPU with AMX; `agents.common.bf16_is_fast`), off elsewhere."""
+    than fp32 (a CUDA GPU with bf16, a CPU with AMX; `textenv.models.bf16_is_fast`), off elsewhere."""
     log_every: int = 10
     """Log the training loss, lr and tokens/s every this many steps."""
     eval_every: int = 100
@@ -100,34 +95,6 @@ class PretrainConfig:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.model is None and self.seq_len > PRESETS[self.preset]["n_positions"]:
             raise ValueError(f"seq_len={self.seq_len} exceeds the {self.preset} preset's context length")
-
-
-def run_config(cfg) -> dict:
-    """What must match for a rerun to resume: every field but where the run lives, whether to overwrite and (for
-    stages that have one) the device, which may change between a crash and a resume."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
-
-
-def pack_blocks(tokenizer, docs: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize, join with EOS, cut into blocks of seq_len + 1; return (train, valid) int64 (N, seq_len + 1)."""
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    stream = np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=np.int64)
-    n_blocks = len(stream) // (seq_len + 1)
-    if n_blocks < 2:
-        raise ValueError(f"the data has {len(stream)} tokens, too few for two blocks of seq_len + 1 = {seq_len + 1}")
-    blocks = torch.from_numpy(stream[: n_blocks * (seq_len + 1)].reshape(n_blocks, seq_len + 1))
-    is_valid = torch.arange(n_blocks) % VALID_EVERY_NTH_BLOCK == 0
-    return blocks[~is_valid], blocks[is_valid]
-
-
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D parameters only (GPT-3 / nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
 
 
 @torch.no_grad()
@@ -167,9 +134,8 @@ def _tokenizer(cfg: PretrainConfig, out_dir: Path, docs: list[str], accelerator:
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume, or skip if already complete) stage 1; return the final model folder out_dir/model."""
-    out_dir = check_run_dir(cfg.out_dir, {"stage": "pretrain", **run_config(cfg)}, cfg.overwrite)
-    if is_complete(out_dir):
-        print(f"{out_dir} is complete (summary.json); nothing to do")
+    out_dir, complete = start_run(cfg, "pretrain")
+    if complete:
         return out_dir / "model"
     t_start = time.time()
     accelerator = Accelerator(cpu=multi_cpu())
@@ -221,7 +187,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             logits = model(input_ids=x).logits  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -250,23 +216,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     pbar.close()
     logger.close()
 
-    final = save_model_folder(model, tokenizer, out_dir / "model")
-    write_summary(out_dir, {
+    return finish_run(out_dir, model, tokenizer, {
         "stage": "pretrain",
         "wall_time_s": elapsed_before + time.time() - t_start,
         "steps": cfg.max_steps,
         "tokens_seen": cfg.max_steps * tokens_per_step,
         "valid_loss": valid_loss,
         "valid_perplexity": math.exp(valid_loss),
-        "model": str(final),
     })
-    if accelerator.is_main_process:
-        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
-    accelerator.wait_for_everyone()
-    return final
 
 
 if __name__ == "__main__":
-    import tyro
-
-    pretrain(tyro.cli(PretrainConfig))
+    pretrain(cli(PretrainConfig))

@@ -27,39 +27,49 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, reduce
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from agents.common import (RunLogger, bf16_is_fast, check_run_dir, cosine_schedule, distributed_state, is_complete,
-                           load_checkpoint, multi_cpu, save_checkpoint, save_model_folder, seed_everything, write_summary)
-from agents.comparisons import load_preferences, sample_responses
+from agents.core import ranking_loss, ranking_pairs
 from agents.data import batch_indices
-from agents.decoding import position_ids_from_mask
-from agents.pretrain import adamw, run_config
+from agents.preferences import load_preferences, sample_responses
+from agents.run import (
+    RunLogger,
+    adamw,
+    cli,
+    cosine_schedule,
+    distributed_state,
+    finish_run,
+    load_checkpoint,
+    multi_cpu,
+    run_config,
+    save_checkpoint,
+    seed_everything,
+    start_run,
+)
 from rewards.hf import SequenceClassifierReward, reward_model_text
-from textenv.models import disable_dropout
+from textenv.models import bf16_is_fast, disable_dropout
+from textenv.models.tokens import pad_rows, position_ids_from_mask
 from textenv.tasks import get_task
 from textenv.tokenizer import load_tokenizer
 
 
 @dataclass
 class RMConfig:
-    out_dir: str = "runs/rm"
+    out_dir: str = "runs/default/rm"
     """Run folder: config, metrics.jsonl, tb/, checkpoint/, summary.json and the final model/ (model + tokenizer)."""
-    data: str = "runs/comparisons"
+    data: str = "runs/default/comparisons"
     """Comparisons: a collect_comparisons run folder, a save_to_disk folder, a .jsonl/.csv/.parquet file or a hub
     id, in any layout `agents.comparisons.load_preferences` reads."""
-    model: str = "runs/sft/model"
+    model: str = "runs/default/sft/model"
     """Initialisation: the SFT folder, or any HF model id/folder (a fresh scalar head is put on top)."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id (needs distinct PAD and EOS). Default: `model`'s."""
@@ -83,11 +93,11 @@ class RMConfig:
     """Linear warmup steps."""
     min_lr_ratio: float = 0.1
     """The cosine decay ends at min_lr_ratio * lr."""
-    grad_clip: float = 1.0
+    max_grad_norm: float = 1.0
     """Clip the global gradient norm to this."""
-    mixed_precision: str = field(default_factory=lambda: "bf16" if bf16_is_fast() else "no")
-    """"bf16": autocast the training forward; "no": fp32. Default: "bf16" where it is faster than fp32 (a CUDA GPU
-    with bf16, a CPU with AMX; `agents.common.bf16_is_fast`), else "no".
+    bf16: bool = field(default_factory=bf16_is_fast)
+    """Training forward passes under bfloat16 autocast (weights and optimizer state stay fp32). Default: on where it
+    is faster than fp32 (a CUDA GPU with bf16, a CPU with AMX; `textenv.models.bf16_is_fast`), off elsewhere.
     Scoring for the normalisation and the evaluations is always fp32."""
     max_length: int | None = None
     """Keep the last max_length tokens of an input. Default: the model's context length."""
@@ -111,35 +121,9 @@ class RMConfig:
     def __post_init__(self):
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         for name in ("epochs", "batch_size", "score_batch_size", "n_eval_samples", "n_reference"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-
-def ranking_pairs(rankings: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(winners, losers, prompt) (P,) int64 for all C(K, 2) pairs of every ranking (best first). Indices point into
-    the flat list of all responses, prompt b's at offset sum_{c < b} K_c; `prompt` is each pair's prompt index."""
-    winners, losers, prompt, offset = [], [], [], 0
-    for b, ranking in enumerate(rankings):
-        for i in range(len(ranking)):
-            for j in range(i + 1, len(ranking)):
-                winners.append(offset + ranking[i])
-                losers.append(offset + ranking[j])
-                prompt.append(b)
-        offset += len(ranking)
-    return torch.tensor(winners), torch.tensor(losers), torch.tensor(prompt)
-
-
-def ranking_loss(scores: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """mean over prompts of mean over their pairs of -log sigmoid(r_w - r_l): each prompt weighs the same however
-    many pairs it has (the 1 / C(K, 2) of InstructGPT's loss). scores (N,), the rest (P,) from `ranking_pairs`."""
-    pair_loss = -F.logsigmoid(scores[winners] - scores[losers])  # (P,)
-    n_prompts = int(prompt.max()) + 1
-    total = torch.zeros(n_prompts, dtype=pair_loss.dtype, device=pair_loss.device).index_add_(0, prompt, pair_loss)
-    return (total / torch.bincount(prompt, minlength=n_prompts)).mean()
 
 
 
@@ -147,19 +131,6 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: li
     """Token ids of the RM inputs, as `rewards.hf.SequenceClassifierReward` makes them: the last max_length kept."""
     ids = tokenizer([reward_model_text(p, r) for p, r in zip(prompts, responses)])["input_ids"]
     return [row[-max_length:] for row in ids]
-
-
-def pad(rows: list[list[int]], pad_token_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) (B, T) from token-id lists, padded on `side` ("right" or "left")."""
-    if side not in ("right", "left"):
-        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for i, row in enumerate(rows):
-        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
-        ids[i, cols], mask[i, cols] = torch.tensor(row, dtype=torch.long), 1
-    return ids, mask
 
 
 def forward_scores(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, side: str = "right") -> torch.Tensor:
@@ -178,7 +149,7 @@ def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     rows = encode(tokenizer, prompts, responses, max_length)
     was_training = model.training
     model.eval()
-    out = [forward_scores(model, *pad(rows[i : i + batch_size], tokenizer.pad_token_id, side), side).cpu()
+    out = [forward_scores(model, *pad_rows(rows[i : i + batch_size], tokenizer.pad_token_id, side), side).cpu()
            for i in range(0, len(rows), batch_size)]
     model.train(was_training)
     return torch.cat(out)
@@ -290,9 +261,8 @@ def load_rm_init(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> PreTr
 
 def train_reward_model(cfg: RMConfig) -> Path:
     """Train (or resume, or skip if complete) the RM, normalise it, evaluate it; return out_dir/model."""
-    out_dir = check_run_dir(cfg.out_dir, {"stage": "reward_model", **run_config(cfg)}, cfg.overwrite)
-    if is_complete(out_dir):
-        print(f"{out_dir} is complete (summary.json); nothing to do")
+    out_dir, complete = start_run(cfg, "reward_model")
+    if complete:
         return out_dir / "model"
     t_start = time.time()
     accelerator = Accelerator(cpu=multi_cpu())
@@ -336,13 +306,13 @@ def train_reward_model(cfg: RMConfig) -> Path:
     for step in range(start, max_steps):
         idx = batch_indices(len(train_rows), cfg.batch_size, step, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share of the prompts
-        ids, mask = pad([seq for b in idx for seq in train_ids[b]], tokenizer.pad_token_id)  # (N, T), N = sum K_b
+        ids, mask = pad_rows([seq for b in idx for seq in train_ids[b]], tokenizer.pad_token_id)  # (N, T), N = sum K_b
         winners, losers, prompt = (t.to(device) for t in ranking_pairs([train_rows[b]["ranking"] for b in idx]))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             scores = forward_scores(model, ids, mask)  # (N,) fp32, each response forwarded once
         loss = ranking_loss(scores, winners, losers, prompt)  # mean over this process's prompts
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -381,33 +351,27 @@ def train_reward_model(cfg: RMConfig) -> Path:
     reference = torch.tensor(gather_object(scores))  # (n_reference,)
     mean, std = reference.mean().item(), reference.std().item()
     fold_normalization(model, mean, std if cfg.normalize_std else 1.0)  # everywhere: the processes stay identical
-    final = save_model_folder(model, tokenizer, out_dir / "model")
-    if not is_main:  # the rest (sampling, writing) is the main process's; the others wait for it at the end
-        accelerator.wait_for_everyone()
-        return final
-
-    summary = {
-        "stage": "reward_model", "layout": prefs.layout, "source_rows": prefs.n_source_rows,
-        "skipped_rows": sum(prefs.skipped.values()), "skipped_by_reason": prefs.skipped,
-        "train_prompts": len(train_rows), "heldout_prompts": len(eval_rows), "heldout_pairs": valid["pairs"],
-        "steps": max_steps, "train_time_s": train_time, "heldout_loss": valid["loss"],
-        "heldout_accuracy": valid["accuracy"], "annotator_ceiling": valid.get("ceiling"),  # None: no gold in the data
-        "accuracy_over_ceiling": valid["accuracy"] / valid["ceiling"] if "ceiling" in valid else None,
-        "normalization": {"mean": mean, "std": std, "gain_applied": cfg.normalize_std, "reference": len(pick)},
-    }
-    if cfg.task is not None:
-        fresh = fresh_sample_eval(model, tokenizer, cfg.policy or cfg.model, cfg.task, cfg.n_eval_samples, cfg.seed,
-                                  cfg.score_batch_size)
-        summary.update({f"fresh_{k}": v for k, v in fresh.items()})
-    summary.update(wall_time_s=time.time() - t_start, model=str(final))
-    write_summary(out_dir, summary)
-    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
-    print(json.dumps(summary))
-    accelerator.wait_for_everyone()
+    summary = {}
+    if is_main:  # the fresh-sample evaluation samples on the main process; the others wait for it in finish_run
+        summary = {
+            "stage": "reward_model", "layout": prefs.layout, "source_rows": prefs.n_source_rows,
+            "skipped_rows": sum(prefs.skipped.values()), "skipped_by_reason": prefs.skipped,
+            "train_prompts": len(train_rows), "heldout_prompts": len(eval_rows), "heldout_pairs": valid["pairs"],
+            "steps": max_steps, "train_time_s": train_time, "heldout_loss": valid["loss"],
+            "heldout_accuracy": valid["accuracy"], "annotator_ceiling": valid.get("ceiling"),  # None: no gold in the data
+            "accuracy_over_ceiling": valid["accuracy"] / valid["ceiling"] if "ceiling" in valid else None,
+            "normalization": {"mean": mean, "std": std, "gain_applied": cfg.normalize_std, "reference": len(pick)},
+        }
+        if cfg.task is not None:
+            fresh = fresh_sample_eval(model, tokenizer, cfg.policy or cfg.model, cfg.task, cfg.n_eval_samples, cfg.seed,
+                                      cfg.score_batch_size)
+            summary.update({f"fresh_{k}": v for k, v in fresh.items()})
+        summary.update(wall_time_s=time.time() - t_start)
+    final = finish_run(out_dir, model, tokenizer, summary)
+    if is_main:
+        print(json.dumps({**summary, "model": str(final)}))
     return final
 
 
 if __name__ == "__main__":
-    import tyro
-
-    train_reward_model(tyro.cli(RMConfig))
+    train_reward_model(cli(RMConfig))

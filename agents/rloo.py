@@ -13,7 +13,6 @@ The baselines are tested in `agents/core.py::group_advantages`.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.common import (RunLogger, check_run_dir, distributed_state, is_complete, load_checkpoint, save_checkpoint,
-                           save_model_folder, write_summary)
 from agents.core import clipped_policy_loss, group_advantages, kl_estimate
 from agents.distributed import gather_rows, process_device, rank_rows, sum_gradients, sum_over_processes
 from agents.groups import sample_groups
-from agents.gpt2 import frozen_forward
-from agents.ppo import check_finite, iteration_generator, policy_forward, write_samples
+from agents.policy import check_finite, iteration_generator, policy_forward, write_samples
+from agents.run import RunLogger, cli, distributed_state, finish_run, load_checkpoint, save_checkpoint, start_run
 from rewards.base import as_reward_fn
 from textenv.models import load_causal_lm
+from textenv.models.gpt2 import frozen_forward
+from textenv.models.tokens import check_temperature
 from textenv.tasks import get_task
 from textenv.tokenizer import load_tokenizer
 from textenv.vector_env import TextGenVectorEnv
@@ -111,18 +110,15 @@ class RLOOConfig:
         if (self.num_prompts * self.num_generations) % self.num_minibatches:
             raise ValueError(f"num_prompts * num_generations = {self.num_prompts * self.num_generations} is not "
                              f"divisible by num_minibatches={self.num_minibatches}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
 
 
 def rloo(cfg: RLOOConfig) -> Path:
-    out_dir = Path(cfg.out_dir)
-    if is_complete(out_dir) and not cfg.overwrite:
+    out_dir, complete = start_run(cfg, "rloo")
+    if complete:
         return out_dir / "model"
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
-    check_run_dir(out_dir, config, cfg.overwrite)
     dist = distributed_state()  # this process among N (N = 1 without a launcher); only the main one writes
     device = process_device(cfg.device, dist)
     B = cfg.num_prompts * cfg.num_generations
@@ -185,7 +181,7 @@ def rloo(cfg: RLOOConfig) -> Path:
         order_rng = iteration_generator(cfg.seed, iteration, 1)
         my_mb = rank_rows(mb_size, dist)
         stats = []
-        for epoch in range(cfg.update_epochs):
+        for _epoch in range(cfg.update_epochs):
             order = torch.randperm(B, generator=order_rng)
             for start_i in range(0, B, mb_size):
                 # in row order, a group's rows fall in the same micro-batches, where their prompt runs once
@@ -252,16 +248,11 @@ def rloo(cfg: RLOOConfig) -> Path:
             save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler, {"iteration": iteration + 1})
     logger.close()
 
-    final = save_model_folder(policy, tokenizer, out_dir / "model")
-    write_summary(out_dir, {"iterations": cfg.iterations, "baseline": cfg.baseline})
-    dist.wait_for_everyone()  # the model and summary are on disk when rloo() returns, in every process
-    return final
+    return finish_run(out_dir, policy, tokenizer, {"iterations": cfg.iterations})
 
 
 def main() -> None:
-    import tyro
-
-    rloo(tyro.cli(RLOOConfig))
+    rloo(cli(RLOOConfig))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import torch
 from gymnasium.vector import AutoresetMode
 from transformers import PreTrainedModel
 
-from agents.decoding import make_decoder
+from textenv.models.decoding import make_decoder
+from textenv.models.tokens import check_temperature, logprobs_from_logits
 from textenv.vector_env import TextGenVectorEnv
 
 
@@ -33,8 +34,7 @@ def sample_from_logits(
     from `uniform` (B,) when given (then `generator` is unused), so that a row's token does not depend on which
     other rows share the batch.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     logits = logits.float() / temperature  # (B, V)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
@@ -134,7 +134,7 @@ def rollout(
         tokens = sample_from_logits(logits, generator, temperature, top_k, top_p, u)  # (B,)
         # the behaviour policy's log-prob, as PPO's loss computes it (temperature only, no top-k/top-p): an
         # agent can use it as the "old" log-prob instead of re-running the policy over the whole rollout
-        logprobs[:, t] = torch.log_softmax(logits.float() / temperature, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        logprobs[:, t] = logprobs_from_logits(logits.float()[:, None], tokens[:, None], temperature)[:, 0]
         actions = tokens.cpu().numpy()
         actions[done] = spec.pad_token_id
         _, rewards, term, trunc, infos = envs.step(actions)

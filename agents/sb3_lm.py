@@ -14,7 +14,6 @@ It shows that the env is an ordinary Gymnasium env an off-the-shelf library trai
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 import textenv  # noqa: F401  (registers the env ids)
-from agents.common import RunLogger, check_run_dir, is_complete, save_model_folder, write_summary
-from agents.decoding import position_ids_from_mask
+from agents.run import RunLogger, cli, finish_run, start_run
 from rewards.base import as_reward_fn
 from textenv.models import load_causal_lm
+from textenv.models.tokens import position_ids_from_mask
 from textenv.tasks import get_task
 from textenv.tokenizer import load_tokenizer
 
@@ -190,14 +189,12 @@ class SB3PPOConfig:
 
 def sb3_ppo(cfg: SB3PPOConfig) -> Path:
     """Train cfg.policy with plain SB3 PPO in cfg.env_id; return the folder of the final LM."""
-    out_dir = Path(cfg.out_dir)
-    if is_complete(out_dir) and not cfg.overwrite:
-        return out_dir / "model"
     task_name = gym.spec(cfg.env_id).kwargs.get("task")  # TextGen-v0 has no task, hence no gold score
     if task_name is None:
         raise ValueError(f"env_id {cfg.env_id!r} is not an embedded-task env; choose one of {[k for k, v in textenv.ENV_IDS.items() if 'task' in v]}")
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
-    check_run_dir(out_dir, config, cfg.overwrite)
+    out_dir, complete = start_run(cfg, "sb3_ppo")
+    if complete:
+        return out_dir / "model"
     device, task = get_device(cfg.device), get_task(task_name)
     tokenizer = load_tokenizer(cfg.policy)  # the env must tokenize with the policy's vocabulary
     # one reward for all sub-envs (a model folder given as a string would load once per sub-env)
@@ -214,15 +211,11 @@ def sb3_ppo(cfg: SB3PPOConfig) -> Path:
     model.learn(cfg.total_timesteps, callback=RunLoggerCallback(logger, task.gold, cfg.total_timesteps))
     logger.close()
     # action_net is the LM's lm_head, so the learned head is saved with the LM
-    final = save_model_folder(model.policy.features_extractor.lm, tokenizer, out_dir / "model")
-    write_summary(out_dir, {"num_timesteps": model.num_timesteps})
-    return final
+    return finish_run(out_dir, model.policy.features_extractor.lm, tokenizer, {"num_timesteps": model.num_timesteps})
 
 
 def main() -> None:
-    import tyro
-
-    sb3_ppo(tyro.cli(SB3PPOConfig))
+    sb3_ppo(cli(SB3PPOConfig))
 
 
 if __name__ == "__main__":

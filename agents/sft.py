@@ -16,43 +16,40 @@ global count of response tokens, so N processes compute the same update as one (
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from agents.common import (
+from agents.core import IGNORE, sft_loss
+from agents.data import batch_indices, collate, encode_pair, load_pairs
+from agents.run import (
     RunLogger,
-    bf16_is_fast,
-    check_run_dir,
+    adamw,
+    cli,
     cosine_schedule,
-    is_complete,
+    finish_run,
     load_checkpoint,
     multi_cpu,
+    run_config,
     save_checkpoint,
-    save_model_folder,
     seed_everything,
-    write_summary,
+    start_run,
 )
-from agents.data import batch_indices, load_pairs
-from agents.pretrain import adamw, run_config
-from textenv.models import load_causal_lm
+from textenv.models import bf16_is_fast, load_causal_lm
 from textenv.tokenizer import load_tokenizer
 
-IGNORE = -100  # the label of positions without a loss (F.cross_entropy's ignore_index)
 VALID_EVERY_NTH_RECORD = 20  # a user's file: 5% held out for validation
 
 
 @dataclass
 class SFTConfig:
-    out_dir: str = "runs/sft"
+    out_dir: str = "runs/default/sft"
     """Run folder: config, metrics.jsonl, tb/, checkpoint/, and the final model/ (model + tokenizer)."""
-    model: str = "runs/pretrain/model"
+    model: str = "runs/default/pretrain/model"
     """The causal LM to fine-tune: the pretrain stage's model folder, any local HF folder or a hub id. Its
     tokenizer is loaded from the same place and needs distinct PAD and EOS tokens."""
     task: str = "sentiment"
@@ -81,11 +78,11 @@ class SFTConfig:
     """Linear warmup steps."""
     min_lr_ratio: float = 0.1
     """The cosine decay ends at min_lr_ratio * lr."""
-    grad_clip: float = 1.0
+    max_grad_norm: float = 1.0
     """Clip the global gradient norm to this."""
     bf16: bool = field(default_factory=bf16_is_fast)
     """Forward passes under bfloat16 autocast (weights and optimizer state stay fp32). Default: on where it is faster
-    than fp32 (a CUDA GPU with bf16, a CPU with AMX; `agents.common.bf16_is_fast`), off elsewhere."""
+    than fp32 (a CUDA GPU with bf16, a CPU with AMX; `textenv.models.bf16_is_fast`), off elsewhere."""
     log_every: int = 10
     """Log the training loss, lr and tokens/s every this many steps."""
     eval_every: int = 50
@@ -106,33 +103,6 @@ class SFTConfig:
             from textenv.tasks import get_task
 
             get_task(self.task)  # ValueError naming the unknown task and the known ones
-
-
-def encode_pair(tokenizer, prompt: str, response: str, max_prompt_tokens: int, max_response_tokens: int):
-    """(input ids, labels) of one demonstration: labels are IGNORE on the prompt, the response ids + EOS after."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    response_ids = response_ids[:max_response_tokens]
-    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
-
-
-def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids / attention_mask / labels, each (B, L) with L the longest example."""
-    length = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-    for i, (ids, lab) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        labels[i, : len(lab)] = torch.tensor(lab)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the token at t + 1 given tokens <= t, over positions whose label is not IGNORE."""
-    logits, targets = logits[:, :-1], labels[:, 1:]  # (B, L - 1, V), (B, L - 1)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
 
 
 def load_demonstrations(cfg: SFTConfig) -> tuple[list[dict], list[dict]]:
@@ -171,9 +141,8 @@ def evaluate(model, examples: list, batch_size: int, pad_token_id: int, accelera
 
 def sft(cfg: SFTConfig) -> Path:
     """Run (or resume, or skip if already complete) stage 2; return the final model folder out_dir/model."""
-    out_dir = check_run_dir(cfg.out_dir, {"stage": "sft", **run_config(cfg)}, cfg.overwrite)
-    if is_complete(out_dir):
-        print(f"{out_dir} is complete (summary.json); nothing to do")
+    out_dir, complete = start_run(cfg, "sft")
+    if complete:
         return out_dir / "model"
     t_start = time.time()
     accelerator = Accelerator(cpu=multi_cpu())
@@ -226,7 +195,7 @@ def sft(cfg: SFTConfig) -> Path:
         n_targets = accelerator.reduce((batch["labels"][:, 1:] != IGNORE).sum(), reduction="sum")
         loss = sft_loss(logits, batch["labels"], reduction="sum") * accelerator.num_processes / n_targets
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -256,23 +225,15 @@ def sft(cfg: SFTConfig) -> Path:
     pbar.close()
     logger.close()
 
-    final = save_model_folder(model, tokenizer, out_dir / "model")
-    write_summary(out_dir, {
+    return finish_run(out_dir, model, tokenizer, {
         "stage": "sft",
         "wall_time_s": elapsed_before + time.time() - t_start,
         "steps": max_steps,
         "train_demonstrations": len(train),
         "valid_loss": valid_loss,
         "valid_perplexity": math.exp(valid_loss),
-        "model": str(final),
     })
-    if accelerator.is_main_process:
-        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
-    accelerator.wait_for_everyone()
-    return final
 
 
 if __name__ == "__main__":
-    import tyro
-
-    sft(tyro.cli(SFTConfig))
+    sft(cli(SFTConfig))

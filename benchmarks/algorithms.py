@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.common import keep_freed_memory
+from textenv.models import keep_freed_memory
 
 ALGOS = ("ppo", "grpo", "rloo", "dpo", "bon", "sb3")
 
@@ -174,9 +174,11 @@ def train(algo: str, sft: str, rm: str, comparisons: str, target: Target, seed: 
     if algo in ("grpo", "rloo"):
         k = args.group_size
         if algo == "grpo":
-            from agents.grpo import GRPOConfig as Config, grpo as run
+            from agents.grpo import GRPOConfig as Config
+            from agents.grpo import grpo as run
         else:
-            from agents.rloo import RLOOConfig as Config, rloo as run
+            from agents.rloo import RLOOConfig as Config
+            from agents.rloo import rloo as run
         return run(Config(policy=sft, reward=reward, **env, out_dir=str(out), seed=seed, iterations=iterations,
                           num_prompts=args.episodes_per_iteration // k, num_generations=k))
     if algo == "dpo":
@@ -191,38 +193,27 @@ def train(algo: str, sft: str, rm: str, comparisons: str, target: Target, seed: 
     raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS}")
 
 
-def best_of_n_curve(sft: str, proxy_spec: str, task_name: str, n_prompts: int, n_max: int, temperature: float,
+def best_of_n_curve(sft: str, proxy_spec: str, task_name: str, num_prompts: int, n_max: int, temperature: float,
                     seed: int, max_new_tokens: int | None = None):
     """Gold and proxy of best-of-n for n = 1, 2, 4, ..., n_max, from one set of n_max samples per test prompt
-    (best-of-n takes the first n of them, the proxy's favourite), with the analytic KL."""
-    from agents.best_of_n import best_of_n_kl
-    from agents.sampler import rollout
-    from rewards.base import as_reward_fn, call_reward
+    (`agents.best_of_n.best_of_n_curve`), with the analytic KL."""
+    from agents.best_of_n import best_of_n_curve as curve
+    from agents.best_of_n import sample_candidates
+    from rewards.base import as_reward_fn
     from textenv.models import load_causal_lm
     from textenv.tasks import get_task
     from textenv.tokenizer import load_tokenizer
     from textenv.vector_env import TextGenVectorEnv
 
-    task, proxy_fn = get_task(task_name), as_reward_fn(proxy_spec)
-    proxy = lambda p, c: call_reward(proxy_fn, p, c)  # noqa: E731  (checked: one finite float per completion)
-    prompts = task.prompts("test", n=n_prompts)
+    task = get_task(task_name)
+    prompts = task.prompts("test", n=num_prompts)
     policy, tokenizer = load_causal_lm(sft).eval(), load_tokenizer(sft)
     envs = TextGenVectorEnv(num_envs=len(prompts), prompts=prompts, tokenizer=tokenizer,
                             reward_fn=lambda p, c: [0.0] * len(c), max_prompt_tokens=task.max_prompt_tokens,
                             max_new_tokens=max_new_tokens or task.max_new_tokens)
-    generator = torch.Generator().manual_seed(seed)
-    gold, prox = np.zeros((len(prompts), n_max)), np.zeros((len(prompts), n_max))  # (prompts, samples)
-    for j in range(n_max):
-        batch = rollout(policy, envs, generator, temperature=temperature, prompt_index=np.arange(len(prompts)))
-        gold[:, j] = task.gold(prompts, batch.responses)
-        prox[:, j] = proxy(prompts, batch.responses)
-    rows, n = [], 1
-    while n <= n_max:
-        pick = prox[:, :n].argmax(1)  # (prompts,) the proxy's favourite among the first n
-        rows.append({"n": n, "kl": best_of_n_kl(n), "gold": float(gold[np.arange(len(prompts)), pick].mean()),
-                     "proxy": float(prox[np.arange(len(prompts)), pick].mean())})
-        n *= 2
-    return rows
+    _, (gold, proxy) = sample_candidates(policy, envs, n_max, np.arange(len(prompts)), torch.Generator().manual_seed(seed),
+                                         [task.gold, as_reward_fn(proxy_spec)], temperature)
+    return curve(gold, proxy)
 
 
 def main() -> None:
@@ -243,14 +234,14 @@ def main() -> None:
     parser.add_argument("--bon-max", type=int, default=32)
     parser.add_argument("--eval-prompts", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7, help="evaluation sampling temperature")
-    parser.add_argument("--out", default=None, help="default: <first run>/algorithms (a subfolder per task if several)")
+    parser.add_argument("--out-dir", default=None, help="default: <first run>/algorithms (a subfolder per task if several)")
     args = parser.parse_args()
     keep_freed_memory()  # as the `textenv` command does before it trains
     targets = [resolve_target(name) for name in args.tasks]  # every entry checked before anything trains
     runs = args.runs or ["runs/default" if t.task == "sentiment" else f"runs/{t.task}" for t in targets]
     if len(runs) != len(targets):
         parser.error(f"--runs names {len(runs)} folders for {len(targets)} tasks {args.tasks}")
-    out = Path(args.out or Path(runs[0]) / "algorithms")
+    out = Path(args.out_dir or Path(runs[0]) / "algorithms")
     rows = []
     for target, run in zip(targets, runs):
         task_rows = run_task(target, Path(run), out if len(targets) == 1 else out / target.folder, args)
@@ -270,11 +261,12 @@ def run_task(target: Target, run: Path, out: Path, args) -> list[dict]:
     from agents.evaluate import EvalConfig, evaluate
     from agents.pipeline import PipelineConfig, run_pipeline
     from agents.report import read_metrics
+    from agents.run import stage_dir, stage_model
 
-    sft, rm, comparisons = run / "sft" / "model", run / "rm" / "model", run / "comparisons"
+    sft, rm, comparisons = stage_model(run, "sft"), stage_model(run, "rm"), stage_dir(run, "collect")
     if not (sft.exists() and rm.exists() and comparisons.exists()):
         print(f"{run} has no sft/rm/comparisons yet: running the pipeline there first")
-        run_pipeline(PipelineConfig(out=str(run), task=target.task))
+        run_pipeline(PipelineConfig(out_dir=str(run), task=target.task))
     run_task_name = json.loads((run / "config.json").read_text())["task"]
     if run_task_name != target.task:
         raise ValueError(f"run folder {str(run)!r} is the main job of task {run_task_name!r}, not {target.task!r}; "
@@ -282,7 +274,7 @@ def run_task(target: Target, run: Path, out: Path, args) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     sft, rm, comparisons = str(sft), str(rm), str(comparisons)
     task, proxy = target.name, target.reward or rm  # the proxy column is the reward the RL algorithms maximise
-    eval_kw = dict(task=target.task, reference=sft, reward=proxy, n_prompts=args.eval_prompts,
+    eval_kw = dict(task=target.task, reference=sft, reward=proxy, num_prompts=args.eval_prompts,
                    temperature=args.temperature, max_new_tokens=target.max_new_tokens)
 
     sft_eval = evaluate(EvalConfig(policy=sft, **eval_kw))

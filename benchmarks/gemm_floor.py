@@ -16,9 +16,9 @@ bounds the speed-up any other such trainer could have:
 The GEMMs are a GPT-2's four linears per block and its tied LM head. The attention products (about 4% of the
 FLOPs here) are left out too, which keeps the floor a lower bound whatever attention kernel one uses.
 Generation runs the LM head on one position per row and step, the scoring forwards on the T response positions
-only (as `agents.ppo.policy_forward` does). Token counts assume every response runs the full T tokens.
+only (as `agents.policy.policy_forward` does). Token counts assume every response runs the full T tokens.
 Other kernels can beat `torch.mm` at some shapes: oneDNN's prepacked linear, which our decoder uses
-(`agents.decoding.PackedLinear`), runs a decode step's 32-row GEMMs 1.3-2x faster on this AMD EPYC, so our
+(`textenv.models.onednn.PackedLinear`), runs a decode step's 32-row GEMMs 1.3-2x faster on this AMD EPYC, so our
 generation can come in under its share of the floor.
 """
 

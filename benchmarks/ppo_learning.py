@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from agents.best_of_n import best_of_n, best_of_n_kl
-from agents.common import keep_freed_memory
 from agents.evaluate import EvalConfig, evaluate
 from agents.ppo import PPOConfig, ppo
 from agents.report import plot_curves, read_metrics
+from agents.run import stage_model
 from rewards.hf import SequenceClassifierReward
-from textenv.models import load_causal_lm
+from textenv.models import keep_freed_memory, load_causal_lm
 from textenv.tasks import get_task
 from textenv.tokenizer import load_tokenizer
 from textenv.vector_env import TextGenVectorEnv
@@ -34,32 +34,32 @@ def main() -> None:
     parser.add_argument("--run", default="runs/default")
     parser.add_argument("--task", default="sentiment")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--n-prompts", type=int, default=500,
+    parser.add_argument("--num-prompts", type=int, default=500,
                         help="test prompts to evaluate on (the sentiment task has 500): over 128 of them the standard "
                              "error of PPO's mean gold score minus best-of-16's is about 0.02, near the gap between them")
     parser.add_argument("--n", type=int, default=16, help="best-of-n")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--out", default=None, help="default: <run>/ppo_learning")
+    parser.add_argument("--out-dir", default=None, help="default: <run>/ppo_learning")
     args = parser.parse_args()
     keep_freed_memory()  # as the `textenv` command does before it trains
     run = Path(args.run)
-    out = Path(args.out or run / "ppo_learning")
+    out = Path(args.out_dir or run / "ppo_learning")
     out.mkdir(parents=True, exist_ok=True)
-    sft, rm = str(run / "sft" / "model"), str(run / "rm" / "model")
+    sft, rm = str(stage_model(run, "sft")), str(stage_model(run, "rm"))
     task = get_task(args.task)
     temperature = PPOConfig.temperature
 
     # best-of-n from the SFT policy, chosen by the learned RM, scored by gold
     tokenizer = load_tokenizer(sft)
-    prompts = task.prompts("test", n=args.n_prompts)
+    prompts = task.prompts("test", n=args.num_prompts)
     envs = TextGenVectorEnv(num_envs=128, prompts=prompts, tokenizer=tokenizer, reward_fn=lambda p, c: [0.0] * len(c),
                             max_prompt_tokens=task.max_prompt_tokens, max_new_tokens=task.max_new_tokens)
     responses, _ = best_of_n(load_causal_lm(sft).eval(), envs, SequenceClassifierReward(rm), args.n,
                              np.arange(len(prompts)), torch.Generator().manual_seed(0), temperature)
     bon_golds = task.gold(prompts, responses)
     bon_gold, bon_se = float(np.mean(bon_golds)), float(np.std(bon_golds) / np.sqrt(len(bon_golds)))
-    sft_eval = evaluate(EvalConfig(policy=sft, task=args.task, n_prompts=args.n_prompts, temperature=temperature))
+    sft_eval = evaluate(EvalConfig(policy=sft, task=args.task, num_prompts=args.num_prompts, temperature=temperature))
     print(f"SFT: gold {sft_eval['gold_mean']:+.3f} | best-of-{args.n}: gold {bon_gold:+.3f} ± {bon_se:.3f} (s.e.) "
           f"at KL {best_of_n_kl(args.n):.2f}, over {len(prompts)} test prompts")
 
@@ -68,7 +68,7 @@ def main() -> None:
         overrides = {k: v for k, v in (("iterations", args.iterations), ("lr", args.lr)) if v is not None}
         cfg = PPOConfig(policy=sft, reward=rm, task=args.task, out_dir=str(out / f"ppo_seed{seed}"), seed=seed, **overrides)
         final = ppo(cfg)
-        e = evaluate(EvalConfig(policy=str(final), reference=sft, reward=rm, task=args.task, n_prompts=args.n_prompts,
+        e = evaluate(EvalConfig(policy=str(final), reference=sft, reward=rm, task=args.task, num_prompts=args.num_prompts,
                                 temperature=temperature, seed=seed))
         rows = read_metrics(out / f"ppo_seed{seed}" / "metrics.jsonl")
         plot_curves(rows, ["objective/gold", "objective/scores"], out / f"seed{seed}_scores.png", f"PPO seed {seed}")

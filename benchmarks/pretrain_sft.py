@@ -37,7 +37,7 @@ def main() -> None:
     for name in args.tasks:
         folder = sft(SFTConfig(out_dir=str(work / f"sft_{name}"), model=str(model), task=name))
         summary = json.loads((work / f"sft_{name}" / "summary.json").read_text())
-        e = evaluate(EvalConfig(policy=str(folder), task=name, n_prompts=args.n_samples, temperature=args.temperature))
+        e = evaluate(EvalConfig(policy=str(folder), task=name, num_prompts=args.n_samples, temperature=args.temperature))
         result["tasks"][name] = {"sft_wall_time_s": summary["wall_time_s"], "sft_valid_loss": summary["valid_loss"],
                                  "gold_mean": e["gold_mean"], "gold_std": e["gold_std"], "eos_rate": e["eos_rate"],
                                  "samples": e["samples"][:10]}

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from agents.common import is_complete
 from agents.comparisons import CollectConfig, collect_comparisons
 from agents.reward_model import RMConfig, train_reward_model
+from agents.run import is_complete
 
 
 def sft_policy(work: Path) -> Path:
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/bench-rm", help="cache folder for the SFT policy and the runs")
     parser.add_argument("--sft", default=None, help="an SFT policy folder to use instead of making one")
-    parser.add_argument("--n-prompts", type=int, default=collect_defaults.n_prompts)
+    parser.add_argument("--num-prompts", type=int, default=collect_defaults.num_prompts)
     parser.add_argument("--k", type=int, default=collect_defaults.k)
     parser.add_argument("--annotator-temperature", type=float, default=collect_defaults.annotator_temperature)
     parser.add_argument("--batch-size", type=int, default=rm_defaults.batch_size)
@@ -56,7 +56,7 @@ def main() -> None:
     work = Path(args.work)
     policy = Path(args.sft) if args.sft else sft_policy(work)
     collect = CollectConfig(out_dir=str(work / "comparisons"), policy=str(policy), task="sentiment",
-                            n_prompts=args.n_prompts, k=args.k, annotator_temperature=args.annotator_temperature,
+                            num_prompts=args.num_prompts, k=args.k, annotator_temperature=args.annotator_temperature,
                             overwrite=True)
     data = collect_comparisons(collect)
     rm = RMConfig(out_dir=str(work / "rm"), data=str(data), model=str(policy), task="sentiment",

@@ -38,10 +38,9 @@ def worker(args) -> dict:
     import torch
     from transformers import GPT2ForSequenceClassification
 
-    from agents.common import keep_freed_memory
     from benchmarks.env_throughput import fixed_length_prompts
     from textenv.embedded import default_tokenizer
-    from textenv.models import build_model, preset_config
+    from textenv.models import build_model, keep_freed_memory, preset_config
     from textenv.tasks import get_task
 
     torch.set_num_threads(args.threads)
@@ -69,11 +68,13 @@ def worker(args) -> dict:
         ppo(PPOConfig(num_envs=args.batch, kl_coef=args.beta, kl_target=None, **common))
     else:
         if args.algo == "grpo":
-            from agents.grpo import GRPOConfig as Config, grpo as run
+            from agents.grpo import GRPOConfig as Config
+            from agents.grpo import grpo as run
 
             kl = {"beta": args.beta}
         else:
-            from agents.rloo import RLOOConfig as Config, rloo as run
+            from agents.rloo import RLOOConfig as Config
+            from agents.rloo import rloo as run
 
             kl = {"kl_coef": args.beta}
         run(Config(num_prompts=args.batch // args.num_generations, num_generations=args.num_generations, **kl, **common))

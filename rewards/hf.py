@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from agents.gpt2 import lean_forward
 from textenv.models import load_sequence_classifier
+from textenv.models.gpt2 import lean_forward
+from textenv.models.tokens import pad_rows
 
 
 def reward_model_text(prompt: str, completion: str) -> str:
@@ -62,7 +63,7 @@ class SequenceClassifierReward:
         self.max_length = max_length or min(tokenizer.model_max_length, self.model.config.max_position_embeddings)
         self.label_index = self._resolve_label(label)
         # A GPT-2 scores through the lean forward, which computes only the scored token in its last block
-        # (agents/gpt2.py). A model this adapter loaded is frozen, so its weights are packed once; a model handed
+        # (textenv/models/gpt2.py). A model this adapter loaded is frozen, so its weights are packed once; a model handed
         # in may still be trained by its owner, so its live weights are read at every call.
         self._packed = lean_forward(self.model, pack_rows=batch_size * 64) if owned else None  # rows of ~64 tokens
 
@@ -94,7 +95,8 @@ class SequenceClassifierReward:
             ids = self.tokenizer(texts[start : start + self.batch_size])["input_ids"]
             # Keep the end of over-long inputs (the completion) without touching the caller's truncation_side.
             ids = [row[-self.max_length :] for row in ids]
-            batch = _right_pad(ids, self.tokenizer.pad_token_id, self.device)
+            input_ids, attention_mask = pad_rows(ids, self.tokenizer.pad_token_id)  # the score is read at the last token
+            batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
             lean = self._packed or lean_forward(self.model)
             logits = self.model(**batch).logits if lean is None else lean.scores(**batch)  # (B, num_labels)
             scores.extend(logits[:, self.label_index].float().tolist())
@@ -102,14 +104,3 @@ class SequenceClassifierReward:
 
     def __repr__(self) -> str:
         return f"SequenceClassifierReward({self.name!r}, label={self.label_index})"
-
-
-def _right_pad(rows: list[list[int]], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Batch token-id lists with right padding; the model reads its score at the last non-PAD token."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}

@@ -32,7 +32,7 @@ import agents.pretrain
 import agents.reward_model
 import agents.rloo
 import agents.sft
-from agents.common import distributed_state
+from agents.run import distributed_state
 
 # stage: (module, config class, trainer, the checkpoint state's step counter)
 STAGES = {

@@ -7,14 +7,14 @@ import sys
 import pytest
 
 from benchmarks import algorithms
-from textenv.cli import main as textenv_main
+from agents.cli import main as textenv_main
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("algorithms")
     for task in ("sentiment", "arithmetic"):
-        textenv_main(["pipeline", "--preset", "tiny", "--task", task, "--out", str(root / task)])
+        textenv_main(["pipeline", "--preset", "tiny", "--task", task, "--out-dir", str(root / task)])
     return root
 
 
@@ -27,7 +27,7 @@ def test_tasks_by_budgets(runs, monkeypatch):
     out = runs / "bench"
     run_benchmark(monkeypatch, "--tasks", "sentiment", "arithmetic", "--runs", str(runs / "sentiment"),
                   str(runs / "arithmetic"), "--iterations", "1", "2", "--algos", "ppo", "bon", "--seeds", "0",
-                  "--eval-prompts", "8", "--bon-max", "4", "--episodes-per-iteration", "8", "--out", str(out))
+                  "--eval-prompts", "8", "--bon-max", "4", "--episodes-per-iteration", "8", "--out-dir", str(out))
     rows = list(csv.DictReader((out / "results.csv").open()))
     expected = ["ppo@1", "ppo@2", "bon-1", "bon-2", "bon-4"]
     assert [(r["task"], r["algo"]) for r in rows] == [(t, a) for t in ("sentiment", "arithmetic") for a in expected]
@@ -44,7 +44,7 @@ def test_tasks_by_budgets(runs, monkeypatch):
 def test_a_run_folder_of_another_task_is_refused(runs, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="main job of task 'sentiment', not 'arithmetic'"):
         run_benchmark(monkeypatch, "--tasks", "arithmetic", "--runs", str(runs / "sentiment"), "--algos", "bon",
-                      "--eval-prompts", "4", "--bon-max", "2", "--out", str(tmp_path / "x"))
+                      "--eval-prompts", "4", "--bon-max", "2", "--out-dir", str(tmp_path / "x"))
     with pytest.raises(SystemExit):  # argparse: 2 tasks, 1 folder
         run_benchmark(monkeypatch, "--tasks", "sentiment", "arithmetic", "--runs", str(runs / "sentiment"))
 
@@ -54,7 +54,7 @@ def test_a_user_registered_env_id(runs, monkeypatch):
     out = runs / "user_env"
     run_benchmark(monkeypatch, "--tasks", "tests.user_envs:TestLab/TerseReview-v0", "--runs", str(runs / "sentiment"),
                   "--iterations", "1", "--algos", "ppo", "bon", "--seeds", "0", "--eval-prompts", "8", "--bon-max", "2",
-                  "--episodes-per-iteration", "8", "--out", str(out))
+                  "--episodes-per-iteration", "8", "--out-dir", str(out))
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["algo"] for r in rows] == ["ppo", "bon-1", "bon-2"]
     # the proxy is terse(): minus a tenth of the words of at most 6 tokens, never the learned RM's score

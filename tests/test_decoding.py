@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from agents.decoding import GPT2Decoder, HFDecoder, gpt2_fast_path, make_decoder
+from textenv.models.decoding import HFDecoder, make_decoder
+from textenv.models.gpt2 import GPT2Decoder, gpt2_fast_path
 
 
 def left_padded(rows: list[list[int]], P: int, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +86,7 @@ def test_fast_path_only_where_exact():
 
 
 def test_packed_linear_is_x_at_w_plus_b():
-    from agents.decoding import PackedLinear
+    from textenv.models.onednn import PackedLinear
 
     torch.manual_seed(0)
     w, b = torch.randn(64, 96), torch.randn(96)  # (in, out), as GPT-2's Conv1D

@@ -43,10 +43,10 @@ from agents.reward_model import RMConfig, score_texts, train_reward_model
 from agents.rloo import RLOOConfig, rloo
 from agents.sampler import rollout
 from agents.sft import SFTConfig, sft
+from tests.distributed_worker import params_sha256
 from textenv import TextGenVectorEnv
 from textenv.models import build_model
 from textenv.tokenizer import train_tokenizer
-from tests.distributed_worker import params_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
@@ -129,7 +129,7 @@ def rm_config(files: Path, out_dir: Path) -> RMConfig:
     # lr 1e-3 (the default): at 3e-3 the 4th step overshoots and amplifies rounding differences 30x
     return RMConfig(out_dir=str(out_dir), data=str(files / "prefs.jsonl"), model=str(files / "base"), task=None,
                     batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, eval_every=2, save_every=2,
-                    mixed_precision="no")
+                    bf16=False)
 
 
 def pretrain_config(files: Path, out_dir: Path) -> PretrainConfig:
@@ -272,8 +272,9 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
     """The same lines (steps and names, each once) with the same values up to float rounding; throughput and timings aside."""
-    strip = lambda ms: [{k: v for k, v in m.items() if not (k.endswith("tokens_per_s") or k.startswith("time/"))}
-                        for m in ms]
+    def strip(ms):
+        return [{k: v for k, v in m.items() if not (k.endswith("tokens_per_s") or k.startswith("time/"))}
+                            for m in ms]
     a, b = strip(a), strip(b)
     assert [sorted(m) for m in a] == [sorted(m) for m in b] and [m["step"] for m in a] == [m["step"] for m in b]
     for x, y in zip(a, b):
@@ -462,9 +463,9 @@ def rl_diff(a: Path, b: Path) -> float:
 
 
 def value_diff(a: Path, b: Path) -> float:
-    """max_abs_diff of two PPO runs' value models (in their last checkpoints)."""
+    """max_abs_diff of two PPO runs' final value models."""
     load = AutoModelForSequenceClassification.from_pretrained
-    return max_abs_diff(load(a / "checkpoint" / "value"), load(b / "checkpoint" / "value"))
+    return max_abs_diff(load(a / "value_model"), load(b / "value_model"))
 
 
 def test_ppo_two_processes_train_the_one_process_model(launched, ppo_one):
@@ -504,7 +505,7 @@ def test_ppo_shared_value_head_and_ptx_two_processes(launched, files, tmp_path):
     check_final_rl(root, "ppo_ptx_two")
     one = ppo(ppo_ptx_config(files, tmp_path / "one")).parent
     assert rl_diff(root / "ppo_ptx_two", one) < ATOL
-    head_two, head_one = (load_file(d / "checkpoint" / "value" / "model.safetensors") for d in (root / "ppo_ptx_two", one))
+    head_two, head_one = (load_file(d / "value_model" / "model.safetensors") for d in (root / "ppo_ptx_two", one))
     assert max((head_two[k] - head_one[k]).abs().max().item() for k in head_one) < ATOL
     assert_same_samples(root / "ppo_ptx_two", one)
     assert_same_metrics(read_metrics(root / "ppo_ptx_two"), read_metrics(one))

@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import agents.dpo
-from agents.common import RunLogger, load_checkpoint
 from agents.dpo import DPOConfig, collate, dpo, dpo_loss, encode_triple, preference_pairs, sequence_logps
+from agents.run import RunLogger, load_checkpoint
+from tests.conftest import PROMPTS, WORDS
 from textenv.models import build_model
 from textenv.prompts import tokenize_prompts
-from tests.conftest import PROMPTS, WORDS
 
 RESPONSES = [f" {v} and {e}." for v in WORDS["verdict"] for e in WORDS["extra"][:2]]  # 12 texts
 
@@ -61,7 +61,8 @@ def loss_of(**kw):
 
 
 def test_sigmoid_loss_and_rewards_by_hand():
-    log_sigmoid = lambda x: -math.log(1 + math.exp(-x))
+    def log_sigmoid(x):
+        return -math.log(1 + math.exp(-x))
     loss, chosen, rejected = loss_of(beta=0.5)
     assert loss.item() == pytest.approx(sum(-log_sigmoid(0.5 * h) for h in H) / 3, rel=1e-6)
     assert loss.item() == pytest.approx((0.38687101 + 0.97407698 + 0.31326169) / 3, rel=1e-6)  # log(1 + e^(-h/2))
@@ -70,7 +71,8 @@ def test_sigmoid_loss_and_rewards_by_hand():
 
 
 def test_label_smoothing_is_conservative_dpo_by_hand():
-    log_sigmoid = lambda x: -math.log(1 + math.exp(-x))
+    def log_sigmoid(x):
+        return -math.log(1 + math.exp(-x))
     loss, _, _ = loss_of(beta=0.5, label_smoothing=0.2)
     want = sum(-0.8 * log_sigmoid(0.5 * h) - 0.2 * log_sigmoid(-0.5 * h) for h in H) / 3
     assert loss.item() == pytest.approx(want, rel=1e-6)
@@ -204,7 +206,8 @@ def test_resume_after_a_crash_gives_the_same_weights(files, tmp_path, monkeypatc
     a = AutoModelForCausalLM.from_pretrained(straight).state_dict()
     b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "charts/tokens_per_s"} for m in ms]
+    def strip(ms):
+        return [{k: v for k, v in m.items() if k != "charts/tokens_per_s"} for m in ms]
     assert strip(read_metrics(tmp_path / "crashed")) == strip(read_metrics(tmp_path / "straight"))
 
 

@@ -14,8 +14,8 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import textenv
 from rewards import RewardError
-from textenv import TextGenEnv, TextGenVectorEnv
 from tests.conftest import PROMPTS, length_reward
+from textenv import TextGenEnv, TextGenVectorEnv
 
 
 def make_env(env_id, tokenizer, **kwargs):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from agents.decoding import position_ids_from_mask
-from agents.gpt2 import GPT2Forward, lean_forward
 from rewards.hf import SequenceClassifierReward
+from textenv.models.gpt2 import GPT2Forward, lean_forward
+from textenv.models.tokens import position_ids_from_mask
 
 PAD = 0
 
@@ -179,7 +179,7 @@ def test_response_hidden_is_hf_at_real_positions_without_shared_prompts():
 
 
 def test_onednn_affine_equals_addmm_with_gradients():
-    from agents.gpt2 import _Affine
+    from textenv.models.onednn import Affine as _Affine
 
     g = torch.Generator().manual_seed(6)
     x = torch.randn(40, 24, generator=g, requires_grad=True)
@@ -198,9 +198,10 @@ def test_onednn_affine_equals_addmm_with_gradients():
 
 
 def test_only_left_padding_needs_a_mask():
-    from agents.gpt2 import padded_causal_mask
+    from textenv.models.gpt2 import left_padded, padded_causal_mask
 
-    assert padded_causal_mask(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()) is None  # after EOS: causal
+    assert not left_padded(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool())  # after EOS: plain causal
+    assert left_padded(torch.tensor([[0, 1, 1], [1, 1, 0]]).bool())
     mask = padded_causal_mask(torch.tensor([[0, 1, 1], [1, 1, 0]]).bool())  # (2, 3, 3)
     assert mask[0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]  # pad sees itself
     assert mask[1].tolist() == [[True, False, False], [True, True, False], [True, True, True]]

@@ -1,4 +1,4 @@
-"""agents.common.keep_freed_memory: glibc keeps freed blocks for reuse, so a training step stops re-faulting its
+"""textenv.models.keep_freed_memory: glibc keeps freed blocks for reuse, so a training step stops re-faulting its
 activation memory; and a user's own malloc settings win."""
 
 import os
@@ -15,7 +15,7 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 # minor page faults per training step of a model whose (512, 4096) logits and activations are freed every step
 STEP_FAULTS = """
 import resource, sys, torch
-from agents.common import keep_freed_memory
+from textenv.models import keep_freed_memory
 torch.set_num_threads(1)
 print(keep_freed_memory())
 torch.manual_seed(0)
@@ -50,7 +50,7 @@ def test_fewer_page_faults_per_step():
 
 @pytest.mark.parametrize("env", [{"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, {"MALLOC_ARENA_MAX": "2"}])
 def test_user_settings_win(env, monkeypatch):
-    from agents.common import keep_freed_memory
+    from textenv.models import keep_freed_memory
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from textenv.cli import main
+from agents.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -15,7 +15,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    main(["pipeline", "--preset", "tiny", "--out", str(out)])
+    main(["pipeline", "--preset", "tiny", "--out-dir", str(out)])
     return out
 
 
@@ -45,25 +45,25 @@ def test_every_artefact_exists_and_loads(run):
 
 def test_rerun_skips_completed_stages_and_changes_nothing(run, capsys):
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
-    main(["pipeline", "--preset", "tiny", "--out", str(run)])
+    main(["pipeline", "--preset", "tiny", "--out-dir", str(run)])
     assert capsys.readouterr().out.count("already complete") == 5
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
 
 
 def test_bad_input(run, tmp_path):
     with pytest.raises(ValueError, match="different configuration .*seed"):
-        main(["pipeline", "--preset", "tiny", "--out", str(run), "--seed", "1"])
+        main(["pipeline", "--preset", "tiny", "--out-dir", str(run), "--seed", "1"])
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a run folder"):
-        main(["pipeline", "--preset", "tiny", "--out", str(foreign)])
+        main(["pipeline", "--preset", "tiny", "--out-dir", str(foreign)])
     assert (foreign / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="unknown task 'poetry'"):
-        main(["pipeline", "--task", "poetry", "--out", str(tmp_path / "x")])
+        main(["pipeline", "--task", "poetry", "--out-dir", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
-        main(["pipeline", "--preset", "huge", "--out", str(tmp_path / "y")])
+        main(["pipeline", "--preset", "huge", "--out-dir", str(tmp_path / "y")])
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     with pytest.raises(ValueError, match="not writable: .*is a file"):
-        main(["pipeline", "--preset", "tiny", "--out", str(a_file / "run")])
+        main(["pipeline", "--preset", "tiny", "--out-dir", str(a_file / "run")])

@@ -153,7 +153,7 @@ def test_smoke_run_changes_every_parameter(sft_folder, tmp_path):
                     "losses/policy_loss", "losses/value_loss", "losses/approx_kl", "losses/clipfrac",
                     "losses/explained_variance", "charts/tokens_per_s", "objective/kl_coef", "objective/gold"):
             assert key in row and row[key] == row[key], key  # present and not NaN
-    value_after = load_file(tmp_path / "run" / "checkpoint" / "value" / "model.safetensors")
+    value_after = load_file(tmp_path / "run" / "value_model" / "model.safetensors")
     assert any(not torch.equal(value_after[k], v) for k, v in load_file(sft_folder / "model.safetensors").items() if k in value_after)
     samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert json.loads(samples[0]).keys() == {"iteration", "prompt", "response", "score", "gold"}

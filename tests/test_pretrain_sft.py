@@ -12,11 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import agents.pretrain
 import agents.sft
-from agents.common import RunLogger, check_run_dir, config_changes, cosine_schedule, load_checkpoint, save_checkpoint
-from agents.data import read_records
 from agents.pretrain import PretrainConfig, pretrain
-from agents.sft import IGNORE, SFTConfig, collate, encode_pair, sft, sft_loss
+from agents.run import RunLogger, check_run_dir, config_changes, cosine_schedule, load_checkpoint, save_checkpoint
+from agents.core import IGNORE, sft_loss
+from agents.data import collate, encode_pair
+from agents.sft import SFTConfig, sft
 from textenv.models import build_model
+from textenv.records import read_records
 from textenv.tokenizer import EOS_TOKEN, train_tokenizer
 
 NAMES = ["Anna", "Ben", "Carla", "Dev", "Emma", "Felix"]
@@ -26,7 +28,8 @@ THINGS = ["a red ball", "the old boat", "a small cat", "the green door", "some b
 
 def make_docs(n: int = 200, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    sentence = lambda: f"{rng.choice(NAMES)} {rng.choice(VERBS)} {rng.choice(THINGS)}."
+    def sentence():
+        return f"{rng.choice(NAMES)} {rng.choice(VERBS)} {rng.choice(THINGS)}."
     return [" ".join(sentence() for _ in range(rng.randint(3, 8))) for _ in range(n)]
 
 
@@ -152,7 +155,8 @@ def test_sft_loss_ignores_prompt_targets(files):
     c = encode_pair(tok, "Anna likes a red ball. Q: 3 + 4 =", " 8", 64, 64)  # another response token
     assert len(a[0]) == len(b[0]) and a[0] != b[0]
     logits = torch.randn(1, len(a[0]), len(tok), requires_grad=True)  # the same predictions for all three
-    loss = lambda ex: sft_loss(logits, collate([ex], tok.pad_token_id)["labels"])
+    def loss(ex):
+        return sft_loss(logits, collate([ex], tok.pad_token_id)["labels"])
     assert torch.equal(loss(a), loss(b))  # changing a prompt token (a target inside the prompt) changes nothing
     assert not torch.equal(loss(a), loss(c))
     loss(a).backward()
@@ -203,7 +207,8 @@ def test_resume_after_a_crash_gives_the_same_weights(files, tmp_path, monkeypatc
     b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the metrics have no duplicates and no gaps, and equal the uninterrupted run's
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "charts/tokens_per_s"} for m in ms]
+    def strip(ms):
+        return [{k: v for k, v in m.items() if k != "charts/tokens_per_s"} for m in ms]
     assert strip(read_metrics(tmp_path / "crashed")) == strip(read_metrics(tmp_path / "straight"))
 
 
@@ -308,5 +313,5 @@ def test_bf16_defaults_to_where_it_is_faster(monkeypatch, cuda, cuda_bf16, amx, 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert PretrainConfig().bf16 is expected
     assert SFTConfig(model="m").bf16 is expected
-    assert RMConfig(data="d", model="m").mixed_precision == ("bf16" if expected else "no")
+    assert RMConfig(data="d", model="m").bf16 is expected
     assert PretrainConfig(bf16=not expected).bf16 is not expected  # an explicit choice wins

@@ -8,13 +8,26 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, LlamaConfig,
-                          LlamaForSequenceClassification)
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
 
 import agents.reward_model as rm_module
-from agents.comparisons import CollectConfig, annotate, collect_comparisons, gold_agreement, load_preferences
-from agents.reward_model import (RMConfig, fold_normalization, load_rm_init, ranking_loss, ranking_pairs, score_texts,
-                                 train_reward_model)
+from agents.comparisons import CollectConfig, annotate, collect_comparisons, gold_agreement
+from agents.preferences import load_preferences
+from agents.reward_model import (
+    RMConfig,
+    fold_normalization,
+    load_rm_init,
+    ranking_loss,
+    ranking_pairs,
+    score_texts,
+    train_reward_model,
+)
 from rewards.hf import SequenceClassifierReward
 from textenv.models import build_model
 
@@ -202,7 +215,7 @@ def test_short_training_lowers_the_loss_and_resumes_exactly(sft_dir, tmp_path, m
 
 
 def test_collect_then_train_on_the_sentiment_task(sft_dir, tmp_path):
-    cfg = CollectConfig(out_dir=str(tmp_path / "cmp"), policy=str(sft_dir), n_prompts=40, k=3, prompts_per_batch=16,
+    cfg = CollectConfig(out_dir=str(tmp_path / "cmp"), policy=str(sft_dir), num_prompts=40, k=3, prompts_per_batch=16,
                         annotator_temperature=0.1)
     data = collect_comparisons(cfg)
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())

@@ -8,8 +8,8 @@ from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2For
 
 from rewards import RewardError, WeightedSum, as_reward_fn, call_reward
 from rewards.hf import SequenceClassifierReward
-from textenv import TextGenEnv
 from tests.conftest import PROMPTS, length_reward
+from textenv import TextGenEnv
 
 
 def test_callable_and_import_string():

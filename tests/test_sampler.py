@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from agents.decoding import position_ids_from_mask
 from agents.sampler import rollout, sample_from_logits
-from textenv import TextGenVectorEnv
 from tests.conftest import length_reward
+from textenv import TextGenVectorEnv
+from textenv.models.tokens import position_ids_from_mask
 
 
 def draw(logits, n=20000, **kw):

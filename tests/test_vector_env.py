@@ -9,8 +9,8 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 import textenv
-from textenv import TextGenEnv, TextGenVectorEnv
 from tests.test_env import assert_same
+from textenv import TextGenEnv, TextGenVectorEnv
 
 
 def episode_ending_actions(rng, n, vocab, eos, p_eos=0.3):

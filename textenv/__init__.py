@@ -12,9 +12,6 @@ batched.
 
 from gymnasium.envs.registration import register, registry
 
-from textenv.env import TextGenEnv
-from textenv.vector_env import TextGenVectorEnv
-
 __all__ = ["TextGenEnv", "TextGenVectorEnv"]
 __version__ = "0.1.0"
 
@@ -35,3 +32,17 @@ for _env_id, _kwargs in ENV_IDS.items():
             kwargs=_kwargs,
             disable_env_checker=False,
         )
+
+
+def __getattr__(name: str):
+    # PEP 562: the env classes load on first use, so importing the model floor (`textenv.models`, which `rewards/`
+    # stands on) does not import the envs, which stand on `rewards/`
+    if name == "TextGenEnv":
+        from textenv.env import TextGenEnv
+
+        return TextGenEnv
+    if name == "TextGenVectorEnv":
+        from textenv.vector_env import TextGenVectorEnv
+
+        return TextGenVectorEnv
+    raise AttributeError(f"module 'textenv' has no attribute {name!r}")

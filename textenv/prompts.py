@@ -52,7 +52,7 @@ def _prompts_from_file(path: Path, column: str) -> list[str]:
         raise ValueError(f"prompt file {str(path)!r} does not exist")
     if path.suffix == ".txt":
         return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from agents.data import read_records
+    from textenv.records import read_records
 
     records = read_records(path)
     if records and column not in records[0]:

@@ -7,8 +7,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from textenv.data.corpus import (arithmetic_answer, arithmetic_key, arithmetic_problem,
-                                 arithmetic_question, split_of)
+from textenv.data.corpus import arithmetic_answer, arithmetic_key, arithmetic_problem, arithmetic_question, split_of
 from textenv.tasks.base import Task
 
 _QUESTION = re.compile(r"(\d+) ([+-]) (\d+) =")

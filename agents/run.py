@@ -1,4 +1,12 @@
-"""Training plumbing shared by every stage (pretrain, SFT, reward model, PPO): run folders, metrics, checkpoints.
+"""The run helper: what every stage does around its training loop, in one order, and the plumbing under it.
+
+Every stage calls, in this order:
+  1. `start_run(cfg, stage)`: pin the configuration (a run folder holding another one is refused, naming the changed
+     fields), then report whether the run is complete; a complete run is skipped (nothing is trained or written);
+  2. `load_checkpoint` (resume), `RunLogger` (metrics, cut back to the checkpoint), `save_checkpoint` in its loop;
+  3. `finish_run(...)`: the final model folder, then summary.json (the mark of completion), then the checkpoint is
+     deleted: a complete stage is never resumed.
+A stage's own command line is `cli(ConfigClass)`, which names the new flag for a renamed one.
 
 A run folder holds:
   config.json           the run's configuration; a rerun with another configuration is refused
@@ -15,13 +23,14 @@ trainers recompute the global batch), so a run saved by N processes resumes on M
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import json
 import math
 import os
-import platform
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,39 +39,9 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
 from safetensors.torch import load_file, save_model
-from transformers import PreTrainedModel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.tensorboard import SummaryWriter
-
-
-def bf16_is_fast() -> bool:
-    """Whether bfloat16 autocast speeds training up on this machine, the trainers' default for it: on a CUDA GPU that
-    supports bf16, and on a CPU with AMX tiles, where oneDNN multiplies bf16 on them. A CPU without AMX (AVX512-BF16
-    alone) multiplies bf16 at about half its fp32 speed (166 vs 330 GFLOP/s on this project's 2-core dev machine),
-    and there autocast made pretraining, SFT and the reward model about 2x slower, so they default to fp32."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_amx_tile_supported()  # the test inductor uses to pick its AMX kernels
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS; process-wide, so the
-    `textenv` command calls it once at startup (a script that calls the trainers directly may too).
-
-    By default glibc serves a large block (from 128 KiB, the threshold growing with what is freed, up to 32 MiB)
-    with a fresh mmap and unmaps it on free, and trims the heap's free top: every step's activation tensors then
-    come back as new pages, zero-filled through page faults. Measured on one PPO update epoch of the anchor
-    setting (2 threads): 24k-140k minor faults an epoch, ~0 with these settings, and 4-5% less time per PPO
-    iteration (paired, same process); peak RSS unchanged. Returns False, changing nothing, off glibc or where the
-    user set malloc's tunables already (GLIBC_TUNABLES or MALLOC_*_ environment variables)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ):
-        return False
-    libc = ctypes.CDLL(None)  # the running process's C library
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-    # mmap only blocks over 32 MiB (the largest threshold glibc accepts on 64-bit); trim only past 1 GiB free
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+from transformers import PreTrainedModel
 
 
 def multi_cpu() -> bool:
@@ -77,6 +56,56 @@ def distributed_state() -> PartialState:
     """This run's process group (Accelerate's shared state, created on the first call: every trainer makes this
     call first, through `check_run_dir`, so that a later `Accelerator(cpu=multi_cpu())` finds the same group)."""
     return PartialState(cpu=multi_cpu())
+
+
+# A pipeline run folder: a subfolder per stage (the other algorithms' defaults follow it: runs/default/grpo, ...),
+# each with its result in model/ (collect: comparisons/). One map, so that no caller spells the layout out.
+STAGE_DIRS = {"pretrain": "pretrain", "sft": "sft", "collect": "comparisons", "rm": "rm", "ppo": "ppo"}
+
+
+def stage_dir(run: str | Path, stage: str) -> Path:
+    """The folder of `stage` in the pipeline run folder `run`."""
+    return Path(run) / STAGE_DIRS[stage]
+
+
+def stage_model(run: str | Path, stage: str) -> Path:
+    """The model folder that `stage` of the pipeline run `run` writes (pretrain, sft, rm, ppo)."""
+    return stage_dir(run, stage) / "model"
+
+
+def run_config(cfg) -> dict:
+    """What must match for a rerun to resume: every field but where the run lives, whether to overwrite and (for
+    stages that have one) the device, which may change between a crash and a resume."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
+
+
+def start_run(cfg, stage: str) -> tuple[Path, bool]:
+    """Every stage's first call: pin `cfg` in `cfg.out_dir` (`check_run_dir`: a changed configuration is refused
+    unless cfg.overwrite), then (out_dir, complete). A complete run has nothing to do: the stage returns its result."""
+    out_dir = check_run_dir(cfg.out_dir, {"stage": stage, **run_config(cfg)}, cfg.overwrite)
+    complete = is_complete(out_dir)
+    if complete and distributed_state().is_main_process:
+        print(f"{out_dir} is complete (summary.json); nothing to do")
+    return out_dir, complete
+
+
+def finish_run(out_dir: Path, model, tokenizer, summary: dict, extra_models: dict | None = None) -> Path:
+    """Every stage's last call: `model` and `tokenizer` as out_dir/model (a save_pretrained folder), each of
+    `extra_models` {name: module} as out_dir/name, then summary.json, then the checkpoint is deleted. Every process
+    calls it; the main one writes. Returns out_dir/model."""
+    final = save_model_folder(model, tokenizer, out_dir / "model")
+    dist = distributed_state()
+    if dist.is_main_process:
+        for name, extra in (extra_models or {}).items():
+            tmp = out_dir / f"{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _save_model(extra, tmp)
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            os.replace(tmp, out_dir / name)
+        _write_json_atomic(out_dir / "summary.json", {**summary, "model": str(final)})
+        shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
+    dist.wait_for_everyone()  # the model and summary are on disk when a stage returns, in every process
+    return final
 
 
 def seed_everything(seed: int) -> None:
@@ -98,11 +127,50 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return LambdaLR(optimizer, lr_factor)
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D parameters only (GPT-3 / nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     # write-then-rename: a reader (or a crash) never sees half a file
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# Fields renamed so that one concept has one name in every stage: old name -> (new name, old value -> new value). A run
+# folder pinned under an old name keeps working (its config.json is read as if written with the new names, and is
+# rewritten with them); an old command-line flag fails with a message naming the new one (`cli`).
+RENAMED = {
+    "grad_clip": ("max_grad_norm", lambda v: v),
+    "mixed_precision": ("bf16", lambda v: v == "bf16"),
+    "n_prompts": ("num_prompts", lambda v: v),
+}
+RENAMED_FLAGS = {
+    "grad-clip": "--max-grad-norm",
+    "mixed-precision": "--bf16 or --no-bf16",
+    "n-prompts": "--num-prompts",
+    "out": "--out-dir (pipeline) or --out-file (eval)",
+}
+
+
+def upgrade_config(config: dict) -> dict:
+    """A pinned config with every renamed field (at any depth) under its new name, values converted."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            value = upgrade_config(value)
+        if key in RENAMED:
+            key, convert = RENAMED[key]
+            value = convert(value)
+        out[key] = value
+    return out
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -135,7 +203,7 @@ def check_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) ->
     config_file = out_dir / "config.json"
     delete_old = False
     if config_file.exists():
-        differ = config_changes(json.loads(config_file.read_text()), config)
+        differ = config_changes(upgrade_config(json.loads(config_file.read_text())), config)
         if differ and not overwrite:
             details = ", ".join(differ)
             raise ValueError(
@@ -301,3 +369,19 @@ def load_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler) -> dict 
     state = json.loads((ckpt_dir / "trainer_state.json").read_text())
     _set_rng_state(state.pop("rng"))
     return state
+
+
+def cli(config_cls, argv: list[str] | None = None, **tyro_kwargs):
+    """`config_cls` from the command line (tyro: one flag per field, its docstring as the help). A flag whose field
+    was renamed (`RENAMED_FLAGS`), at any depth (--grad-clip, --pretrain.grad-clip), fails with a message naming the
+    new flag instead of argparse's "unrecognized arguments"."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    for arg in argv:
+        match = re.fullmatch(r"--(?:[\w-]+\.)*([\w-]+)(=.*)?", arg)
+        old = match and match.group(1).replace("_", "-")
+        if old in RENAMED_FLAGS:
+            raise SystemExit(f"error: {arg.split('=')[0]} was renamed: use {RENAMED_FLAGS[old]} (one name per setting in "
+                             "every stage; run folders made with the old name still resume)")
+    return tyro.cli(config_cls, args=argv, **tyro_kwargs)

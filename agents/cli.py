@@ -31,6 +31,7 @@ def sample(cfg: SampleConfig) -> None:
 
     import torch
 
+    from agents.run import stage_model
     from agents.sampler import rollout
     from textenv.models import load_causal_lm
     from textenv.tasks import get_task
@@ -42,7 +43,8 @@ def sample(cfg: SampleConfig) -> None:
     if not pinned.exists():
         raise ValueError(f"{cfg.run!r} is not a pipeline run folder (no config.json)")
     task = get_task(json.loads(pinned.read_text())["task"])
-    stages = {"pretrained (few-shot)": run / "pretrain" / "model", "SFT": run / "sft" / "model", "PPO": run / "ppo" / "model"}
+    stages = {"pretrained (few-shot)": stage_model(run, "pretrain"), "SFT": stage_model(run, "sft"),
+              "PPO": stage_model(run, "ppo")}
     models = {name: load_causal_lm(path).eval() for name, path in stages.items() if path.exists()}
     if not models:
         raise ValueError(f"{cfg.run!r} holds no trained policy yet")
@@ -73,18 +75,19 @@ def sample(cfg: SampleConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     import tyro
 
-    from agents.common import keep_freed_memory
     from agents.comparisons import CollectConfig, collect_comparisons
     from agents.dpo import DPOConfig, dpo
     from agents.evaluate import EvalConfig, evaluate
-    from agents.pipeline import PipelineConfig, run_pipeline
     from agents.grpo import GRPOConfig, grpo
+    from agents.pipeline import PipelineConfig, run_pipeline
     from agents.ppo import PPOConfig, ppo
-    from agents.rloo import RLOOConfig, rloo
     from agents.pretrain import PretrainConfig, pretrain
     from agents.reward_model import RMConfig, train_reward_model
+    from agents.rloo import RLOOConfig, rloo
+    from agents.run import cli
     from agents.sb3_lm import SB3PPOConfig, sb3_ppo
     from agents.sft import SFTConfig, sft
+    from textenv.models import keep_freed_memory
 
     def show_eval(cfg: EvalConfig) -> None:
         result = evaluate(cfg)
@@ -109,15 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     subcommands = Union[  # noqa: UP007  (tyro reads a typing.Union of annotated subcommands)
         tuple(Annotated[cls, tyro.conf.subcommand(name=name, description=text)] for name, (cls, _, text) in commands.items())
     ]
-    config = tyro.cli(
+    config = cli(
         subcommands,
+        argv,
         prog="textenv",
         description="textenv: the InstructGPT recipe (pretrain, SFT, reward model, PPO) as Gymnasium text environments.",
-        args=argv,
     )
     for cls, run, _ in commands.values():
         if type(config) is cls:
-            keep_freed_memory()  # a process-wide malloc setting, so the command's to make (agents/common.py)
+            keep_freed_memory()  # a process-wide malloc setting, so the command's to make (textenv/models/runtime.py)
             run(config)
             return
 

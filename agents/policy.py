@@ -1,0 +1,93 @@
+"""What the RL trainers (PPO, GRPO, RLOO) share around their loops: the forwards of the policy, the reference and
+the value model over a rollout's rows, their RNG streams, the finiteness check, the samples table.
+
+A GPT-2 runs through the lean forward (`textenv.models.gpt2.GPT2Forward`), which computes only the response
+positions in its last block; any other model runs its HF forward.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from agents.core import logprobs_and_entropy
+from agents.sampler import Rollout
+from textenv.models.gpt2 import lean_forward
+from textenv.models.tokens import position_ids_from_mask, scale_logits
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, reward or gradient became NaN/inf; the run stops and the last good checkpoint stays as it was."""
+
+
+def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float, hidden: bool = False,
+                   vocab_size: int | None = None, entropy: bool = True):
+    """Temperature-scaled log-probs, entropies (None unless `entropy`) and last hidden states (None unless
+    `hidden`) of the response tokens.
+
+    `policy`: a causal LM, or a `GPT2Forward` of one (a frozen reference's, with packed weights). The logits at
+    position P-1+t predict response token t; only those T positions go through the LM head, and a GPT-2 runs
+    through the lean forward (textenv/models/gpt2.py), which computes only them in its last block.
+    `vocab_size`: the env's number of actions. A model whose embedding is padded past its tokenizer (Pythia,
+    Qwen) has more logits than actions; the sampler drops the extra ones, so the loss must too, or the ratio
+    and the KL are off by the probability mass on tokens that can never be sampled.
+    """
+    L = input_ids.shape[1]
+    lean = lean_forward(policy)
+    if lean is not None:
+        states = lean.response_hidden(input_ids, attention_mask, P)  # (B, T, E); a shared prompt runs once
+        logits = lean.apply_head(states)  # (B, T, V)
+    else:
+        out = policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),  # correct positions under left padding
+            logits_to_keep=L - P + 1,
+            output_hidden_states=hidden,
+        )
+        logits = out.logits[:, :-1]  # (B, T, V)
+        states = out.hidden_states[-1][:, P - 1 : -1] if hidden else None  # (B, T, H)
+    z = scale_logits(logits[..., :vocab_size], temperature)  # (B, T, V) scaled once, for both below
+    logp, ent = logprobs_and_entropy(z, input_ids[:, P:], entropy)  # (B, T) each; entropy without a graph
+    return logp, ent, states if hidden else None
+
+
+def value_forward(value_model, input_ids, attention_mask, P: int) -> torch.Tensor:
+    """Per-token values V(prompt + response[:t]) from a sequence-classification model's `score` head: (B, T)."""
+    lean = lean_forward(value_model)
+    if lean is not None:  # the lean forward computes only the T positions in its last block
+        return lean.apply_head(lean.response_hidden(input_ids, attention_mask, P)).squeeze(-1)  # (B, T)
+    hidden = value_model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state  # (B, L, H)
+    return value_model.score(hidden[:, P - 1 : -1]).squeeze(-1)  # (B, T)
+
+
+def chunked(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn over chunks of `rows` rows of the tensors, concatenated: a no-grad forward's memory stays that of a chunk."""
+    return torch.cat([fn(*(t[i : i + rows] for t in tensors)) for i in range(0, len(tensors[0]), rows)])
+
+
+def iteration_generator(seed: int, iteration: int, stream: int) -> torch.Generator:
+    """An RNG that is a pure function of (seed, iteration, stream): resuming at an iteration replays it exactly."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 16 + stream)
+
+
+def check_finite(iteration: int, **values: torch.Tensor) -> None:
+    for name, value in values.items():
+        if not torch.isfinite(value).all():
+            raise NonFiniteError(
+                f"non-finite {name} at iteration {iteration + 1}; stopping before the update, "
+                "the last checkpoint is intact (try a lower lr or a larger kl_coef)"
+            )
+
+
+def write_samples(path: Path, iteration: int, batch: Rollout, gold: list[float], n: int) -> None:
+    """Append the first n responses of `batch`, with their scores and gold scores, to samples.jsonl."""
+    with path.open("a") as f:
+        for i in range(min(n, len(batch.prompts))):
+            row = {"iteration": iteration, "prompt": batch.prompts[i], "response": batch.responses[i],
+                   "score": batch.scores[i].item(), "gold": gold[i]}
+            f.write(json.dumps(row) + "\n")

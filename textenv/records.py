@@ -1,0 +1,100 @@
+"""Readers for users' data files and hub data sets: prompts (the envs), texts and demonstrations (the trainers).
+
+Local files: .jsonl (one JSON object per line), .csv (header row), .parquet; and for plain text, .txt (documents
+separated by blank lines). Anything else that is not an existing path is taken as a `datasets` hub id (split
+"train"), which needs the network.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+RECORD_SUFFIXES = (".jsonl", ".csv", ".parquet")
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The rows of a .jsonl/.csv/.parquet file as dicts; ValueError on an empty file or a malformed JSONL line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}): {line[:80]!r}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    elif path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            records = list(csv.DictReader(f))
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(path).to_pylist()
+    else:
+        raise ValueError(f"unsupported data file {path}: use one of {RECORD_SUFFIXES} (or .txt for plain text)")
+    if not records:
+        raise ValueError(f"data file {path} is empty (no records)")
+    return records
+
+
+def _hub_records(name: str) -> list[dict]:
+    import datasets  # only for hub ids: needs the network
+
+    records = datasets.load_dataset(name, split="train").to_list()
+    if not records:
+        raise ValueError(f"hub data set {name!r} has no records in its train split")
+    return records
+
+
+def _records(source: str | Path) -> tuple[list[dict], str]:
+    path = Path(source)
+    if path.exists() or path.suffix in RECORD_SUFFIXES + (".txt",):
+        return read_records(path), str(path)
+    return _hub_records(str(source)), f"hub data set {source!r}"
+
+
+def _column(records: list[dict], column: str, where: str) -> list[str]:
+    values = []
+    for i, record in enumerate(records):
+        if column not in record:
+            raise ValueError(f"{where}: record {i} has no column {column!r}; columns present: {sorted(record)}")
+        if not isinstance(record[column], str):
+            raise ValueError(f"{where}: record {i}, column {column!r} is {type(record[column]).__name__}, not a string")
+        values.append(record[column])
+    return values
+
+
+def load_text_source(source: str | Path | None, column: str = "text") -> list[str]:
+    """Documents for pretraining: the embedded generated corpus (None), a .txt file, a record file or a hub id."""
+    if source is None:
+        from textenv.data.corpus import generate_corpus
+
+        return generate_corpus(seed=0)
+    path = Path(source)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise ValueError(f"data file {path} does not exist")
+        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
+        where = str(path)
+    else:
+        records, where = _records(source)
+        docs = _column(records, column, where)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"{where} is empty (no non-blank text)")
+    return docs
+
+
+def load_pairs(source: str | Path, prompt_col: str = "prompt", response_col: str = "response") -> list[dict]:
+    """[{"prompt": str, "response": str}] from a .jsonl/.csv/.parquet file or a hub id, columns renamed."""
+    records, where = _records(source)
+    prompts, responses = _column(records, prompt_col, where), _column(records, response_col, where)
+    return [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
