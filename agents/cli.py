@@ -56,7 +56,8 @@ def sample(cfg: SampleConfig) -> None:
         for name, model in models.items():
             shown = task.few_shot(prompt) if name.startswith("pretrained") else prompt
             envs = TextGenVectorEnv(num_envs=1, prompts=[shown], tokenizer=tokenizer, reward_fn=task.gold,
-                                    max_prompt_tokens=min(len(tokenizer(shown)["input_ids"]), model.config.max_position_embeddings - T),
+                                    max_prompt_tokens=min(len(tokenizer(shown)["input_ids"]),
+                                                          model.config.max_position_embeddings - T),
                                     max_new_tokens=T)
             r = rollout(model, envs, torch.Generator().manual_seed(cfg.seed), temperature=cfg.temperature)
             response = r.responses[0].split("\n")[0] if name.startswith("pretrained") else r.responses[0]
@@ -99,24 +100,29 @@ def main(argv: list[str] | None = None) -> None:
         "pipeline": (PipelineConfig, run_pipeline, "Run all four stages on an embedded task and write report.md."),
         "pretrain": (PretrainConfig, pretrain, "Stage 1: pretrain a causal LM (next-token prediction)."),
         "sft": (SFTConfig, sft, "Stage 2: supervised fine-tuning on prompt/response demonstrations."),
-        "collect": (CollectConfig, collect_comparisons, "Stage 3a: sample K responses per prompt; the simulated annotator ranks them."),
+        "collect": (CollectConfig, collect_comparisons,
+                    "Stage 3a: sample K responses per prompt; the simulated annotator ranks them."),
         "rm": (RMConfig, train_reward_model, "Stage 3b: train a reward model on ranked comparisons."),
         "ppo": (PPOConfig, ppo, "Stage 4: token-level PPO with a KL penalty to the SFT policy."),
-        "rloo": (RLOOConfig, rloo, "RLOO / REINFORCE: k responses per prompt, leave-one-out baseline, KL in the reward."),
-        "grpo": (GRPOConfig, grpo, "GRPO: group-normalised advantages, PPO clipping, k3 KL in the loss, no value model."),
+        "rloo": (RLOOConfig, rloo,
+                 "RLOO / REINFORCE: k responses per prompt, leave-one-out baseline, KL in the reward."),
+        "grpo": (GRPOConfig, grpo,
+                 "GRPO: group-normalised advantages, PPO clipping, k3 KL in the loss, no value model."),
         "sb3-ppo": (SB3PPOConfig, sb3_ppo, "Interop: Stable-Baselines3's own PPO fine-tunes the LM policy in the env."),
         "dpo": (DPOConfig, dpo, "DPO: train the SFT policy on the comparisons directly (no reward model, no PPO)."),
         "eval": (EvalConfig, show_eval, "Gold/proxy score, KL to a reference, perplexity and diversity of a policy."),
         "sample": (SampleConfig, sample, "Answer prompts with a run's policies side by side (or interactively)."),
     }
     subcommands = Union[  # noqa: UP007  (tyro reads a typing.Union of annotated subcommands)
-        tuple(Annotated[cls, tyro.conf.subcommand(name=name, description=text)] for name, (cls, _, text) in commands.items())
+        tuple(Annotated[cls, tyro.conf.subcommand(name=name, description=text)]
+              for name, (cls, _, text) in commands.items())
     ]
     config = cli(
         subcommands,
         argv,
         prog="textenv",
-        description="textenv: the InstructGPT recipe (pretrain, SFT, reward model, PPO) as Gymnasium text environments.",
+        description="textenv: the InstructGPT recipe (pretrain, SFT, reward model, PPO) as Gymnasium text "
+                    "environments.",
     )
     for cls, run, _ in commands.values():
         if type(config) is cls:

@@ -36,7 +36,8 @@ from textenv.tasks import get_task
 @dataclass
 class CollectConfig:
     out_dir: str = "runs/default/comparisons"
-    """Run folder: config.json, comparisons/ (a `datasets` folder, `load_from_disk`), comparisons.jsonl, summary.json."""
+    """Run folder: config.json, comparisons/ (a `datasets` folder, `load_from_disk`), comparisons.jsonl,
+    summary.json."""
     policy: str = "runs/default/sft/model"
     """The SFT policy to sample from: a causal LM folder or hub id (its tokenizer is loaded from there too)."""
     task: str = "sentiment"
@@ -139,7 +140,8 @@ def collect_comparisons(cfg: CollectConfig) -> Path:
     summary = {
         "stage": "comparisons", "prompts": len(prompts), "kept": len(rows), "skipped": sum(skipped.values()),
         "skipped_by_reason": dict(skipped), "k": cfg.k, "annotator_temperature": cfg.annotator_temperature,
-        "label_gold_agreement": measured, "label_gold_agreement_expected": expected, "pairs_with_distinct_gold": n_pairs,
+        "label_gold_agreement": measured, "label_gold_agreement_expected": expected,
+        "pairs_with_distinct_gold": n_pairs,
         "gold_mean": float(np.mean([g for row in rows for g in row["gold"]])),
         "wall_time_s": time.time() - t_start, "data": str(folder), "jsonl": str(jsonl),
     }

@@ -103,7 +103,8 @@ def per_token_rewards(
     scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float, kl_kind: str = "k1"
 ) -> tuple[Tensor, Tensor]:
     """r_t = -kl_coef * KL_t on every real token, plus the scalar score at the last real token (Ziegler et al. 2019,
-    arXiv 1909.08593; N details blog "Reward model / KL penalty"). Returns (rewards, non_score_reward), both (B, T), 0 after EOS.
+    arXiv 1909.08593; N details blog "Reward model / KL penalty"). Returns (rewards, non_score_reward), both (B, T),
+    0 after EOS.
     """
     mask = mask.bool()
     lengths = response_lengths(mask)  # (B,)
@@ -329,7 +330,8 @@ def ranking_pairs(rankings: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor
     return torch.tensor(winners), torch.tensor(losers), torch.tensor(prompt)
 
 
-def ranking_loss(scores: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+def ranking_loss(scores: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
+                 prompt: torch.Tensor) -> torch.Tensor:
     """mean over prompts of mean over their pairs of -log sigmoid(r_w - r_l): each prompt weighs the same however
     many pairs it has (the 1 / C(K, 2) of InstructGPT's loss). scores (N,), the rest (P,) from `ranking_pairs`."""
     pair_loss = -F.logsigmoid(scores[winners] - scores[losers])  # (P,)

@@ -119,12 +119,13 @@ def preference_pairs(rows: list[dict], pairs: str) -> list[tuple[str, str, str]]
         if pairs == "best_vs_worst":
             out.append((row["prompt"], ranked[0], ranked[-1]))
         else:
-            out += [(row["prompt"], w, l) for i, w in enumerate(ranked) for l in ranked[i + 1 :]]
+            out += [(row["prompt"], w, lo) for i, w in enumerate(ranked) for lo in ranked[i + 1 :]]
     return out
 
 
 def encode_triple(tokenizer, prompt: str, chosen: str, rejected: str, cfg: DPOConfig) -> tuple[list[int], ...]:
-    """(prompt ids, chosen ids, rejected ids), each response + EOS exactly as SFT encodes it (`sft.encode_pair`)."""
+    """(prompt ids, chosen ids, rejected ids), each response + EOS exactly as SFT encodes it
+    (`agents.data.encode_pair`)."""
     ids_w, labels_w = encode_pair(tokenizer, prompt, chosen, cfg.max_prompt_tokens, cfg.max_response_tokens)
     ids_l, _ = encode_pair(tokenizer, prompt, rejected, cfg.max_prompt_tokens, cfg.max_response_tokens)
     n = labels_w.count(IGNORE)
@@ -136,7 +137,7 @@ def encode_triple(tokenizer, prompt: str, chosen: str, rejected: str, cfg: DPOCo
 def collate(triples: list[tuple[list[int], ...]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """The B chosen rows then the B rejected rows, one forward for both (2B, P + T): prompts left-padded to P so
     response token t sits at column P + t for every row, responses right-padded to T; response_mask (2B, T)."""
-    rows = [(p, w) for p, w, _ in triples] + [(p, l) for p, _, l in triples]
+    rows = [(p, w) for p, w, _ in triples] + [(p, lo) for p, _, lo in triples]
     P, T = max(len(p) for p, _ in rows), max(len(r) for _, r in rows)
     input_ids = torch.full((len(rows), P + T), pad_token_id, dtype=torch.long)  # (2B, P + T)
     attention_mask = torch.zeros((len(rows), P + T), dtype=torch.long)  # (2B, P + T)
@@ -250,8 +251,8 @@ def dpo(cfg: DPOConfig) -> Path:
     logger.close()
 
     return finish_run(out_dir, model, tokenizer, {
-        "stage": "dpo", "wall_time_s": elapsed_before + time.time() - t_start, "steps": max_steps, "pairs": len(triples),
-        "layout": prefs.layout, "skipped_rows": prefs.skipped, **last_metrics})
+        "stage": "dpo", "wall_time_s": elapsed_before + time.time() - t_start, "steps": max_steps,
+        "pairs": len(triples), "layout": prefs.layout, "skipped_rows": prefs.skipped, **last_metrics})
 
 
 if __name__ == "__main__":

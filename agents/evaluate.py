@@ -88,7 +88,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     shown = [task.few_shot(p) for p in prompts] if cfg.few_shot else prompts
     T = cfg.max_new_tokens or task.max_new_tokens
     # few-shot documents are long: give them the model's whole context but the response budget
-    P = min(max(len(tokenizer(s)["input_ids"]) for s in shown), policy.config.max_position_embeddings - T) if cfg.few_shot else task.max_prompt_tokens
+    P = (min(max(len(tokenizer(s)["input_ids"]) for s in shown), policy.config.max_position_embeddings - T)
+         if cfg.few_shot else task.max_prompt_tokens)
     B = min(cfg.batch_size, len(prompts))
     envs = TextGenVectorEnv(
         num_envs=B, prompts=shown, tokenizer=tokenizer, reward_fn=lambda p, c: [0.0] * len(c),

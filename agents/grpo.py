@@ -21,17 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.core import clipped_policy_loss, grpo_advantages, kl_estimate, masked_mean
-from agents.distributed import gather_rows, process_device, rank_rows, sum_gradients, sum_over_processes
-from agents.groups import sample_groups
+from agents.distributed import gather_rows, rank_rows, sum_gradients, sum_over_processes
+from agents.groups import sample_groups, setup_groups
 from agents.policy import check_finite, iteration_generator, policy_forward, write_samples
-from agents.run import RunLogger, cli, distributed_state, finish_run, load_checkpoint, save_checkpoint, start_run
-from rewards.base import as_reward_fn
-from textenv.models import load_causal_lm
-from textenv.models.gpt2 import frozen_forward
+from agents.run import RunLogger, cli, finish_run, load_checkpoint, save_checkpoint, start_run
 from textenv.models.tokens import check_temperature
-from textenv.tasks import get_task
-from textenv.tokenizer import load_tokenizer
-from textenv.vector_env import TextGenVectorEnv
 
 
 @dataclass
@@ -114,33 +108,11 @@ def grpo(cfg: GRPOConfig) -> Path:
     out_dir, complete = start_run(cfg, "grpo")
     if complete:
         return out_dir / "model"
-    dist = distributed_state()  # this process among N (N = 1 without a launcher); only the main one writes
-    device = process_device(cfg.device, dist)
-    B = cfg.num_prompts * cfg.num_generations
-    if (B // cfg.num_minibatches) % dist.num_processes:
-        raise ValueError(f"a minibatch of num_prompts * num_generations / num_minibatches = {B // cfg.num_minibatches} "
-                         f"rows does not split evenly over {dist.num_processes} processes")
-    torch.manual_seed(cfg.seed)
-
-    # --- models: policy (trained), reference (frozen SFT, only for the KL term), reward (inside the env) ---
-    tokenizer = load_tokenizer(cfg.policy)
-    policy = load_causal_lm(cfg.policy).to(device)  # dropout off: log-probs are reproducible
-    ref_policy = load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False) if cfg.beta > 0 else None
-    task = get_task(cfg.task)
-    reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, label=cfg.reward_label, device=device)
+    s = setup_groups(cfg, reference=cfg.beta > 0)  # models, env, optimizer: as the other critic-free algorithm
+    dist, device, tokenizer, policy, ref_forward, task = s.dist, s.device, s.tokenizer, s.policy, s.ref_forward, s.task
+    envs, mine, B, P, V, mb_size, rows = s.envs, s.mine, s.B, s.P, s.V, s.mb_size, s.rows
+    params, optimizer, scheduler = s.params, s.optimizer, s.scheduler
     k = cfg.num_generations
-    mine = rank_rows(B, dist)  # this process's responses: global rows [mine.start, mine.stop)
-    envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
-                            reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens)
-    P, V, mb_size = envs.setup.max_prompt_tokens, envs.setup.vocab_size, B // cfg.num_minibatches
-    rows = cfg.micro_batch_size or mb_size
-    # the frozen reference through the lean forward (GPT-2), its weights packed once for the run (agents/gpt2.py)
-    ref_forward = None if ref_policy is None else frozen_forward(ref_policy, pack_rows=rows * (P + envs.setup.max_new_tokens))
-
-    params = list(policy.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel for the whole step
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal
     models = {"policy": policy}
     state = load_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler)
     start = 0 if state is None else state["iteration"]
@@ -151,9 +123,9 @@ def grpo(cfg: GRPOConfig) -> Path:
     for iteration in bar:
         t0 = time.perf_counter()
         # ---- 1. rollout: k responses to each of num_prompts prompts; group g is rows g*k .. g*k + k-1 ----
-        g = sample_groups(policy, ref_forward, envs, num_prompts=cfg.num_prompts, k=k, iteration=iteration, seed=cfg.seed,
-                          temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty, rows=rows,
-                          mine=mine, dist=dist, device=device)
+        g = sample_groups(policy, ref_forward, envs, num_prompts=cfg.num_prompts, k=k, iteration=iteration,
+                          seed=cfg.seed, temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty,
+                          rows=rows, mine=mine, dist=dist, device=device)
         batch, local, input_ids, attention_mask = g.batch, g.local, g.input_ids, g.attention_mask  # (B, P+T)
         mask, scores, logp, ref_logp = g.mask, g.scores, g.logp, g.ref_logp  # (B, T), (B,), (B, T), (B, T) or None
         with torch.no_grad():
@@ -189,11 +161,13 @@ def grpo(cfg: GRPOConfig) -> Path:
                         new_logp, logp[mu], advantages[mu, None], mu_mask, cfg.clip_coef  # (rows, 1) broadcast over T
                     )
                     kl_loss = torch.zeros((), device=device)
-                    if ref_logp is not None:  # k3 = exp(ref - logp) - (ref - logp) - 1: unbiased and >= 0 (DeepSeekMath eq. 4)
+                    # k3 = exp(ref - logp) - (ref - logp) - 1: unbiased and >= 0 (DeepSeekMath eq. 4)
+                    if ref_logp is not None:
                         kl_loss = masked_mean(kl_estimate(new_logp, ref_logp[mu], "k3"), mu_mask)
                     loss = weight * (pg_loss + cfg.beta * kl_loss)
                     loss.backward()
-                    mb_stats += weight * torch.stack([pg_loss, kl_loss, clipfrac, approx_kl, masked_mean(entropy, mu_mask)]).detach()
+                    mb_stats += weight * torch.stack([pg_loss, kl_loss, clipfrac, approx_kl,
+                                                      masked_mean(entropy, mu_mask)]).detach()
                 sum_gradients(dist, params)  # the whole minibatch's gradient, in every process
                 mb_stats = sum_over_processes(dist, mb_stats)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -205,7 +179,8 @@ def grpo(cfg: GRPOConfig) -> Path:
 
         # ---- 3. log, sample, checkpoint ----
         pg, kll, cf, akl, ent, gn = torch.stack(stats).mean(0).tolist()
-        gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses), dtype=torch.float64))[0].tolist()
+        gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses),
+                                              dtype=torch.float64))[0].tolist()
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),

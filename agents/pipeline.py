@@ -32,8 +32,10 @@ from textenv.tasks import TASKS
 # Per-preset budgets: "tiny" is the smoke test (well under a minute), "small" the default (minutes on 2 cores).
 BUDGETS = {
     "tiny": dict(pretrain_steps=30, sft_steps=20, num_prompts=32, k=4, ppo_iterations=2, num_envs=16, eval_prompts=16),
-    "small": dict(pretrain_steps=None, sft_steps=None, num_prompts=None, k=4, ppo_iterations=None, num_envs=None, eval_prompts=128),
-    "medium": dict(pretrain_steps=None, sft_steps=None, num_prompts=None, k=4, ppo_iterations=None, num_envs=None, eval_prompts=128),
+    "small": dict(pretrain_steps=None, sft_steps=None, num_prompts=None, k=4, ppo_iterations=None, num_envs=None,
+                  eval_prompts=128),
+    "medium": dict(pretrain_steps=None, sft_steps=None, num_prompts=None, k=4, ppo_iterations=None, num_envs=None,
+                   eval_prompts=128),
 }
 
 
@@ -84,14 +86,15 @@ def stage_configs(cfg: PipelineConfig) -> dict:
                 seed=cfg.seed)
     if budget["num_prompts"] and cfg.collect.num_prompts == CollectConfig.num_prompts:
         collect = r(collect, num_prompts=budget["num_prompts"])
-    rm = r(cfg.rm, out_dir=str(stage_dir(out, "rm")), data=str(stage_dir(out, "collect")), model=str(stage_model(out, "sft")),
-           task=cfg.task, policy=str(stage_model(out, "sft")), seed=cfg.seed)
+    rm = r(cfg.rm, out_dir=str(stage_dir(out, "rm")), data=str(stage_dir(out, "collect")),
+           model=str(stage_model(out, "sft")), task=cfg.task, policy=str(stage_model(out, "sft")), seed=cfg.seed)
     if cfg.preset == "tiny" and cfg.rm.n_eval_samples == RMConfig.n_eval_samples:
         rm = r(rm, n_eval_samples=16)
     ppo_cfg = r(cfg.ppo, out_dir=str(stage_dir(out, "ppo")), policy=str(stage_model(out, "sft")),
                 reward=str(stage_model(out, "rm")), task=cfg.task, seed=cfg.seed)
     if budget["ppo_iterations"] and cfg.ppo.iterations == PPOConfig.iterations:
-        ppo_cfg = r(ppo_cfg, iterations=budget["ppo_iterations"], num_envs=budget["num_envs"], save_every=1, sample_every=1)
+        ppo_cfg = r(ppo_cfg, iterations=budget["ppo_iterations"], num_envs=budget["num_envs"], save_every=1,
+                    sample_every=1)
     return {"pretrain": pre, "sft": sft_cfg, "collect": collect, "rm": rm, "ppo": ppo_cfg}
 
 
@@ -133,7 +136,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                   temperature=configs["ppo"].temperature, seed=cfg.seed)
     sft_model = str(stage_model(out, "sft"))
     evals = {
-        "pretrained (few-shot)": evaluate(EvalConfig(policy=str(stage_model(out, "pretrain")), few_shot=True, **common)),
+        "pretrained (few-shot)": evaluate(EvalConfig(policy=str(stage_model(out, "pretrain")), few_shot=True,
+                                                     **common)),
         "SFT": evaluate(EvalConfig(policy=sft_model, reference=sft_model, **common)),
         "PPO": evaluate(EvalConfig(policy=str(stage_model(out, "ppo")), reference=sft_model, **common)),
     }

@@ -203,7 +203,8 @@ def rollout_values(value_model, policy, cfg: PPOConfig, local_ids, local_mask, m
 
             values[here] = chunked(predict, rows, local_ids[here], local_mask[here])  # (n, T)
     values = gather_rows(dist, values)[0]  # (B, T)
-    first_values = [value_forward(value_model, input_ids[mu], attention_mask[mu], P) for mu in first_micro]  # graphs kept
+    # graphs kept
+    first_values = [value_forward(value_model, input_ids[mu], attention_mask[mu], P) for mu in first_micro]
     fill = torch.zeros_like(values)
     for mu, v in zip(first_micro, first_values):
         fill[mu] = v.detach()
@@ -350,7 +351,8 @@ def ppo(cfg: PPOConfig) -> Path:
                         loss = loss + cfg.vf_coef * vf_loss
                         vf_stats += weight * torch.stack([vf_loss.detach(), vf_clipfrac])
                     (weight * loss).backward()
-                    pg_stats += weight * torch.stack([pg_loss, clipfrac, approx_kl, masked_mean(entropy, mu_mask)]).detach()
+                    pg_stats += weight * torch.stack([pg_loss, clipfrac, approx_kl,
+                                                      masked_mean(entropy, mu_mask)]).detach()
                 if ptx_blocks is not None:  # PPO-ptx: keep the pretraining distribution's log-likelihood up
                     # (a non-finite ptx loss shows up in the gradient norm)
                     loss = cfg.ptx_coef * ptx_loss(policy, ptx_blocks, mb_size, my_mb, order_rng, device)
@@ -368,7 +370,8 @@ def ppo(cfg: PPOConfig) -> Path:
 
         # ---- 5. log, sample, checkpoint ----
         pg, cf, akl, ent, vf, vcf, gn = torch.stack(stats).mean(0).tolist()
-        gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses), dtype=torch.float64))[0].tolist()
+        gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses),
+                                              dtype=torch.float64))[0].tolist()
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),
@@ -411,7 +414,8 @@ def ppo(cfg: PPOConfig) -> Path:
 
 
 def load_ptx_blocks(cfg: PPOConfig, tokenizer) -> torch.Tensor:
-    """The pretraining blocks PPO-ptx samples from (pretrain's packing of `ptx_data`, the embedded corpus by default)."""
+    """The pretraining blocks PPO-ptx samples from (pretrain's packing of `ptx_data`, the embedded corpus by
+    default)."""
     blocks, _ = pack_blocks(tokenizer, load_text_source(cfg.ptx_data), cfg.ptx_seq_len)
     return blocks
 
@@ -423,7 +427,8 @@ def ptx_loss(policy, blocks: torch.Tensor, n: int, mine: slice, generator: torch
     idx = torch.randint(len(blocks), (n,), generator=generator)[mine]
     x = blocks[idx].to(device)  # (n / N, S+1)
     logits = policy(input_ids=x[:, :-1]).logits  # (n / N, S, V)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum") / (n * (x.shape[1] - 1))
+    return (torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+            / (n * (x.shape[1] - 1)))
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ from textenv.vector_env import TextGenVectorEnv
 
 
 def sample_responses(policy_path: str, task_name: str, prompts: list[str], k: int, prompts_per_batch: int,
-                     temperature: float, seed: int, device: str | None = None) -> list[tuple[str, list[str], list[float]]]:
+                     temperature: float, seed: int,
+                     device: str | None = None) -> list[tuple[str, list[str], list[float]]]:
     """(prompt as the policy saw it, K responses, their K gold scores) for each prompt, sampled through a
     TextGenVectorEnv whose reward is the task's gold (so the env's scores ARE the gold scores, batched)."""
     task = get_task(task_name)
@@ -99,8 +100,8 @@ def load_preferences(source: str | Path, split: str = "train") -> Preferences:
 
     Skipped and counted: rows with a missing (None) field, chosen == rejected (fewer than 2 distinct responses),
     or an empty response (in the ranked layout an empty response is a policy sample like any other, and is kept;
-    copies of one text are merged, see `_ranked_row`). ValueError for data with one response per prompt (nothing to compare), an unknown
-    layout, or no row left.
+    copies of one text are merged, see `_ranked_row`). ValueError for data with one response per prompt (nothing to
+    compare), an unknown layout, or no row left.
     """
     records, where = _source_records(source, split)
     columns = set().union(*(r.keys() for r in records))

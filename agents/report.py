@@ -61,11 +61,17 @@ def make_plots(run: Path) -> dict[str, Path]:
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
     made = {
-        "pretrain": plot_curves(read_metrics(run / "pretrain" / "metrics.jsonl"), ["train/loss", "valid/loss"], plots / "pretrain_loss.png", "Stage 1: pretraining loss"),
-        "sft": plot_curves(read_metrics(run / "sft" / "metrics.jsonl"), ["train/loss", "valid/loss"], plots / "sft_loss.png", "Stage 2: SFT loss (response tokens)"),
-        "rm": plot_curves(read_metrics(run / "rm" / "metrics.jsonl"), ["train/accuracy", "valid/accuracy", "train/loss"], plots / "rm_accuracy.png", "Stage 3: reward model"),
-        "ppo_scores": plot_curves(read_metrics(run / "ppo" / "metrics.jsonl"), ["objective/gold", "objective/scores"], plots / "ppo_scores.png", "Stage 4: PPO gold and proxy scores"),
-        "ppo_kl": plot_curves(read_metrics(run / "ppo" / "metrics.jsonl"), ["objective/kl"], plots / "ppo_kl.png", "Stage 4: KL(policy || SFT) per response"),
+        "pretrain": plot_curves(read_metrics(run / "pretrain" / "metrics.jsonl"), ["train/loss", "valid/loss"],
+                                plots / "pretrain_loss.png", "Stage 1: pretraining loss"),
+        "sft": plot_curves(read_metrics(run / "sft" / "metrics.jsonl"), ["train/loss", "valid/loss"],
+                           plots / "sft_loss.png", "Stage 2: SFT loss (response tokens)"),
+        "rm": plot_curves(read_metrics(run / "rm" / "metrics.jsonl"),
+                          ["train/accuracy", "valid/accuracy", "train/loss"],
+                          plots / "rm_accuracy.png", "Stage 3: reward model"),
+        "ppo_scores": plot_curves(read_metrics(run / "ppo" / "metrics.jsonl"), ["objective/gold", "objective/scores"],
+                                  plots / "ppo_scores.png", "Stage 4: PPO gold and proxy scores"),
+        "ppo_kl": plot_curves(read_metrics(run / "ppo" / "metrics.jsonl"), ["objective/kl"], plots / "ppo_kl.png",
+                              "Stage 4: KL(policy || SFT) per response"),
         "gold_vs_kl": plot_gold_vs_sqrt_kl(read_metrics(run / "ppo" / "metrics.jsonl"), plots / "gold_vs_sqrt_kl.png"),
     }
     return {k: v for k, v in made.items() if v is not None}
@@ -75,28 +81,35 @@ def _fmt(x, digits=3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def write_report(run: Path, evals: dict[str, dict], stage_summaries: dict[str, dict], timings: dict[str, float]) -> Path:
+def write_report(run: Path, evals: dict[str, dict], stage_summaries: dict[str, dict],
+                 timings: dict[str, float]) -> Path:
     """report.md: headline comparison, plots, per-stage figures and the samples table."""
     plots = make_plots(run)
-    lines = ["# textenv pipeline report", "", f"Run folder: `{run}`", "", "## Headline: the same test prompts, three policies", ""]
-    lines += ["| policy | gold score (mean ± std) | proxy (RM) score | KL to SFT (nats) | distinct-2 | perplexity on test demos | EOS rate |",
+    lines = ["# textenv pipeline report", "", f"Run folder: `{run}`", "",
+             "## Headline: the same test prompts, three policies", ""]
+    lines += ["| policy | gold score (mean ± std) | proxy (RM) score | KL to SFT (nats) | distinct-2 "
+              "| perplexity on test demos | EOS rate |",
               "|---|---|---|---|---|---|---|"]
     for name, e in evals.items():
         lines.append(f"| {name} | {_fmt(e['gold_mean'])} ± {_fmt(e['gold_std'])} | {_fmt(e.get('proxy_mean'))} | "
-                     f"{_fmt(e.get('kl_to_reference'))} | {_fmt(e['distinct_2'])} | {_fmt(e['perplexity'], 2)} | {_fmt(e['eos_rate'], 2)} |")
+                     f"{_fmt(e.get('kl_to_reference'))} | {_fmt(e['distinct_2'])} | {_fmt(e['perplexity'], 2)} | "
+                     f"{_fmt(e['eos_rate'], 2)} |")
     lines += ["", "## Plots", ""]
     lines += [f"![{name}](plots/{path.name})" for name, path in plots.items()]
     lines += ["", "## Stages", "", "| stage | wall time (s) | figures |", "|---|---|---|"]
     for stage, summary in stage_summaries.items():
-        figures = ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in summary.items() if isinstance(v, (int, float)))
+        figures = ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in summary.items()
+                            if isinstance(v, (int, float)))
         lines.append(f"| {stage} | {_fmt(timings.get(stage), 1)} | {figures} |")
-    lines += ["", "## Samples (same prompts; gold / proxy score)", "", "| prompt | " + " | ".join(evals) + " |", "|---|" + "---|" * len(evals)]
+    lines += ["", "## Samples (same prompts; gold / proxy score)", "", "| prompt | " + " | ".join(evals) + " |",
+              "|---|" + "---|" * len(evals)]
     first = next(iter(evals.values()))
     for i in range(min(10, len(first["samples"]))):
         cells = []
         for e in evals.values():
             s = e["samples"][i]
-            cells.append(f"{_md(s['response'])} ({s['gold']:.2f}{' / ' + format(s['proxy'], '.2f') if 'proxy' in s else ''})")
+            cells.append(f"{_md(s['response'])} "
+                         f"({s['gold']:.2f}{' / ' + format(s['proxy'], '.2f') if 'proxy' in s else ''})")
         lines.append(f"| {_md(first['samples'][i]['prompt'])} | " + " | ".join(cells) + " |")
     out = run / "report.md"
     out.write_text("\n".join(lines) + "\n")

@@ -9,9 +9,9 @@ overfits, since each response then appears in K - 1 gradient updates):
     loss = -1 / C(K, 2) * E_(x, y_w, y_l) [log sigmoid(r(x, y_w) - r(x, y_l))]
 
 After training the scores are shifted (and with normalize_std scaled) so that reference responses (a sample of
-the comparisons' responses: the SFT policy's samples) score mean 0 (std 1), and that affine map is folded into the weights: the saved
-folder, loaded with plain `AutoModelForSequenceClassification.from_pretrained`, already gives normalised scores
-and plugs into any env as `reward_fn="runs/rm/model"`.
+the comparisons' responses: the SFT policy's samples) score mean 0 (std 1), and that affine map is folded into
+the weights: the saved folder, loaded with plain `AutoModelForSequenceClassification.from_pretrained`, already
+gives normalised scores and plugs into any env as `reward_fn="runs/rm/model"`.
 
     python -m agents.reward_model --data runs/comparisons --model runs/sft/model --out-dir runs/rm
     torchrun --nproc_per_node 2 -m agents.reward_model --data runs/comparisons --model runs/sft/model --out-dir runs/rm
@@ -127,7 +127,8 @@ class RMConfig:
 
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int) -> list[list[int]]:
+def encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
+           max_length: int) -> list[list[int]]:
     """Token ids of the RM inputs, as `rewards.hf.SequenceClassifierReward` makes them: the last max_length kept."""
     ids = tokenizer([reward_model_text(p, r) for p, r in zip(prompts, responses)])["input_ids"]
     return [row[-max_length:] for row in ids]
@@ -293,7 +294,8 @@ def train_reward_model(cfg: RMConfig) -> Path:
     train_time = resumed["train_time_s"] if resumed else 0.0  # of the runs this one resumes
     logger = RunLogger(out_dir, resume_step=start if resumed else None)
     if is_main:
-        print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(train_rows)} train / "
+        print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+              f"{len(train_rows)} train / "
               f"{len(eval_rows)} held-out prompts ({prefs.layout} layout, {sum(prefs.skipped.values())} rows skipped), "
               f"{max_steps} steps on {device}, {accelerator.num_processes} process(es)"
               + (f", resuming at step {start}" if resumed else ""))
@@ -323,7 +325,8 @@ def train_reward_model(cfg: RMConfig) -> Path:
         if done % cfg.log_every == 0 or done == max_steps:
             loss_total, n_correct, n_pairs = reduce(sums, reduction="sum").tolist()  # over the processes
             train_loss, train_acc = loss_total / (n_sums * accelerator.num_processes), n_correct / n_pairs
-            logger.log(done, {"train/loss": train_loss, "train/accuracy": train_acc, "charts/lr": scheduler.get_last_lr()[0]})
+            logger.log(done, {"train/loss": train_loss, "train/accuracy": train_acc,
+                              "charts/lr": scheduler.get_last_lr()[0]})
             pbar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}")
             sums, n_sums = torch.zeros_like(sums), 0
         if done % cfg.eval_every == 0 or done == max_steps:
@@ -358,7 +361,8 @@ def train_reward_model(cfg: RMConfig) -> Path:
             "skipped_rows": sum(prefs.skipped.values()), "skipped_by_reason": prefs.skipped,
             "train_prompts": len(train_rows), "heldout_prompts": len(eval_rows), "heldout_pairs": valid["pairs"],
             "steps": max_steps, "train_time_s": train_time, "heldout_loss": valid["loss"],
-            "heldout_accuracy": valid["accuracy"], "annotator_ceiling": valid.get("ceiling"),  # None: no gold in the data
+            # annotator_ceiling None: no gold in the data
+            "heldout_accuracy": valid["accuracy"], "annotator_ceiling": valid.get("ceiling"),
             "accuracy_over_ceiling": valid["accuracy"] / valid["ceiling"] if "ceiling" in valid else None,
             "normalization": {"mean": mean, "std": std, "gain_applied": cfg.normalize_std, "reference": len(pick)},
         }

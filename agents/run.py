@@ -115,7 +115,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> LambdaLR:
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                    min_lr_ratio: float) -> LambdaLR:
     """Linear warmup to the optimizer's lr, then cosine decay to min_lr_ratio * lr at total_steps (as in nanoGPT)."""
 
     def lr_factor(step: int) -> float:
@@ -382,6 +383,6 @@ def cli(config_cls, argv: list[str] | None = None, **tyro_kwargs):
         match = re.fullmatch(r"--(?:[\w-]+\.)*([\w-]+)(=.*)?", arg)
         old = match and match.group(1).replace("_", "-")
         if old in RENAMED_FLAGS:
-            raise SystemExit(f"error: {arg.split('=')[0]} was renamed: use {RENAMED_FLAGS[old]} (one name per setting in "
-                             "every stage; run folders made with the old name still resume)")
+            raise SystemExit(f"error: {arg.split('=')[0]} was renamed: use {RENAMED_FLAGS[old]} "
+                             "(one name per setting in every stage; run folders made with the old name still resume)")
     return tyro.cli(config_cls, args=argv, **tyro_kwargs)

@@ -113,7 +113,8 @@ def rollout(
         if generator is not None:
             raise ValueError("rollout takes a generator or pre-drawn uniforms, not both")
         if tuple(uniforms.shape) != (B, T):
-            raise ValueError(f"uniforms must have shape (num_envs, max_new_tokens) = {(B, T)}, got {tuple(uniforms.shape)}")
+            raise ValueError(f"uniforms must have shape (num_envs, max_new_tokens) = {(B, T)}, "
+                             f"got {tuple(uniforms.shape)}")
         uniforms = uniforms.to(device)  # once, not one small copy per step
 
     obs, _ = envs.reset(seed=seed, options=None if prompt_index is None else {"prompt_index": prompt_index})

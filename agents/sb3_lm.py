@@ -47,8 +47,10 @@ class LMFeaturesExtractor(BaseFeaturesExtractor):
     """
 
     def __init__(self, observation_space: spaces.Dict, model: str):
-        if not isinstance(observation_space, spaces.Dict) or set(observation_space.spaces) != {"input_ids", "attention_mask"}:
-            raise ValueError(f"LMFeaturesExtractor needs a Dict(input_ids, attention_mask) space, got {observation_space}")
+        if (not isinstance(observation_space, spaces.Dict)
+                or set(observation_space.spaces) != {"input_ids", "attention_mask"}):
+            raise ValueError(f"LMFeaturesExtractor needs a Dict(input_ids, attention_mask) space, "
+                             f"got {observation_space}")
         lm = load_causal_lm(model)  # dropout off: PPO's ratio is exactly 1 on the first minibatch
         super().__init__(observation_space, features_dim=lm.config.hidden_size)
         self.lm = lm
@@ -191,7 +193,8 @@ def sb3_ppo(cfg: SB3PPOConfig) -> Path:
     """Train cfg.policy with plain SB3 PPO in cfg.env_id; return the folder of the final LM."""
     task_name = gym.spec(cfg.env_id).kwargs.get("task")  # TextGen-v0 has no task, hence no gold score
     if task_name is None:
-        raise ValueError(f"env_id {cfg.env_id!r} is not an embedded-task env; choose one of {[k for k, v in textenv.ENV_IDS.items() if 'task' in v]}")
+        raise ValueError(f"env_id {cfg.env_id!r} is not an embedded-task env; "
+                         f"choose one of {[k for k, v in textenv.ENV_IDS.items() if 'task' in v]}")
     out_dir, complete = start_run(cfg, "sb3_ppo")
     if complete:
         return out_dir / "model"
@@ -201,7 +204,8 @@ def sb3_ppo(cfg: SB3PPOConfig) -> Path:
     reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, device=device)
     vocab_size = AutoConfig.from_pretrained(cfg.policy).vocab_size  # the action space must match the LM's logits
     env_kwargs = dict(tokenizer=tokenizer, reward_fn=reward_fn, vocab_size=vocab_size)
-    env = make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=cfg.seed, env_kwargs=env_kwargs, wrapper_class=TruncationIsTermination)
+    env = make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=cfg.seed, env_kwargs=env_kwargs,
+                       wrapper_class=TruncationIsTermination)
     model = PPO(
         LMActorCriticPolicy, env, learning_rate=cfg.lr, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
         n_epochs=cfg.n_epochs, gamma=cfg.gamma, ent_coef=cfg.ent_coef, seed=cfg.seed, device=device, verbose=0,

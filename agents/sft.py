@@ -185,7 +185,8 @@ def sft(cfg: SFTConfig) -> Path:
     for step in range(start, max_steps):
         idx = batch_indices(len(train), cfg.batch_size, step, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share of the batch
-        batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in idx], tokenizer.pad_token_id).items()}
+        batch = {k: v.to(accelerator.device)
+                 for k, v in collate([train[i] for i in idx], tokenizer.pad_token_id).items()}
         with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.bf16):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
         # Sum over this process's response tokens / the count over all processes' (x num_processes, as DDP averages

@@ -1,8 +1,8 @@
 """RL algorithms side by side on the same tasks, SFT policies, learned reward models, seeds and budgets.
 
 For every task x algorithm x budget x seed it trains from the task's SFT policy, then samples the test prompts and
-scores the samples with the gold scorer and the proxy (the learned RM), with KL to SFT. Best-of-n sampling from the SFT policy,
-chosen by the proxy, is the training-free baseline at KL log n - (n-1)/n. It writes:
+scores the samples with the gold scorer and the proxy (the learned RM), with KL to SFT. Best-of-n sampling from the SFT
+policy, chosen by the proxy, is the training-free baseline at KL log n - (n-1)/n. It writes:
 
 - results.csv / results.md: one row per algorithm x seed, and the mean +- std over seeds;
 - gold_vs_kl.png: gold and proxy gain over SFT against d = sqrt(KL) with the functional forms of Gao et al. 2022
@@ -211,7 +211,8 @@ def best_of_n_curve(sft: str, proxy_spec: str, task_name: str, num_prompts: int,
     envs = TextGenVectorEnv(num_envs=len(prompts), prompts=prompts, tokenizer=tokenizer,
                             reward_fn=lambda p, c: [0.0] * len(c), max_prompt_tokens=task.max_prompt_tokens,
                             max_new_tokens=max_new_tokens or task.max_new_tokens)
-    _, (gold, proxy) = sample_candidates(policy, envs, n_max, np.arange(len(prompts)), torch.Generator().manual_seed(seed),
+    _, (gold, proxy) = sample_candidates(policy, envs, n_max, np.arange(len(prompts)),
+                                         torch.Generator().manual_seed(seed),
                                          [task.gold, as_reward_fn(proxy_spec)], temperature)
     return curve(gold, proxy)
 
@@ -219,10 +220,12 @@ def best_of_n_curve(sft: str, proxy_spec: str, task_name: str, num_prompts: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", "--task", nargs="+", default=["sentiment"],
-                        help="embedded tasks or registered TextGenEnv ids ('module:id' imports module first), one run folder each")
+                        help="embedded tasks or registered TextGenEnv ids ('module:id' imports module first), "
+                             "one run folder each")
     parser.add_argument("--runs", "--run", nargs="+", default=None,
                         help="each task's main-job run folder (sft/, rm/, comparisons/), in --tasks order; default "
-                             "runs/default for sentiment and runs/<task> for the others; the pipeline runs there if missing")
+                             "runs/default for sentiment and runs/<task> for the others; the pipeline runs there if "
+                             "missing")
     parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, nargs="+", default=[20],
@@ -234,7 +237,8 @@ def main() -> None:
     parser.add_argument("--bon-max", type=int, default=32)
     parser.add_argument("--eval-prompts", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7, help="evaluation sampling temperature")
-    parser.add_argument("--out-dir", default=None, help="default: <first run>/algorithms (a subfolder per task if several)")
+    parser.add_argument("--out-dir", default=None,
+                        help="default: <first run>/algorithms (a subfolder per task if several)")
     args = parser.parse_args()
     keep_freed_memory()  # as the `textenv` command does before it trains
     targets = [resolve_target(name) for name in args.tasks]  # every entry checked before anything trains
@@ -290,8 +294,8 @@ def run_task(target: Target, run: Path, out: Path, args) -> list[dict]:
                                   max_new_tokens=target.max_new_tokens)
             wall = time.perf_counter() - t0
             for r in bon:
-                rows.append({"algo": f"bon-{r['n']}", "iterations": None, "seed": 0, "gold": r["gold"], "proxy": r["proxy"],
-                             "kl": r["kl"], "wall_s": wall, "tokens_per_s": math.nan})
+                rows.append({"algo": f"bon-{r['n']}", "iterations": None, "seed": 0, "gold": r["gold"],
+                             "proxy": r["proxy"], "kl": r["kl"], "wall_s": wall, "tokens_per_s": math.nan})
             print("best-of-n: " + ", ".join(f"n={r['n']} gold {r['gold']:+.3f} at KL {r['kl']:.2f}" for r in bon))
             continue
         rl = algo in ("ppo", "grpo", "rloo")
@@ -317,8 +321,8 @@ def run_task(target: Target, run: Path, out: Path, args) -> list[dict]:
     fits = gao_fits(bon, curves, base_gold, base_proxy)
     write_tables(rows, fits, out, base_gold, base_proxy)
     plot_all(rows, curves, bon, fits, base_gold, base_proxy, out, args.episodes_per_iteration)
-    summary = {"bench": "algorithms", "task": task, "env": dataclasses.asdict(target), "run": str(run), "args": vars(args),
-               "sft": {"gold": base_gold, "proxy": base_proxy}, "rows": rows, "fits": fits}
+    summary = {"bench": "algorithms", "task": task, "env": dataclasses.asdict(target), "run": str(run),
+               "args": vars(args), "sft": {"gold": base_gold, "proxy": base_proxy}, "rows": rows, "fits": fits}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print((out / "results.md").read_text())
     return rows
@@ -358,15 +362,19 @@ def write_tables(rows: list[dict], fits: dict, out: Path, base_gold: float, base
         if not values:
             return "n/a"
         spread = fmt.lstrip("+")  # a standard deviation has no sign
-        return f"{statistics.mean(values):{fmt}}" + (f" ± {statistics.stdev(values):{spread}}" if len(values) > 1 else "")
+        return (f"{statistics.mean(values):{fmt}}"
+                + (f" ± {statistics.stdev(values):{spread}}" if len(values) > 1 else ""))
 
     lines = [f"SFT: gold {base_gold:+.3f}, proxy {base_proxy:+.3f}", "",
-             "| algorithm | seeds | gold | proxy | KL to SFT (nats) | wall s | tokens/s |", "|---|---|---|---|---|---|---|"]
+             "| algorithm | seeds | gold | proxy | KL to SFT (nats) | wall s | tokens/s |",
+             "|---|---|---|---|---|---|---|"]
     for algo, rs in groups.items():
-        lines.append(f"| {algo} | {len(rs)} | {cell([r['gold'] for r in rs], '+.3f')} | {cell([r['proxy'] for r in rs], '+.3f')} "
+        lines.append(f"| {algo} | {len(rs)} | {cell([r['gold'] for r in rs], '+.3f')} "
+                     f"| {cell([r['proxy'] for r in rs], '+.3f')} "
                      f"| {cell([r['kl'] for r in rs], '.2f')} | {cell([r['wall_s'] for r in rs], '.0f')} "
                      f"| {cell([r['tokens_per_s'] for r in rs], ',.0f')} |")
-    lines += ["", "Gao et al. fits of the gain over SFT against d = sqrt(KL): best-of-n d(a - b d), RL d(a - b log d)", "",
+    lines += ["",
+              "Gao et al. fits of the gain over SFT against d = sqrt(KL): best-of-n d(a - b d), RL d(a - b log d)", "",
               "| curve | a | b | R^2 |", "|---|---|---|---|"]
     lines += [f"| {name} | {a:.3f} | {b:.3f} | {r2:.3f} |" for name, (a, b, r2) in fits.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -376,7 +384,8 @@ def plot_all(rows, curves, bon, fits, base_gold, base_proxy, out: Path, episodes
     from agents.report import plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, metric, base in ((axes[0], "gold", "objective/gold", base_gold), (axes[1], "proxy", "objective/scores", base_proxy)):
+    for ax, key, metric, base in ((axes[0], "gold", "objective/gold", base_gold),
+                                  (axes[1], "proxy", "objective/scores", base_proxy)):
         if bon:
             d = np.sqrt([r["kl"] for r in bon])
             ax.scatter(d, [r[key] - base for r in bon], marker="s", label="best-of-n")
@@ -385,13 +394,15 @@ def plot_all(rows, curves, bon, fits, base_gold, base_proxy, out: Path, episodes
                 grid = np.linspace(0.01, d.max(), 100)  # a fit is drawn over its data only: no extrapolation
                 ax.plot(grid, gao_curve(grid, a, b, "bon"), "--", label=f"BoN fit R²={r2:.2f}")
         for algo, runs in curves.items():
-            pts = [(math.sqrt(max(m["objective/kl"], 0)), m[metric] - base) for run in runs for m in run if "objective/kl" in m]
+            pts = [(math.sqrt(max(m["objective/kl"], 0)), m[metric] - base)
+                   for run in runs for m in run if "objective/kl" in m]
             if pts:
                 line = ax.scatter(*zip(*pts), s=8, alpha=0.5, label=f"{algo} (training)")
                 if f"{algo}/{key}" in fits:
                     a, b, r2 = fits[f"{algo}/{key}"]
                     grid = np.linspace(0.01, max(x for x, _ in pts), 100)
-                    ax.plot(grid, gao_curve(grid, a, b, "rl"), color=line.get_facecolor()[0], label=f"{algo} fit R²={r2:.2f}")
+                    ax.plot(grid, gao_curve(grid, a, b, "rl"), color=line.get_facecolor()[0],
+                            label=f"{algo} fit R²={r2:.2f}")
         for r in rows:  # the final policies, evaluated on the test prompts
             if not r["algo"].startswith("bon"):
                 ax.scatter(math.sqrt(max(r["kl"], 0)), r[key] - base, marker="*", s=80, color="black")
@@ -425,7 +436,8 @@ def plot_all(rows, curves, bon, fits, base_gold, base_proxy, out: Path, episodes
     trained = [r for r in rows if not r["algo"].startswith("bon")]
     names = sorted({r["algo"] for r in trained})
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in ((axes[0], "wall_s", "wall time per run (s)"), (axes[1], "tokens_per_s", "training tokens/s")):
+    for ax, key, label in ((axes[0], "wall_s", "wall time per run (s)"),
+                           (axes[1], "tokens_per_s", "training tokens/s")):
         ax.bar(names, [statistics.mean([r[key] for r in trained if r["algo"] == n]) for n in names])
         ax.set_title(label)
     fig.tight_layout()

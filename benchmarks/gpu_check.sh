@@ -34,7 +34,8 @@ run)
 # the lean GPT-2 decoder against the HF forward, on CUDA, fp32
 import torch, transformers
 from transformers import GPT2Config, GPT2LMHeadModel
-from agents.decoding import GPT2Decoder, HFDecoder
+from textenv.models.decoding import HFDecoder
+from textenv.models.gpt2 import GPT2Decoder
 assert torch.cuda.is_available(), "no CUDA device"
 print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())
 torch.manual_seed(0)
@@ -50,10 +51,10 @@ print(f"max |lean - HF| logit difference over prefill + 48 steps: {worst:.2e}")
 assert worst < 1e-3, worst
 EOF
     # the main job's pipeline at the tiny preset: pretrain, SFT, collect, RM, PPO and eval pick cuda
-    python3 -m textenv.cli pipeline --preset tiny --out /tmp/gpu_tiny 2>&1 | grep '\[pipeline\]' | tee "$out/pipeline_tiny.txt"
+    python3 -m agents.cli pipeline --preset tiny --out-dir /tmp/gpu_tiny 2>&1 | grep '\[pipeline\]' | tee "$out/pipeline_tiny.txt"
     cp /tmp/gpu_tiny/timings.json /tmp/gpu_tiny/report.md "$out/"
     # the main job itself (default preset), capped so the test run below still fits one lease
-    timeout 200 python3 -m textenv.cli pipeline --out /tmp/gpu_default 2>&1 | grep '\[pipeline\]' \
+    timeout 200 python3 -m agents.cli pipeline --out-dir /tmp/gpu_default 2>&1 | grep '\[pipeline\]' \
         | tee "$out/pipeline_default.txt"
     # the test suite with CUDA visible: the trainers' default device is then cuda, so their CUDA paths run
     # (xdist is in the device image; on an H200 the suite took 214 s with -n 4, and got 37 tests into 150 s without)

@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-prompts", type=int, default=500,
                         help="test prompts to evaluate on (the sentiment task has 500): over 128 of them the standard "
-                             "error of PPO's mean gold score minus best-of-16's is about 0.02, near the gap between them")
+                             "error of PPO's mean gold score minus best-of-16's is about 0.02, near the gap between "
+                             "them")
     parser.add_argument("--n", type=int, default=16, help="best-of-n")
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -66,10 +67,11 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         overrides = {k: v for k, v in (("iterations", args.iterations), ("lr", args.lr)) if v is not None}
-        cfg = PPOConfig(policy=sft, reward=rm, task=args.task, out_dir=str(out / f"ppo_seed{seed}"), seed=seed, **overrides)
+        cfg = PPOConfig(policy=sft, reward=rm, task=args.task, out_dir=str(out / f"ppo_seed{seed}"), seed=seed,
+                        **overrides)
         final = ppo(cfg)
-        e = evaluate(EvalConfig(policy=str(final), reference=sft, reward=rm, task=args.task, num_prompts=args.num_prompts,
-                                temperature=temperature, seed=seed))
+        e = evaluate(EvalConfig(policy=str(final), reference=sft, reward=rm, task=args.task,
+                                num_prompts=args.num_prompts, temperature=temperature, seed=seed))
         rows = read_metrics(out / f"ppo_seed{seed}" / "metrics.jsonl")
         plot_curves(rows, ["objective/gold", "objective/scores"], out / f"seed{seed}_scores.png", f"PPO seed {seed}")
         plot_curves(rows, ["objective/kl"], out / f"seed{seed}_kl.png", f"PPO seed {seed}: KL to SFT")
@@ -77,9 +79,11 @@ def main() -> None:
              "ppo_proxy": e["proxy_mean"], "ppo_kl": e["kl_to_reference"],
              "kl_target": cfg.kl_target, "beats_bon": e["gold_mean"] > bon_gold,
              "kl_under_target": cfg.kl_target is None or e["kl_to_reference"] < cfg.kl_target,
-             "train_end": {k: rows[-1][k] for k in ("objective/gold", "objective/scores", "objective/kl", "objective/kl_coef")}}
+             "train_end": {k: rows[-1][k]
+                           for k in ("objective/gold", "objective/scores", "objective/kl", "objective/kl_coef")}}
         results.append(r)
-        print(f"seed {seed}: PPO gold {r['ppo_gold']:+.3f} ± {r['ppo_gold_se']:.3f} (proxy {r['ppo_proxy']:+.3f}) at KL {r['ppo_kl']:.2f} "
+        print(f"seed {seed}: PPO gold {r['ppo_gold']:+.3f} ± {r['ppo_gold_se']:.3f} (proxy {r['ppo_proxy']:+.3f}) "
+              f"at KL {r['ppo_kl']:.2f} "
               f"-> beats best-of-{args.n}: {r['beats_bon']}, KL under target {cfg.kl_target}: {r['kl_under_target']}")
     summary = {"bench": "ppo_learning", "args": vars(args), "sft_gold": sft_eval["gold_mean"], "bon_gold": bon_gold,
                "bon_gold_se": bon_se,

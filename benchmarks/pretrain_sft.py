@@ -37,12 +37,14 @@ def main() -> None:
     for name in args.tasks:
         folder = sft(SFTConfig(out_dir=str(work / f"sft_{name}"), model=str(model), task=name))
         summary = json.loads((work / f"sft_{name}" / "summary.json").read_text())
-        e = evaluate(EvalConfig(policy=str(folder), task=name, num_prompts=args.n_samples, temperature=args.temperature))
+        e = evaluate(EvalConfig(policy=str(folder), task=name, num_prompts=args.n_samples,
+                                temperature=args.temperature))
         result["tasks"][name] = {"sft_wall_time_s": summary["wall_time_s"], "sft_valid_loss": summary["valid_loss"],
                                  "gold_mean": e["gold_mean"], "gold_std": e["gold_std"], "eos_rate": e["eos_rate"],
                                  "samples": e["samples"][:10]}
         print(f"sft {name}: {summary['wall_time_s']:.0f} s, valid loss {summary['valid_loss']:.3f}; SFT samples' gold "
-              f"mean {e['gold_mean']:+.3f} std {e['gold_std']:.3f} (n={e['n']}, T={args.temperature}), EOS rate {e['eos_rate']:.2f}")
+              f"mean {e['gold_mean']:+.3f} std {e['gold_std']:.3f} (n={e['n']}, T={args.temperature}), "
+              f"EOS rate {e['eos_rate']:.2f}")
         for s in e["samples"][:10]:
             print(f"    {s['prompt']!r} -> {s['response']!r}  (gold {s['gold']:+.2f})")
     print(json.dumps(result))

@@ -6,8 +6,9 @@ reward model and (PPO) a separate value model, all randomly initialised; 32 comp
 fp32, 1 minibatch, 1 and 4 update epochs, each minibatch in one forward/backward pass (TRL's
 per_device_train_batch_size is the batch, with no gradient accumulation; ours runs with micro_batch_size None;
 `--micro-batch 8`, our trainers' default, measures ours with less memory). Each run is its own process (so peak
-RSS is its own); the runs are interleaved ours/TRL so drift on a noisy VM hits both alike. TRL runs through the anchor's `bench_trl.py`
-(shared/anchors/trl_baseline): PPO needs TRL 1.12.0 (the last with PPO), GRPO/RLOO a current TRL (1.16.0).
+RSS is its own); the runs are interleaved ours/TRL so drift on a noisy VM hits both alike. TRL runs through the
+anchor's `bench_trl.py` (shared/anchors/trl_baseline): PPO needs TRL 1.12.0 (the last with PPO), GRPO/RLOO a current
+TRL (1.16.0).
 
     python -m benchmarks.trl_speed --algos ppo grpo rloo                        # ours only
     pip install --no-deps --target .trl112 trl==1.12.0; pip install --no-deps --target .trl116 trl==1.16.0
@@ -77,7 +78,8 @@ def worker(args) -> dict:
             from agents.rloo import rloo as run
 
             kl = {"kl_coef": args.beta}
-        run(Config(num_prompts=args.batch // args.num_generations, num_generations=args.num_generations, **kl, **common))
+        run(Config(num_prompts=args.batch // args.num_generations, num_generations=args.num_generations, **kl,
+                   **common))
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()][args.warmup :]
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     return {
@@ -107,14 +109,16 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=4, help="GRPO/RLOO completions per prompt")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--response-len", type=int, default=48)
-    parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient (PPO kl_coef, GRPO beta, RLOO kl_coef)")
+    parser.add_argument("--beta", type=float, default=0.05,
+                        help="KL coefficient (PPO kl_coef, GRPO beta, RLOO kl_coef)")
     parser.add_argument("--iterations", type=int, default=5, help="measured iterations")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured leading iterations")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=None,
                         help="our rows per forward/backward pass (default: the whole minibatch, as TRL runs it)")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved ours/TRL pairs per setting (medians reported)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="interleaved ours/TRL pairs per setting (medians reported)")
     parser.add_argument("--trl-script", default=None, help="path to the anchor's bench_trl.py (runs TRL side by side)")
     parser.add_argument("--trl-pythonpath", nargs="*", default=[], metavar="ALGO=DIR",
                         help="where each algorithm's TRL lives, e.g. ppo=.trl112 grpo=.trl116 rloo=.trl116")
@@ -136,8 +140,9 @@ def main() -> None:
     c = preset_config("small", default_tokenizer())  # the models the workers build
     setting = Setting(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, vocab=c.vocab_size, batch=args.batch,
                       prompt_len=args.prompt_len, response_len=args.response_len)
-    common = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
-              "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--threads", str(args.threads),
+    common = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
+              "--response-len", str(args.response_len), "--iterations", str(args.iterations),
+              "--warmup", str(args.warmup), "--threads", str(args.threads),
               "--beta", str(args.beta), "--num-generations", str(args.num_generations)]
     ours_only = [] if args.micro_batch is None else ["--micro-batch", str(args.micro_batch)]
     results = []
@@ -151,9 +156,12 @@ def main() -> None:
                                       "--epochs", str(epochs), *common, *ours_only]))
                 if args.trl_script:
                     env = {"PYTHONPATH": trl_paths.get(algo, ""), "TRL_EXPERIMENTAL_SILENCE": "1"}
-                    out = run_json([sys.executable, args.trl_script, "--trainer", algo, "--ppo-epochs", str(epochs), *common], env)
-                    trl.append({"side": "trl", "algo": algo, "epochs": epochs, "sec_per_iter_median": out["sec_per_iter_median"],
-                                "rollout_tokens_per_s": out["rollout_tokens_per_s"], "peak_rss_mib": out["peak_rss_mib"],
+                    out = run_json([sys.executable, args.trl_script, "--trainer", algo, "--ppo-epochs", str(epochs),
+                                    *common], env)
+                    trl.append({"side": "trl", "algo": algo, "epochs": epochs,
+                                "sec_per_iter_median": out["sec_per_iter_median"],
+                                "rollout_tokens_per_s": out["rollout_tokens_per_s"],
+                                "peak_rss_mib": out["peak_rss_mib"],
                                 "trl_version": out.get("trl_version_used")})
             results.append({"algo": algo, "epochs": epochs, "gemm_floor_s": floors, "textenv": ours, "trl": trl})
             print(summary_line(algo, epochs, floors, ours, trl), flush=True)
@@ -166,14 +174,17 @@ def summary_line(algo: str, epochs: int, floors: list[float], ours: list[dict], 
     floor, sec = statistics.median(floors), med(ours, "sec_per_iter_median")
     each = lambda runs: "/".join(f"{r['sec_per_iter_median']:.2f}" for r in runs)  # noqa: E731
     line = (f"{algo} epochs={epochs} ({len(ours)} repeats): GEMM floor {floor:.3f} s/iter | textenv {sec:.3f} s/iter "
-            f"[{each(ours)}] ({floor / sec:.0%} of floor speed), rollout {med(ours, 'rollout_tokens_per_s'):,.0f} tok/s, "
+            f"[{each(ours)}] ({floor / sec:.0%} of floor speed), "
+            f"rollout {med(ours, 'rollout_tokens_per_s'):,.0f} tok/s, "
             f"peak RSS {med(ours, 'peak_rss_mib'):,.0f} MiB")
     if trl:
         trl_sec = med(trl, "sec_per_iter_median")
         line += (f" | TRL {trl[0]['trl_version']} {trl_sec:.3f} s/iter [{each(trl)}], rollout "
                  f"{med(trl, 'rollout_tokens_per_s'):,.0f} tok/s, peak RSS {med(trl, 'peak_rss_mib'):,.0f} MiB | "
-                 f"speed-up x{trl_sec / sec:.2f}, rollout x{med(ours, 'rollout_tokens_per_s') / med(trl, 'rollout_tokens_per_s'):.2f}, "
-                 f"RSS x{med(ours, 'peak_rss_mib') / med(trl, 'peak_rss_mib'):.2f}, most equal FLOPs allow x{trl_sec / floor:.2f}")
+                 f"speed-up x{trl_sec / sec:.2f}, "
+                 f"rollout x{med(ours, 'rollout_tokens_per_s') / med(trl, 'rollout_tokens_per_s'):.2f}, "
+                 f"RSS x{med(ours, 'peak_rss_mib') / med(trl, 'peak_rss_mib'):.2f}, "
+                 f"most equal FLOPs allow x{trl_sec / floor:.2f}")
     return line
 
 

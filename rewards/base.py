@@ -56,7 +56,8 @@ def call_reward(fn: Callable, prompts: Sequence[str], completions: Sequence[str]
     for i, value in enumerate(out):
         # numbers.Real admits float, int, np.float32/64 and 0-d tensors' .item(); bool is excluded on purpose.
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise RewardError(f"reward {name!r} returned {value!r} ({type(value).__name__}) at index {i}, expected a number")
+            raise RewardError(f"reward {name!r} returned {value!r} ({type(value).__name__}) at index {i}, "
+                              "expected a number")
         value = float(value)
         if not math.isfinite(value):
             raise RewardError(f"reward {name!r} returned {value} at index {i}; scores must be finite")

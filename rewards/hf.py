@@ -63,9 +63,9 @@ class SequenceClassifierReward:
         self.max_length = max_length or min(tokenizer.model_max_length, self.model.config.max_position_embeddings)
         self.label_index = self._resolve_label(label)
         # A GPT-2 scores through the lean forward, which computes only the scored token in its last block
-        # (textenv/models/gpt2.py). A model this adapter loaded is frozen, so its weights are packed once; a model handed
-        # in may still be trained by its owner, so its live weights are read at every call.
-        self._packed = lean_forward(self.model, pack_rows=batch_size * 64) if owned else None  # rows of ~64 tokens
+        # (textenv/models/gpt2.py; `_lean`).
+        self._frozen = owned
+        self._packed = None  # built on the first call; a cache, so it is dropped on pickling (see __getstate__)
 
     def _resolve_label(self, label: int | str | None) -> int:
         num_labels = self.model.config.num_labels
@@ -74,7 +74,8 @@ class SequenceClassifierReward:
             if num_labels == 1:
                 return 0
             raise ValueError(
-                f"reward model {self.name!r} has {num_labels} labels {id2label}; pass label= to choose the one to reward"
+                f"reward model {self.name!r} has {num_labels} labels {id2label}; "
+                "pass label= to choose the one to reward"
             )
         if isinstance(label, str):
             matches = [i for i, name in id2label.items() if name == label]
@@ -95,12 +96,28 @@ class SequenceClassifierReward:
             ids = self.tokenizer(texts[start : start + self.batch_size])["input_ids"]
             # Keep the end of over-long inputs (the completion) without touching the caller's truncation_side.
             ids = [row[-self.max_length :] for row in ids]
-            input_ids, attention_mask = pad_rows(ids, self.tokenizer.pad_token_id)  # the score is read at the last token
+            # the score is read at the last token
+            input_ids, attention_mask = pad_rows(ids, self.tokenizer.pad_token_id)
             batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
-            lean = self._packed or lean_forward(self.model)
+            lean = self._lean()
             logits = self.model(**batch).logits if lean is None else lean.scores(**batch)  # (B, num_labels)
             scores.extend(logits[:, self.label_index].float().tolist())
         return scores
+
+    def _lean(self):
+        """The lean forward to score through (None: the HF forward). A model this adapter loaded is frozen, so its
+        weights are packed once, for rows of ~64 tokens; a model handed in may still be trained by its owner, so its
+        live weights are read at every call."""
+        if not self._frozen:
+            return lean_forward(self.model)
+        if self._packed is None:  # None again for a model that is not a plain GPT-2: a type check per call
+            self._packed = lean_forward(self.model, pack_rows=self.batch_size * 64)
+        return self._packed
+
+    def __getstate__(self) -> dict:
+        # oneDNN's packed weights have no storage to pickle (an async vector env, deepcopy, a worker process): they
+        # are a cache of the model's weights, rebuilt on the copy's first call
+        return {**self.__dict__, "_packed": None}
 
     def __repr__(self) -> str:
         return f"SequenceClassifierReward({self.name!r}, label={self.label_index})"

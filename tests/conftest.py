@@ -36,3 +36,14 @@ def tiny_model(tokenizer):
 @pytest.fixture
 def env_kwargs(tokenizer):
     return dict(prompts=PROMPTS, tokenizer=tokenizer, reward_fn=length_reward, max_new_tokens=6, max_prompt_tokens=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`textenv pipeline --preset tiny`, once per session: finished pretrain/sft/comparisons/rm/ppo folders. Tests
+    read it and may rerun its stages; none may change it."""
+    from agents.cli import main
+
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    main(["pipeline", "--preset", "tiny", "--out-dir", str(out)])
+    return out

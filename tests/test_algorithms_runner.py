@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from benchmarks import algorithms
 from agents.cli import main as textenv_main
+from benchmarks import algorithms
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def test_tasks_by_budgets(runs, monkeypatch):
         for n in (1, 2):
             lines = (out / task / f"ppo_it{n}_seed0" / "metrics.jsonl").read_text().splitlines()
             assert len(lines) == n
-        assert all((out / task / name).exists() for name in ("results.md", "gold_vs_kl.png", "curves.png", "summary.json"))
+        assert all((out / task / name).exists()
+                   for name in ("results.md", "gold_vs_kl.png", "curves.png", "summary.json"))
         assert f"## {task}" in (out / "results.md").read_text()
 
 
@@ -61,7 +62,8 @@ def test_a_user_registered_env_id(runs, monkeypatch):
     assert all(-0.6 <= float(r["proxy"]) <= 0 for r in rows), rows
     config = json.loads((out / "ppo_seed0" / "config.json").read_text())
     assert (config["task"], config["reward"], config["max_new_tokens"]) == ("sentiment", "tests.user_envs:terse", 6)
-    lengths = [json.loads(line)["charts/episode_length"] for line in (out / "ppo_seed0" / "metrics.jsonl").read_text().splitlines()]
+    lengths = [json.loads(line)["charts/episode_length"]
+               for line in (out / "ppo_seed0" / "metrics.jsonl").read_text().splitlines()]
     assert 0 < max(lengths) <= 6
     assert json.loads((out / "summary.json").read_text())["task"] == "TestLab/TerseReview-v0"
 
@@ -80,6 +82,7 @@ def test_what_the_runner_cannot_honour_is_refused(name, message):
 
 
 def test_embedded_tasks_and_their_ids_resolve():
-    assert algorithms.resolve_target("arithmetic") == algorithms.Target("arithmetic", "arithmetic", "textenv/Arithmetic-v0")
+    assert algorithms.resolve_target("arithmetic") == algorithms.Target("arithmetic", "arithmetic",
+                                                                        "textenv/Arithmetic-v0")
     target = algorithms.resolve_target("textenv/PositiveReview-v0")
     assert (target.task, target.reward, target.folder) == ("sentiment", None, "textenv_PositiveReview-v0")

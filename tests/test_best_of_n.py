@@ -33,6 +33,7 @@ def test_best_of_n_keeps_the_highest_scoring_candidate(tiny_model, env_kwargs):
     from agents.sampler import rollout
 
     g = torch.Generator().manual_seed(0)
-    candidates = rollout(tiny_model, envs, g, prompt_index=flat[:6]).responses + rollout(tiny_model, envs, g, prompt_index=flat[6:]).responses
+    candidates = (rollout(tiny_model, envs, g, prompt_index=flat[:6]).responses
+                  + rollout(tiny_model, envs, g, prompt_index=flat[6:]).responses)
     for k in range(3):
         assert scores[k] == max(len(c) for c in candidates[4 * k : 4 * k + 4])

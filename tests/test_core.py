@@ -49,7 +49,8 @@ def test_gae_gamma1_eos_mid_sequence():
     # t=2: delta = 1 + 0 - 0.7 = 0.3;                   A2 = 0.3
     # t=1: delta = 0 + 0.7 - 0.6 = 0.1;                 A1 = 0.1 + 0.95 * 0.3   = 0.385
     # t=0: delta = 0 + 0.6 - 0.5 = 0.1;                 A0 = 0.1 + 0.95 * 0.385 = 0.46575
-    # row 1, V = 0, so delta = r = 1:  A3 = 1, A2 = 1.95, A1 = 1 + 0.95 * 1.95 = 2.8525, A0 = 1 + 0.95 * 2.8525 = 3.709875
+    # row 1, V = 0, so delta = r = 1:  A3 = 1, A2 = 1.95, A1 = 1 + 0.95 * 1.95 = 2.8525,
+    #                                  A0 = 1 + 0.95 * 2.8525 = 3.709875
     close(adv, [[0.46575, 0.385, 0.3, 0.0], [3.709875, 2.8525, 1.95, 1.0]])
     close(ret, [[0.96575, 0.985, 1.0, 0.0], [3.709875, 2.8525, 1.95, 1.0]])  # A + V, 0 after EOS
 
@@ -286,4 +287,5 @@ def test_token_log_prob_gradient_matches_autograd():
     torch.testing.assert_close(ent, -(log_p.exp() * log_p).sum(-1).detach(), atol=1e-12, rtol=0)
     torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
     assert (a.grad[..., 9:] == 0).all()
-    assert torch.autograd.gradcheck(lambda z: logprobs_and_entropy(z, tokens, entropy=False)[0], (a.detach()[..., :9].clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda z: logprobs_and_entropy(z, tokens, entropy=False)[0],
+                                    (a.detach()[..., :9].clone().requires_grad_(),))

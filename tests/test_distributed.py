@@ -271,7 +271,8 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 
 def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
-    """The same lines (steps and names, each once) with the same values up to float rounding; throughput and timings aside."""
+    """The same lines (steps and names, each once) with the same values up to float rounding; throughput and
+    timings aside."""
     def strip(ms):
         return [{k: v for k, v in m.items() if not (k.endswith("tokens_per_s") or k.startswith("time/"))}
                             for m in ms]
@@ -396,7 +397,8 @@ def test_dpo_checkpoint_of_two_processes_resumes_in_one(launched, files, dpo_one
     resumed_from = spy_resume(monkeypatch, agents.dpo, "step")
     final = dpo(dpo_config(files, run))  # 1 process
     assert resumed_from == [2]
-    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(final), AutoModelForCausalLM.from_pretrained(dpo_one)) < ATOL
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(final),
+                        AutoModelForCausalLM.from_pretrained(dpo_one)) < ATOL
     assert_same_metrics(read_metrics(run), read_metrics(dpo_one.parent))
 
 
@@ -429,7 +431,7 @@ def test_each_process_plays_its_rows_of_the_one_process_rollout(tiny_model, env_
                       temperature=1.5, seed=10 + r * 4) for r in (0, 1)]
     assert len(set(whole.response_mask.sum(1).tolist())) > 1
     for parts in ([same], halves):
-        rows = lambda field: torch.cat([getattr(part, field) for part in parts])  # noqa: E731
+        rows = lambda field, parts=parts: torch.cat([getattr(part, field) for part in parts])  # noqa: E731
         for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "scores", "terminated"):
             assert torch.equal(rows(field), getattr(whole, field)), field
         torch.testing.assert_close(rows("logprobs"), whole.logprobs, atol=1e-6, rtol=0)  # a smaller batch's rounding
@@ -453,13 +455,15 @@ def assert_same_samples(a: Path, b: Path) -> None:
     ra, rb = ([json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()] for d in (a, b))
     assert len(ra) == len(rb) > 0
     for x, y in zip(ra, rb):
-        assert (x["iteration"], x["prompt"], x["response"], x["score"]) == (y["iteration"], y["prompt"], y["response"], y["score"])
+        assert ((x["iteration"], x["prompt"], x["response"], x["score"])
+                == (y["iteration"], y["prompt"], y["response"], y["score"]))
         assert x["gold"] == pytest.approx(y["gold"], abs=1e-6)
 
 
 def rl_diff(a: Path, b: Path) -> float:
     """max_abs_diff of two runs' final policies."""
-    return max_abs_diff(AutoModelForCausalLM.from_pretrained(a / "model"), AutoModelForCausalLM.from_pretrained(b / "model"))
+    return max_abs_diff(AutoModelForCausalLM.from_pretrained(a / "model"),
+                        AutoModelForCausalLM.from_pretrained(b / "model"))
 
 
 def value_diff(a: Path, b: Path) -> float:
@@ -534,4 +538,5 @@ def test_process_device():
     assert process_device("cuda:1", gpu_rank) == torch.device("cuda", 1)
     with pytest.raises(ValueError, match="'cuda:0' under 2 processes"):
         process_device("cuda:0", gpu_rank)  # every process would pile onto one GPU
-    assert process_device("cuda:0", SimpleNamespace(num_processes=1, device=torch.device("cpu"))) == torch.device("cuda", 0)
+    assert (process_device("cuda:0", SimpleNamespace(num_processes=1, device=torch.device("cpu")))
+            == torch.device("cuda", 0))

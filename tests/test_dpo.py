@@ -132,7 +132,7 @@ def test_encoding_matches_the_env_and_sft(tokenizer):
 def test_padded_batch_logps_equal_unpadded_ones(files, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(files / "sft")
     texts = [("a", " good and fun.", " bad."), ("I think that the show", " dull.", " fine and warm.")]
-    triples = [encode_triple(tokenizer, p, w, l, DPOConfig()) for p, w, l in texts]
+    triples = [encode_triple(tokenizer, p, w, lo, DPOConfig()) for p, w, lo in texts]
     batch = collate(triples, tokenizer.pad_token_id)  # prompts of 1 and 14 tokens: left padding is exercised
     assert batch["input_ids"].shape[0] == 4
     assert batch["response_mask"].sum().item() == sum(len(t[1]) + len(t[2]) for t in triples)

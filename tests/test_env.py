@@ -134,7 +134,8 @@ def test_bad_actions_leave_env_usable(env_kwargs):
     with pytest.raises(ResetNeeded, match="reset"):
         env.step(5)
     env.reset(seed=0)
-    for bad, err in [(-1, ValueError), (env.action_space.n, ValueError), (2.0, TypeError), ("3", TypeError), (True, TypeError)]:
+    for bad, err in [(-1, ValueError), (env.action_space.n, ValueError), (2.0, TypeError), ("3", TypeError),
+                     (True, TypeError)]:
         with pytest.raises(err, match="action"):
             env.step(bad)
     obs, *_ = env.step(np.int64(5))  # still usable; numpy ints and 0-d arrays are fine
@@ -181,7 +182,8 @@ def test_overlong_prompts(env_kwargs, tokenizer):
 
 @pytest.mark.parametrize(
     "prompts, err, match",
-    [([], ValueError, "no prompts"), (["ok", 3], TypeError, "prompt 1 is a int"), (["ok", ""], ValueError, "prompt 1 .* has no tokens"), (42, TypeError, "prompts must be")],
+    [([], ValueError, "no prompts"), (["ok", 3], TypeError, "prompt 1 is a int"),
+     (["ok", ""], ValueError, "prompt 1 .* has no tokens"), (42, TypeError, "prompts must be")],
 )
 def test_bad_prompt_sources(env_kwargs, prompts, err, match):
     with pytest.raises(err, match=match):

@@ -1,4 +1,4 @@
-"""The lean GPT-2 forward (agents/gpt2.py) against HF's: logits, scores and gradients at the real positions."""
+"""The lean GPT-2 forward (textenv/models/gpt2.py) against HF's: logits, scores and gradients at the real positions."""
 
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def test_packed_weights_equal_and_refuse_gradients(activation):
     real = mask[:, 2:].bool()
     packed = GPT2Forward(model, pack_rows=40)
     with torch.no_grad():
-        torch.testing.assert_close(packed.logits(ids, mask, slice(2, 10))[real], hf_logits(model, ids, mask)[:, 2:][real],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed.logits(ids, mask, slice(2, 10))[real],
+                                   hf_logits(model, ids, mask)[:, 2:][real], atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="no gradient"):
         packed.logits(ids, mask, slice(2, 10))
 
@@ -175,7 +175,8 @@ def test_response_hidden_is_hf_at_real_positions_without_shared_prompts():
     real = mask[:, P - 1 : -1].bool()
     want = hf_logits(model, ids, mask)[:, P - 1 : -1]
     lean = GPT2Forward(model)
-    torch.testing.assert_close(lean.apply_head(lean.response_hidden(ids, mask, P))[real], want[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lean.apply_head(lean.response_hidden(ids, mask, P))[real], want[real],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_onednn_affine_equals_addmm_with_gradients():
@@ -183,7 +184,8 @@ def test_onednn_affine_equals_addmm_with_gradients():
 
     g = torch.Generator().manual_seed(6)
     x = torch.randn(40, 24, generator=g, requires_grad=True)
-    weight, bias = torch.randn(24, 56, generator=g, requires_grad=True), torch.randn(56, generator=g, requires_grad=True)
+    weight, bias = (torch.randn(24, 56, generator=g, requires_grad=True),
+                    torch.randn(56, generator=g, requires_grad=True))
     out_grad = torch.randn(40, 56, generator=g)
     for transposed in (False, True):  # a Conv1D (in, out) weight, and nn.Linear's (out, in) seen as its transpose
         w = weight if not transposed else weight.t().contiguous().detach().requires_grad_(True)

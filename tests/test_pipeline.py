@@ -13,10 +13,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    main(["pipeline", "--preset", "tiny", "--out-dir", str(out)])
-    return out
+def run(tiny_run):
+    return tiny_run
 
 
 def test_every_artefact_exists_and_loads(run):
@@ -33,7 +31,8 @@ def test_every_artefact_exists_and_loads(run):
         json.loads((run / stage / "summary.json").read_text())
     assert (run / "comparisons" / "comparisons.jsonl").exists()
     plots = sorted((run / "plots").glob("*.png"))
-    assert {p.name for p in plots} >= {"pretrain_loss.png", "sft_loss.png", "rm_accuracy.png", "ppo_scores.png", "ppo_kl.png", "gold_vs_sqrt_kl.png"}
+    assert {p.name for p in plots} >= {"pretrain_loss.png", "sft_loss.png", "rm_accuracy.png", "ppo_scores.png",
+                                       "ppo_kl.png", "gold_vs_sqrt_kl.png"}
     for p in plots:
         assert p.read_bytes()[:8] == PNG_MAGIC, p
     report = (run / "report.md").read_text()

@@ -44,7 +44,8 @@ def test_first_minibatch_kl_zero_ratio_one(sft_folder):
     from textenv.models import load_causal_lm
 
     policy, ref = load_causal_lm(sft_folder), load_causal_lm(sft_folder)
-    envs = TextGenVectorEnv(num_envs=8, task="sentiment", tokenizer=default_tokenizer(), reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=6)
+    envs = TextGenVectorEnv(num_envs=8, task="sentiment", tokenizer=default_tokenizer(),
+                            reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=6)
     batch = rollout(policy.eval(), envs, torch.Generator().manual_seed(0), temperature=0.7, seed=0)
     P = envs.setup.max_prompt_tokens
     with torch.no_grad():
@@ -78,7 +79,8 @@ def test_padded_vocabulary_log_probs_match_the_sampler():
     policy = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         policy.transformer.wte.weight[len(tok) :] = 0.5  # tied head: the padding rows get real probability mass
-    envs = TextGenVectorEnv(num_envs=4, task="sentiment", tokenizer=tok, reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=5)
+    envs = TextGenVectorEnv(num_envs=4, task="sentiment", tokenizer=tok, reward_fn=lambda p, c: [0.0] * len(c),
+                            max_new_tokens=5)
     batch = rollout(policy, envs, torch.Generator().manual_seed(0), temperature=0.7, seed=0)
     P, mask = envs.setup.max_prompt_tokens, batch.response_mask.bool()
     with torch.no_grad():
@@ -154,7 +156,8 @@ def test_smoke_run_changes_every_parameter(sft_folder, tmp_path):
                     "losses/explained_variance", "charts/tokens_per_s", "objective/kl_coef", "objective/gold"):
             assert key in row and row[key] == row[key], key  # present and not NaN
     value_after = load_file(tmp_path / "run" / "value_model" / "model.safetensors")
-    assert any(not torch.equal(value_after[k], v) for k, v in load_file(sft_folder / "model.safetensors").items() if k in value_after)
+    assert any(not torch.equal(value_after[k], v)
+               for k, v in load_file(sft_folder / "model.safetensors").items() if k in value_after)
     samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert json.loads(samples[0]).keys() == {"iteration", "prompt", "response", "score", "gold"}
 
@@ -181,7 +184,8 @@ def test_values_are_the_rollout_value_models(sft_folder, tmp_path, monkeypatch, 
     import agents.ppo as ppo_module
 
     seen = {}
-    real_load, real_gather, real_gae = ppo_module.load_sequence_classifier, ppo_module.gather_rollout, ppo_module.compute_gae
+    real_load, real_gather, real_gae = (ppo_module.load_sequence_classifier, ppo_module.gather_rollout,
+                                        ppo_module.compute_gae)
 
     def load(*args, **kw):
         model = real_load(*args, **kw)
@@ -223,7 +227,8 @@ def test_sigkill_then_resume_equals_uninterrupted(sft_folder, tmp_path):
             "--out-dir", str(killed), "--num-envs", "8", "--num-minibatches", "2", "--update-epochs", "2",
             "--iterations", "4", "--max-new-tokens", "6", "--save-every", "1", "--sample-every", "1",
             "--lr", "0.001", "--device", "cpu"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     state = killed / "checkpoint" / "trainer_state.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -254,7 +259,8 @@ def overflowing_reward(prompts, completions, **kw):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(sft_folder, tmp_path):
     SCORED["n"] = 0
     with pytest.raises(NonFiniteError, match="non-finite .* at iteration 3"):
-        ppo(tiny_config(sft_folder, tmp_path / "run", iterations=4, reward="tests.test_ppo:overflowing_reward", missing_eos_penalty=None))
+        ppo(tiny_config(sft_folder, tmp_path / "run", iterations=4, reward="tests.test_ppo:overflowing_reward",
+                        missing_eos_penalty=None))
     ckpt = tmp_path / "run" / "checkpoint"
     assert json.loads((ckpt / "trainer_state.json").read_text())["iteration"] == 2
     weights = load_file(ckpt / "policy" / "model.safetensors")

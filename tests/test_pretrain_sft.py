@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import agents.pretrain
 import agents.sft
-from agents.pretrain import PretrainConfig, pretrain
-from agents.run import RunLogger, check_run_dir, config_changes, cosine_schedule, load_checkpoint, save_checkpoint
 from agents.core import IGNORE, sft_loss
 from agents.data import collate, encode_pair
+from agents.pretrain import PretrainConfig, pretrain
+from agents.run import RunLogger, check_run_dir, config_changes, cosine_schedule, load_checkpoint, save_checkpoint
 from agents.sft import SFTConfig, sft
 from textenv.models import build_model
 from textenv.records import read_records
@@ -234,7 +234,8 @@ def test_checkpoint_survives_a_crash_between_the_renames(files, tmp_path):
     state = load_checkpoint(tmp_path / "checkpoint", fresh, fresh_opt, fresh_sched)
     assert state == {"step": 2} and fresh_sched.last_epoch == 1
     for name in models:
-        assert all(torch.equal(p, q) for p, q in zip(models[name].state_dict().values(), fresh[name].state_dict().values()))
+        assert all(torch.equal(p, q)
+                   for p, q in zip(models[name].state_dict().values(), fresh[name].state_dict().values()))
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     assert load_checkpoint(tmp_path / "nothing", fresh, fresh_opt, fresh_sched) is None
 

@@ -15,7 +15,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_custom_reward_model_example(tmp_path):
     tok = default_tokenizer()
-    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=len(tok), num_labels=1, pad_token_id=tok.pad_token_id)
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=len(tok), num_labels=1,
+                        pad_token_id=tok.pad_token_id)
     rm = tmp_path / "rm"
     GPT2ForSequenceClassification(config).save_pretrained(rm)
     tok.save_pretrained(rm)

@@ -47,7 +47,8 @@ def test_ranking_loss_matches_hand_computed_value():
     # K = 3 scores [1, 0, -1] ranked in that order: pairs (1, 0), (1, -1), (0, -1), margins [1, 2, 1];
     # -log sigmoid(1) = 0.3132617, -log sigmoid(2) = 0.1269280 -> (2 * 0.3132617 + 0.1269280) / 3 = 0.2511505
     winners, losers, prompt = ranking_pairs([[0, 1, 2]])
-    assert ranking_loss(torch.tensor([1.0, 0.0, -1.0]), winners, losers, prompt).item() == pytest.approx(0.2511505, abs=1e-6)
+    assert (ranking_loss(torch.tensor([1.0, 0.0, -1.0]), winners, losers, prompt).item()
+            == pytest.approx(0.2511505, abs=1e-6))
     # each prompt weighs the same whatever its number of pairs: add a K = 2 prompt with a tie (loss log 2),
     # listed worst first (ranking [1, 0]); its responses sit at offset 3 of the flat score vector
     winners, losers, prompt = ranking_pairs([[0, 1, 2], [1, 0]])
@@ -72,7 +73,8 @@ def test_annotator_noise_follows_bradley_terry():
     assert np.abs(above / n - theory)[off_diagonal].max() < 0.015
     rows = [{"gold": gold.tolist(), "ranking": annotate(gold, T, rng).tolist()} for _ in range(2000)]
     measured, expected, _ = gold_agreement(rows, T)
-    assert 0.6 < expected < 0.7 and measured == pytest.approx(expected, abs=0.015)  # disagrees about a third of the time
+    # disagrees about a third of the time
+    assert 0.6 < expected < 0.7 and measured == pytest.approx(expected, abs=0.015)
 
 
 def test_left_and_right_padding_give_the_same_score(sft_dir, tokenizer):
@@ -150,7 +152,8 @@ def test_preference_layouts_load_and_bad_rows_are_counted(tmp_path):
     for path in (tmp_path / "hh.parquet", tmp_path / "hh.csv"):
         p = load_preferences(path)
         assert p.layout == "hh" and p.skipped == {"identical_responses": 1}
-        assert p.rows[0] == {"prompt": "\n\nHuman: Hi there\n\nAssistant:", "responses": [" Hello! How can I help?", " Go away."], "ranking": [0, 1]}
+        assert p.rows[0] == {"prompt": "\n\nHuman: Hi there\n\nAssistant:",
+                             "responses": [" Hello! How can I help?", " Go away."], "ranking": [0, 1]}
         assert p.rows[1] == {"prompt": "The film was", "responses": [" great fun", " grim"], "ranking": [0, 1]}
 
     ranked = write_jsonl(tmp_path / "ranked.jsonl", [

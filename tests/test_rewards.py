@@ -93,3 +93,24 @@ def test_reward_model_folder_in_env(classifier_folder, tokenizer):
     assert terminated and isinstance(reward, float)
     assert reward == pytest.approx(as_reward_fn(str(folder))([info["prompt"]], [info["response"]])[0])
     assert isinstance(env.setup.reward_fn, SequenceClassifierReward)
+
+
+def test_an_env_whose_reward_is_a_gpt2_rm_folder_pickles_and_copies(classifier_folder, tokenizer):
+    """The RM scores on oneDNN-packed weights (no storage to pickle): a cache, dropped on pickling and rebuilt on
+    the copy's first call, so pickle and deepcopy (what an async vector env or a worker process does) work and the
+    copies pay the same rewards."""
+    import copy
+    import pickle
+
+    folder, _ = classifier_folder(1)
+    kwargs = dict(prompts=PROMPTS, tokenizer=tokenizer, reward_fn=str(folder), max_new_tokens=3)
+    env = TextGenEnv(**kwargs)
+
+    def score(e) -> float:
+        e.reset(seed=0)
+        return e.step(tokenizer.eos_token_id)[1]
+
+    want = score(env)  # scored once: the packed weights exist now
+    assert env.setup.reward_fn._packed is not None
+    for clone in (pickle.loads(pickle.dumps(env)), copy.deepcopy(env)):
+        assert score(clone) == pytest.approx(want, abs=1e-6)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import agents.groups
 import agents.grpo
 import agents.rloo
 from agents.core import group_advantages, grpo_advantages, kl_estimate
@@ -36,7 +37,8 @@ def test_rloo_baseline_hand_computed():
 def test_rloo_two_groups_stay_apart():
     r = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 4.0, 4.0])
     second = torch.tensor([0 - 8 / 3, 0 - 8 / 3, 4 - 4 / 3, 4 - 4 / 3])
-    torch.testing.assert_close(group_advantages(r, 4, "rloo"), torch.cat([torch.tensor([1 - 11 / 3, 2 - 10 / 3, 0, 4]), second]))
+    torch.testing.assert_close(group_advantages(r, 4, "rloo"),
+                               torch.cat([torch.tensor([1 - 11 / 3, 2 - 10 / 3, 0, 4]), second]))
     # k = 2: the leave-one-out baseline is the other response, A = r_i - r_j
     torch.testing.assert_close(group_advantages(r, 2, "rloo"), torch.tensor([-1.0, 1.0, -3.0, 3.0, 0.0, 0.0, 0.0, 0.0]))
     torch.testing.assert_close(group_advantages(r, 2, "mean"), torch.tensor([-0.5, 0.5, -1.5, 1.5, 0.0, 0.0, 0.0, 0.0]))
@@ -49,7 +51,8 @@ def test_grpo_normalisation_hand_computed():
     want = torch.tensor([-2 / (std1 + 1e-4), -1 / (std1 + 1e-4), 0.0, 3 / (std1 + 1e-4),
                          -0.5 / (std2 + 1e-4), -0.5 / (std2 + 1e-4), -0.5 / (std2 + 1e-4), 1.5 / (std2 + 1e-4)])
     torch.testing.assert_close(grpo_advantages(r, 4), want)
-    torch.testing.assert_close(grpo_advantages(r, 4, scale_rewards=False), torch.tensor([-2.0, -1.0, 0.0, 3.0, -0.5, -0.5, -0.5, 1.5]))
+    torch.testing.assert_close(grpo_advantages(r, 4, scale_rewards=False),
+                               torch.tensor([-2.0, -1.0, 0.0, 3.0, -0.5, -0.5, -0.5, 1.5]))
 
 
 def test_grpo_identical_rewards_give_zero_not_nan():
@@ -146,8 +149,8 @@ def test_grpo_smoke_run(sft_folder, tmp_path):
 
 def test_grpo_beta_zero_loads_no_reference(sft_folder, tmp_path, monkeypatch):
     loaded = []
-    real = agents.grpo.load_causal_lm
-    monkeypatch.setattr(agents.grpo, "load_causal_lm", lambda path: loaded.append(path) or real(path))
+    real = agents.groups.load_causal_lm  # GRPO's and RLOO's setup loads the models
+    monkeypatch.setattr(agents.groups, "load_causal_lm", lambda path: loaded.append(path) or real(path))
     grpo(tiny(GRPOConfig, sft_folder, tmp_path / "run", beta=0.0, iterations=1))
     assert loaded == [str(sft_folder)]  # the policy only
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
@@ -195,7 +198,8 @@ def test_crash_then_resume_equals_uninterrupted(sft_folder, tmp_path, monkeypatc
     resumed = rloo(tiny(RLOOConfig, sft_folder, killed, iterations=3))
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (tmp_path / "straight", killed)]
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (tmp_path / "straight", killed)]
     assert [r["step"] for r in rows[1]] == [1, 2, 3]
     for key in ("objective/scores", "objective/kl", "losses/policy_loss"):
         assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key

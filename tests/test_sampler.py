@@ -56,14 +56,16 @@ def test_rollout_matches_full_forward_and_env(tiny_model, env_kwargs, tokenizer)
     # near-zero temperature makes sampling greedy, so the KV-cached path must pick the same tokens as a
     # full forward over the left-padded sequence: this checks the cache and the position ids under padding.
     r = rollout(tiny_model, envs, torch.Generator().manual_seed(0), temperature=1e-5, seed=4)
-    want = greedy_full_forward(tiny_model, r.prompt_ids, r.prompt_mask, env_kwargs["max_new_tokens"], tokenizer.eos_token_id)
+    want = greedy_full_forward(tiny_model, r.prompt_ids, r.prompt_mask, env_kwargs["max_new_tokens"],
+                               tokenizer.eos_token_id)
     lengths = r.response_mask.sum(1)
     for i in range(6):
         n = int(lengths[i])
         assert torch.equal(r.response_ids[i, :n], want[i, :n])
         assert bool(r.terminated[i]) == (want[i, n - 1].item() == tokenizer.eos_token_id)
         assert (r.response_ids[i, n:] == tokenizer.pad_token_id).all()
-    assert r.responses == [tokenizer.decode(r.response_ids[i, : int(lengths[i])].tolist(), skip_special_tokens=True) for i in range(6)]
+    assert r.responses == [tokenizer.decode(r.response_ids[i, : int(lengths[i])].tolist(), skip_special_tokens=True)
+                           for i in range(6)]
     assert r.scores.tolist() == length_reward(r.prompts, r.responses)
 
 

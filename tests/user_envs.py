@@ -16,5 +16,5 @@ IDS = {
 }
 for env_id, kwargs in IDS.items():
     if env_id not in registry:
-        register(id=env_id, entry_point="textenv.env:TextGenEnv", vector_entry_point="textenv.vector_env:TextGenVectorEnv",
-                 kwargs=kwargs)
+        register(id=env_id, entry_point="textenv.env:TextGenEnv",
+                 vector_entry_point="textenv.vector_env:TextGenVectorEnv", kwargs=kwargs)

@@ -40,7 +40,8 @@ def load_prompts(source: Any, *, column: str = "prompt", split: str = "train") -
             f"Task; got {type(source).__name__}"
         )
     if len(prompts) == 0:
-        raise ValueError(f"the prompt source {source if isinstance(source, (str, Path)) else type(source).__name__!r} holds no prompts")
+        raise ValueError(f"the prompt source {source if isinstance(source, (str, Path)) else type(source).__name__!r} "
+                         "holds no prompts")
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompt {i} is a {type(prompt).__name__} ({prompt!r}), expected str")

@@ -63,7 +63,8 @@ class TextGenVectorEnv(VectorEnv):
         try:
             autoreset_mode = AutoresetMode(autoreset_mode)
         except ValueError:
-            raise ValueError(f"autoreset_mode must be one of {[m.value for m in AutoresetMode]}, got {autoreset_mode!r}") from None
+            raise ValueError(f"autoreset_mode must be one of {[m.value for m in AutoresetMode]}, "
+                             f"got {autoreset_mode!r}") from None
         self.autoreset_mode = autoreset_mode
         self.metadata = {**self.metadata, "autoreset_mode": autoreset_mode}
         self.num_envs = int(num_envs)
@@ -157,7 +158,8 @@ class TextGenVectorEnv(VectorEnv):
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
             resetting = self._done.copy()  # (N,) these ignore their action this step
         elif self._done.any():  # SAME_STEP never leaves a sub-env done; DISABLED leaves it to the user
-            raise ResetNeeded(f"envs {np.flatnonzero(self._done).tolist()} ended; reset them with options={{'reset_mask': ...}}")
+            raise ResetNeeded(f"envs {np.flatnonzero(self._done).tolist()} ended; "
+                              f"reset them with options={{'reset_mask': ...}}")
         else:
             resetting = np.zeros(self.num_envs, dtype=bool)
         stepping = ~resetting  # (N,)
@@ -205,7 +207,8 @@ class TextGenVectorEnv(VectorEnv):
         s, P = self.setup, self.setup.max_prompt_tokens
         texts = tuple(
             "" if self._prompt_index[i] < 0
-            else f"{s.prompts[self._prompt_index[i]]}\u2502{s.tokenizer.decode(self._ids[i, P : P + self._lengths[i]].tolist())}"
+            else f"{s.prompts[self._prompt_index[i]]}\u2502"
+                 f"{s.tokenizer.decode(self._ids[i, P : P + self._lengths[i]].tolist())}"
             for i in range(self.num_envs)
         )
         return texts if self.render_mode == "ansi" else tuple(text_frame(t) for t in texts)

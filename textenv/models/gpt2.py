@@ -81,7 +81,8 @@ def layers(model: GPT2LMHeadModel | GPT2ForSequenceClassification, linear: Calla
     """The model's blocks as `Layer`s; `linear(weight (in, out), bias, gelu=None)` makes each x @ W + b."""
     gelu = _GELU[model.config.activation_function]
     return [Layer(b.ln_1, b.ln_2, linear(b.attn.c_attn.weight, b.attn.c_attn.bias),
-                  linear(b.attn.c_proj.weight, b.attn.c_proj.bias), linear(b.mlp.c_fc.weight, b.mlp.c_fc.bias, gelu=gelu),
+                  linear(b.attn.c_proj.weight, b.attn.c_proj.bias),
+                  linear(b.mlp.c_fc.weight, b.mlp.c_fc.bias, gelu=gelu),
                   linear(b.mlp.c_proj.weight, b.mlp.c_proj.bias))
             for b in model.transformer.h]
 
@@ -155,7 +156,8 @@ class GPT2Forward:
 
     def __init__(self, model: GPT2LMHeadModel | GPT2ForSequenceClassification, pack_rows: int | None = None):
         if not gpt2_fast_path(model):
-            raise ValueError(f"{type(model).__name__} with this config is not supported by GPT2Forward; use its HF forward")
+            raise ValueError(f"{type(model).__name__} with this config is not supported by GPT2Forward; "
+                             "use its HF forward")
         c = model.config
         self.model, self.transformer = model, model.transformer
         self.eps, self.n_head = c.layer_norm_epsilon, c.n_head
@@ -167,7 +169,8 @@ class GPT2Forward:
 
     def _check_grad(self) -> None:
         if self.packed and torch.is_grad_enabled():
-            raise RuntimeError("packed weights carry no gradient: call a GPT2Forward with pack_rows under torch.no_grad()")
+            raise RuntimeError("packed weights carry no gradient: "
+                               "call a GPT2Forward with pack_rows under torch.no_grad()")
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                keep: slice | torch.Tensor) -> torch.Tensor:
@@ -251,7 +254,8 @@ class GPT2Forward:
                 ap = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (G, H, P, D)
             else:
                 sees = (ar[None, :P] <= ar[:P, None])[None] if p_mask_full is None else p_mask_full  # (G or 1, P, P)
-                ap = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=sees[:, None, P - 1 :] if last else sees[:, None])
+                ap = F.scaled_dot_product_attention(qp, kp, vp,
+                                                    attn_mask=sees[:, None, P - 1 :] if last else sees[:, None])
             keys, values = torch.cat([kp[group], kr], dim=2), torch.cat([vp[group], vr], dim=2)  # (B, H, P+T, D)
             ar_mask = r_sees[:, : T - 1] if last else r_sees  # (B, T or T-1, P+T)
             a_r = F.scaled_dot_product_attention(qr, keys, values, attn_mask=ar_mask[:, None])  # (B, H, T, D)
@@ -341,7 +345,8 @@ class GPT2Decoder:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, S, D)
         return merge_heads(a), x
 
-    def _blocks(self, x: torch.Tensor, bias: torch.Tensor, start: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor, bias: torch.Tensor, start: int,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, S, E) at cache slots [start, start + S) through every block and ln_f; bias (B, 1, S, start + S)."""
         B, S, E = x.shape
         x = x.reshape(B * S, E)
