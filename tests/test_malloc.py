@@ -40,12 +40,18 @@ def run(code: str, **env: str) -> list[str]:
 
 @glibc_only
 def test_fewer_page_faults_per_step():
-    applied, faults_on = run(STEP_FAULTS)
-    # the same program with the call turned into a no-op by a user setting that only restates glibc's default
-    skipped, faults_off = run(STEP_FAULTS, GLIBC_TUNABLES="glibc.malloc.perturb=0")
-    assert (applied, skipped) == ("True", "False")
-    # measured here: about 1,800 faults a step against 3,400-5,100
-    assert float(faults_on) < 0.75 * float(faults_off), (faults_on, faults_off)
+    # glibc's own dynamic thresholds make one run's count vary (2,200-5,100 faults a step without the call), so
+    # three runs of each are added up
+    on, off = [], []
+    for _ in range(3):
+        applied, faults = run(STEP_FAULTS)
+        on.append(float(faults))
+        # the same program with the call turned into a no-op by a user setting that only restates glibc's default
+        skipped, faults = run(STEP_FAULTS, GLIBC_TUNABLES="glibc.malloc.perturb=0")
+        off.append(float(faults))
+        assert (applied, skipped) == ("True", "False")
+    # measured here: 1,000-2,000 faults a step with it against 2,200-5,100 without
+    assert sum(on) < 0.75 * sum(off), (on, off)
 
 
 @pytest.mark.parametrize("env", [{"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, {"MALLOC_ARENA_MAX": "2"}])

@@ -29,3 +29,18 @@ def test_readme_custom_reward_model_example(tmp_path):
     assert obs["input_ids"].shape[0] == 8
     _, rewards, terminated, _, _ = envs.step(np.full(8, tok.eos_token_id))
     assert terminated.all() and np.isfinite(rewards).all()
+
+
+def test_readme_multiturn_example(capsys):
+    section = README.read_text().split("### Environments that answer back (multi-turn)")[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    obs, info, reward = namespace["obs"], namespace["info"], namespace["reward"]
+    assert info["turn"] == 1 and reward == -0.05  # 50 is not the secret drawn by seed 0
+    shown = capsys.readouterr().out
+    assert "assistant:\n50" in shown and shown.rstrip().endswith("assistant:")
+    assert ("user:\nhigher" in shown) != ("user:\nlower" in shown)  # the env's reply is in the stream
+    agent = obs["input_ids"][obs["agent_mask"] == 1].tolist()
+    chat = namespace["chat"]
+    assert agent == chat.encode("50") + [chat.end_of_turn]

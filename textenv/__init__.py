@@ -8,11 +8,17 @@ Importing this package registers the environment ids:
 
 Each id has ``TextGenVectorEnv`` as its ``vector_entry_point``, so ``gym.make_vec(id, num_envs=N)`` is natively
 batched.
+
+Multi-turn ids (`textenv.multiturn.MultiTurnEnv`, the env answers each agent turn; `gym.make_vec` steps them in a
+`SyncVectorEnv`):
+
+- ``textenv/GuessNumber-v0``: guess a number from 1 to 16; the env answers "higher" or "lower".
+- ``textenv/Calculator-v0``: arithmetic with a calculator tool the agent calls as ``<calc>17*23</calc>``.
 """
 
 from gymnasium.envs.registration import register, registry
 
-__all__ = ["TextGenEnv", "TextGenVectorEnv"]
+__all__ = ["MultiTurnEnv", "TextGenEnv", "TextGenVectorEnv"]
 __version__ = "0.1.0"
 
 # (id, kwargs); versioned ids, entry points as "module:Class" strings.
@@ -22,6 +28,17 @@ ENV_IDS = {
     "textenv/Arithmetic-v0": {"task": "arithmetic"},
     "textenv/CommonGen-v0": {"task": "commongen"},
 }
+
+MULTITURN_IDS = {
+    "textenv/GuessNumber-v0": {"turns": "textenv.turns:GuessNumber", "max_turns": 8, "max_turn_tokens": 16,
+                               "max_tokens": 128},
+    "textenv/Calculator-v0": {"turns": "textenv.turns:Calculator", "max_turns": 4, "max_turn_tokens": 24,
+                              "max_tokens": 128},
+}
+
+for _env_id, _kwargs in MULTITURN_IDS.items():
+    if _env_id not in registry:
+        register(id=_env_id, entry_point="textenv.multiturn:MultiTurnEnv", kwargs=_kwargs, disable_env_checker=False)
 
 for _env_id, _kwargs in ENV_IDS.items():
     if _env_id not in registry:  # importlib.reload must not warn about re-registration
@@ -41,6 +58,10 @@ def __getattr__(name: str):
         from textenv.env import TextGenEnv
 
         return TextGenEnv
+    if name == "MultiTurnEnv":
+        from textenv.multiturn import MultiTurnEnv
+
+        return MultiTurnEnv
     if name == "TextGenVectorEnv":
         from textenv.vector_env import TextGenVectorEnv
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from textenv.chat import EMBEDDED_CHAT_TEMPLATE
+
 # Bump when the corpus or tokenizer recipe changes: old caches are then ignored, never reused by mistake.
 TOKENIZER_VERSION = "v1"
 CORPUS_SEED = 0
@@ -43,4 +45,6 @@ def default_tokenizer() -> PreTrainedTokenizerBase:
             os.replace(tmp, folder)
         except OSError:  # another process won the race; its folder is identical
             pass
-    return AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = EMBEDDED_CHAT_TEMPLATE  # the multi-turn envs render messages with it (textenv.chat)
+    return tokenizer
