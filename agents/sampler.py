@@ -163,3 +163,75 @@ def rollout(
         prompts=prompts,
         responses=responses,
     )
+
+
+@dataclass
+class TurnRollout:
+    """One multi-turn episode per env, on the envs' exact token streams (`textenv.multiturn.MultiTurnEnv`)."""
+
+    input_ids: torch.Tensor  # (B, L) each stream, left-aligned, PAD after it
+    attention_mask: torch.Tensor  # (B, L) 1 on the stream
+    agent_mask: torch.Tensor  # (B, L) 1 at the tokens the agent sampled (what a trainer trains on)
+    logprobs: torch.Tensor  # (B, L) log-prob of each agent token under softmax(logits / temperature), 0 elsewhere
+    rewards: torch.Tensor  # (B, L) each step's reward at the column of the agent token that earned it
+    terminated: torch.Tensor  # (B,) bool: the turn logic ended the episode (False: a limit truncated it)
+    messages: list[list[dict]]  # each conversation, as the env's info holds it
+
+
+@torch.inference_mode()
+def rollout_turns(model: PreTrainedModel, envs, generator: torch.Generator | None = None, *,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> TurnRollout:
+    """Play one episode in each of `envs` (MultiTurnEnvs, e.g. a SyncVectorEnv's `.envs`; sub-env i is seeded with
+    seed + i) with `model`, one batched decode step per agent token.
+
+    When envs answer, their replies enter the KV cache as one batched chunk (`Decoder.extend`), not one decode step
+    per env token: rows whose turn ended get their reply, the others a masked slot, and each row samples its next
+    token from the logits after its own last token. The cache's masked slots and positions that count real tokens
+    only make every logit equal an uncached forward over the row's final stream (tests/test_sampler.py). A row whose
+    episode ended is fed PAD until all have; its cache rows are not read."""
+    envs = list(envs)
+    B, L, V = len(envs), envs[0].max_tokens, envs[0].vocab_size
+    pad = envs[0].tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    obs = [env.reset(seed=None if seed is None else seed + i)[0] for i, env in enumerate(envs)]
+    n = [int(o["attention_mask"].sum()) for o in obs]  # (B,) stream lengths
+    P = max(n)
+    opening = torch.full((B, P), pad, dtype=torch.long)  # left-padded openings: all rows end at slot P
+    opening_mask = torch.zeros(B, P, dtype=torch.long)
+    for i, o in enumerate(obs):
+        opening[i, P - n[i] :] = torch.from_numpy(o["input_ids"][: n[i]])
+        opening_mask[i, P - n[i] :] = 1
+    decoder = make_decoder(model, B, P + L)  # grows if the replies' masked slots need more
+    logits = decoder.prefill(opening.to(device), opening_mask.to(device))[:, :V]  # (B, V)
+    logprobs, rewards = torch.zeros(B, L), torch.zeros(B, L)
+    done, terminated, messages = np.zeros(B, dtype=bool), np.zeros(B, dtype=bool), [[] for _ in range(B)]
+    while True:
+        tokens = sample_from_logits(logits, generator, temperature, top_k, top_p)  # (B,)
+        logp = logprobs_from_logits(logits.float()[:, None], tokens[:, None], temperature)[:, 0].cpu()  # (B,)
+        actions = tokens.cpu().numpy()
+        chunks: list[list[int]] = [[] for _ in range(B)]
+        for i in np.flatnonzero(~done):
+            column = n[i]  # where the agent's token lands
+            obs[i], reward, term, trunc, info = envs[i].step(int(actions[i]))
+            logprobs[i, column], rewards[i, column] = logp[i], reward
+            n[i] = int(obs[i]["attention_mask"].sum())
+            chunks[i] = obs[i]["input_ids"][column + 1 : n[i]].tolist()  # the env's reply, if its turn ended
+            if term or trunc:
+                done[i], terminated[i], messages[i], chunks[i] = True, term, info["messages"], []
+        if done.all():
+            break
+        actions[done] = pad
+        logits = decoder.step(torch.from_numpy(actions).to(device))[:, :V]  # (B, V)
+        answered = [i for i in range(B) if chunks[i]]
+        if answered:  # one batched chunk for every reply of this step
+            S = max(len(chunks[i]) for i in answered)
+            chunk, chunk_mask = torch.full((B, S), pad, dtype=torch.long), torch.zeros(B, S, dtype=torch.long)
+            for i in answered:
+                chunk[i, : len(chunks[i])], chunk_mask[i, : len(chunks[i])] = torch.tensor(chunks[i]), 1
+            after = decoder.extend(chunk.to(device), chunk_mask.to(device))[:, :V]  # (B, V)
+            logits[answered] = after[answered]
+    stack = lambda key: torch.from_numpy(np.stack([o[key] for o in obs]))  # noqa: E731
+    agent_mask = stack("agent_mask")
+    return TurnRollout(input_ids=stack("input_ids"), attention_mask=stack("attention_mask"), agent_mask=agent_mask,
+                       logprobs=logprobs * agent_mask, rewards=rewards, terminated=torch.from_numpy(terminated),
+                       messages=messages)

@@ -151,8 +151,13 @@ def test_truncation_at_every_limit():
     env = MultiTurnEnv(Never, max_turn_tokens=4)
     env.reset(seed=0)
     word = env.chat.encode("hi")[0]
-    outs = [env.step(word) for _ in range(4)]
-    assert [o[3] for o in outs] == [False, False, False, True]  # max_turn_tokens without the end-of-turn token
+    outs = [env.step(word) for _ in range(4)]  # max_turn_tokens without the end-of-turn token: the env closes it
+    assert [o[4]["turn"] for o in outs] == [0, 0, 0, 1] and outs[-1][1] == 0.5 and not outs[-1][3]
+    obs = outs[-1][0]
+    closed = int(obs["attention_mask"].sum()) - 1 - len(env.chat.reply(env._messages[:-1], {"role": "user",
+                                                                                            "content": "more"}))
+    assert obs["input_ids"][closed] == env.chat.end_of_turn and obs["agent_mask"][closed] == 0
+    assert obs["agent_mask"][closed - 4 : closed].tolist() == [1, 1, 1, 1]
 
     env = MultiTurnEnv(Never, max_tokens=24)
     obs, _ = env.reset(seed=0)

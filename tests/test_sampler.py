@@ -93,3 +93,52 @@ def _eos_biased(model, eos):
     bias[eos] = 2.5
     model.register_forward_hook(lambda m, args, out: out.__class__(logits=out.logits + bias, cache=out.cache))
     return model
+
+
+class Chatty:
+    """Turn logic whose replies differ in length from turn to turn and env to env, and never end the episode."""
+
+    def start(self, rng):
+        self.k = int(rng.integers(1, 4))
+        return [{"role": "user", "content": "tell me" + " more" * self.k}]
+
+    def respond(self, messages):
+        self.k = self.k % 3 + 1
+        return {"message": {"role": "user", "content": "go on" + " and on" * self.k}, "reward": float(self.k)}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_multiturn_rollout_logits_equal_an_uncached_forward_over_the_final_stream(arch):
+    """Replies enter the KV cache as batched chunks (masked slots for rows without one); every agent token's
+    log-prob equals the uncached forward's over that row's final stream (GPT-2: the lean decoder; Llama: HF's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agents.sampler import rollout_turns
+    from textenv.embedded import default_tokenizer
+    from textenv.models import build_model
+    from textenv.multiturn import MultiTurnEnv
+
+    tok = default_tokenizer()
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = build_model("tiny", tok, seed=0).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256, pad_token_id=tok.pad_token_id)).eval()
+    envs = [MultiTurnEnv(Chatty, max_turns=4, max_turn_tokens=3, max_tokens=128) for _ in range(4)]
+    r = rollout_turns(model, envs, torch.Generator().manual_seed(0), temperature=0.8, seed=7)
+    turns = [sum(m["role"] == "assistant" for m in msgs) for msgs in r.messages]
+    assert turns == [4, 4, 4, 4] and not r.terminated.any()  # every episode ran to max_turns, env replies in between
+    lengths = r.attention_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, "the streams differ in length: replies of different lengths"
+    for i in range(4):
+        n = int(lengths[i])
+        ids = r.input_ids[i, :n]
+        with torch.no_grad():
+            logits = model(input_ids=ids[None]).logits[0].float() / 0.8  # (n, V) uncached, unpadded
+        agent = torch.nonzero(r.agent_mask[i, :n]).squeeze(1)  # (K,) columns of the agent's tokens
+        want = torch.log_softmax(logits[agent - 1], -1).gather(1, ids[agent][:, None]).squeeze(1)
+        torch.testing.assert_close(r.logprobs[i, agent], want, atol=2e-4, rtol=0)
+        # the turn rewards (1 to 3 each) are paid at agent tokens, the turns' last
+        assert r.rewards[i].sum() >= 4 and (r.rewards[i][r.agent_mask[i] == 0] == 0).all()

@@ -81,11 +81,15 @@ class MultiTurnEnv(gym.Env):
     ## Starting State
     `reset()` calls `turns.start(self.np_random)` and renders its messages with the generation prompt.
 
+    An agent turn that reaches `max_turn_tokens` without the end-of-turn token is closed by the env: it counts as a
+    turn, the turn logic answers it, and the env's chunk starts with the end-of-turn token (agent_mask 0: the agent
+    did not emit it).
+
     ## Episode End
     - Termination: `respond` returns done=True.
-    - Truncation (never a crash): the agent has had `max_turns` turns; an agent turn reaches `max_turn_tokens` without
-      the end-of-turn token; the stream is full (`max_tokens`); or the env's reply does not fit in the stream with
-      room for one agent token (it is then not appended, and `info["messages"]` does not hold it).
+    - Truncation (never a crash): the agent has had `max_turns` turns; the stream is full (`max_tokens`); or the
+      env's reply does not fit in the stream with room for one agent token (it is then not appended, and
+      `info["messages"]` does not hold it).
     Turn logic that raises or returns a malformed reply raises `TurnError` naming it; the episode is then over and
     `reset()` starts a new one. Stepping before `reset()` or after the episode ended raises `ResetNeeded`.
 
@@ -188,9 +192,11 @@ class MultiTurnEnv(gym.Env):
         self._append([token], agent=True)
         reward, terminated, truncated = 0.0, False, False
         if token == self.chat.end_of_turn:
-            reward, terminated, truncated = self._end_turn()
-        elif self._n == self.max_tokens or self._n - self._turn_start == self.max_turn_tokens:
+            reward, terminated, truncated = self._end_turn(closed_by_env=False)
+        elif self._n == self.max_tokens:
             truncated = True
+        elif self._n - self._turn_start == self.max_turn_tokens:  # the env closes the turn; the logic answers it
+            reward, terminated, truncated = self._end_turn(closed_by_env=True)
         info: dict[str, Any] = {"turn": self._turn}
         if terminated or truncated:
             self._done = True
@@ -201,9 +207,11 @@ class MultiTurnEnv(gym.Env):
             info["messages"] = copy.deepcopy(self._messages)
         return self._obs(), float(reward), terminated, truncated, info
 
-    def _end_turn(self) -> tuple[float, bool, bool]:
-        """The agent's turn is over: the turn logic answers; its reply goes into the stream."""
-        text = self.tokenizer.decode(self._ids[self._turn_start : self._n - 1].tolist(), skip_special_tokens=True)
+    def _end_turn(self, closed_by_env: bool) -> tuple[float, bool, bool]:
+        """The agent's turn is over: the turn logic answers; its reply goes into the stream. A turn the env closes
+        (max_turn_tokens) gets its end-of-turn token from the env, as the first token of the env's chunk."""
+        end = self._n if closed_by_env else self._n - 1
+        text = self.tokenizer.decode(self._ids[self._turn_start : end].tolist(), skip_special_tokens=True)
         self._messages.append({"role": "assistant", "content": text})
         self._turn += 1
         self._done = True  # a TurnError below ends the episode
@@ -214,7 +222,7 @@ class MultiTurnEnv(gym.Env):
         if self._turn == self.max_turns:
             return reward, False, True
         try:
-            chunk = self.chat.reply(self._messages, message)
+            chunk = [self.chat.end_of_turn] * closed_by_env + self.chat.reply(self._messages, message)
         except ValueError as exc:
             raise TurnError(f"{type(self.turns).__name__}.respond: {exc}") from None
         if self._n + len(chunk) >= self.max_tokens:  # no room for the reply and one agent token

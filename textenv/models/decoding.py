@@ -40,8 +40,28 @@ class HFDecoder:
         self.cache, self.length = out.cache, P
         return out.logits[:, -1]
 
+    def _reserve(self, slots: int) -> None:
+        if slots > self.mask.shape[1]:  # doubling; new slots are real until a chunk marks them
+            self.mask = torch.nn.functional.pad(self.mask, (0, max(slots, 2 * self.mask.shape[1]) - self.mask.shape[1]),
+                                                value=1)
+
+    def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Append a chunk of (B, S) tokens, each row's real ones (mask 1) first; see `GPT2Decoder.extend`."""
+        B, S = tokens.shape
+        start = self.length
+        self._reserve(start + S)
+        self.mask[:, start : start + S] = mask
+        positions = self.next_position + position_ids_from_mask(mask)  # (B, S)
+        out = self.model(input_ids=tokens, attention_mask=self.mask[:, : start + S], position_ids=positions,
+                         cache=self.cache, use_cache=True)
+        self.cache, self.length = out.cache, start + S
+        self.next_position = self.next_position + mask.sum(-1, keepdim=True)
+        last = (mask.sum(-1) - 1).clamp(min=0)  # (B,)
+        return out.logits[torch.arange(B, device=tokens.device), last]
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append (B,) tokens; return the (B, V) logits of the next one."""
+        self._reserve(self.length + 1)
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask[:, : self.length + 1],
                          position_ids=self.next_position, cache=self.cache, use_cache=True)
         self.cache, self.length = out.cache, self.length + 1

@@ -378,8 +378,58 @@ class GPT2Decoder:
         logits = self._logits(self._blocks(x, bias, 0, rows)[:, -1])  # (G, V)
         return logits if rows is None else logits[rows]
 
+    def _reserve(self, slots: int) -> None:
+        """Grow the key/value and bias buffers (doubling) so that they hold `slots` slots."""
+        capacity = self.bias.shape[-1]
+        if slots <= capacity:
+            return
+        grow = max(slots, 2 * capacity) - capacity
+        self.keys = [F.pad(k, (0, 0, 0, grow)) for k in self.keys]  # (B, H, L, D): pad the slot dimension
+        self.values = [F.pad(v, (0, 0, 0, grow)) for v in self.values]
+        self.bias = F.pad(self.bias, (0, grow))
+
+    def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Append a chunk of (B, S) tokens, each row's real ones (mask 1) first, then padding (mask 0), which stays
+        in the cache as masked slots. Returns the (B, V) logits after each row's last real token (0 for a row with
+        none). Positions count real tokens only, as under left padding. Only the rows with a real token run (a
+        multi-turn env's replies arrive for some rows at a step): the others just get masked slots."""
+        B, S = tokens.shape
+        start = self.length
+        self._reserve(start + S)
+        real = mask.bool()
+        neg = torch.finfo(self.bias.dtype).min
+        self.bias[:, 0, 0, start : start + S] = torch.where(real, 0.0, neg)
+        rows = torch.nonzero(real.any(1)).squeeze(1)  # (b,) the rows that run
+        b, m = len(rows), mask[rows]
+        positions = self.next_position[rows, None] + position_ids_from_mask(m)  # (b, S)
+        x = _embed(self.model.transformer, tokens[rows], positions)  # (b, S, E)
+        E = x.shape[-1]
+        within = torch.where(padded_causal_mask(m.bool()), 0.0, neg).to(self.bias.dtype)  # (b, S, S)
+        # (b, 1, S, start + S): the cache as each row's slots allow, then causal within the chunk
+        bias = torch.cat([self.bias[rows, :, :, :start].expand(b, 1, S, start), within[:, None]], dim=-1)
+        x = x.reshape(b * S, E)
+        for i, layer in enumerate(self.layers):
+            x = block(x, layer, self.eps, partial(self._attend_rows, i, rows, S, start, bias))
+        ln_f = self.model.transformer.ln_f
+        h = F.layer_norm(x.view(b, S, E), (E,), ln_f.weight, ln_f.bias, self.eps)
+        self.length, self.next_position = start + S, self.next_position + mask.sum(-1)
+        last = (m.sum(-1) - 1).clamp(min=0)  # (b,)
+        logits = self._logits(h[torch.arange(b, device=h.device), last])  # (b, V)
+        return logits.new_zeros(B, logits.shape[-1]).index_copy_(0, rows, logits)
+
+    def _attend_rows(self, i: int, rows: torch.Tensor, S: int, start: int, bias: torch.Tensor, qkv, x):
+        """Layer i's attention for a chunk of `rows` at cache slots [start, start + S), over those rows' cache."""
+        q, k, v = heads(qkv, len(rows), S, self.n_head)  # each (b, H, S, D)
+        end = start + S
+        self.keys[i][rows, :, start:end] = k
+        self.values[i][rows, :, start:end] = v
+        keys, values = self.keys[i][rows, :, :end], self.values[i][rows, :, :end]  # (b, H, end, D)
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+        return merge_heads(a), x
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append (B,) tokens; return the (B, V) logits of the next one."""
+        self._reserve(self.length + 1)
         x = _embed(self.model.transformer, tokens, self.next_position)[:, None]  # (B, 1, E)
         x = self._blocks(x, self.bias[:, :, :, : self.length + 1], self.length)
         self.length += 1
