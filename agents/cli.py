@@ -74,6 +74,25 @@ def sample(cfg: SampleConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `textenv` command. A user's mistake (a ValueError, TypeError or OSError: a bad value, a changed config,
+    a missing file) prints its message and exits with status 2; `--traceback` (or TEXTENV_TRACEBACK=1) shows the
+    whole traceback instead."""
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    traceback = "--traceback" in argv or os.environ.get("TEXTENV_TRACEBACK") == "1"
+    argv = [arg for arg in argv if arg != "--traceback"]
+    try:
+        run_command(argv)
+    except (ValueError, TypeError, OSError) as exc:
+        if traceback:
+            raise
+        print(f"textenv: error: {exc}\n(--traceback shows where it was raised)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_command(argv: list[str]) -> None:
+    """Parse `argv` into a subcommand's config and run it; errors propagate (`main` is the command's face)."""
     import tyro
 
     from agents.comparisons import CollectConfig, collect_comparisons

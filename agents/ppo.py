@@ -86,7 +86,9 @@ class PPOConfig:
     """For a classifier reward with several labels: the label whose logit is the reward (e.g. POSITIVE)."""
     value_model: str | None = None
     """Folder of the value model's initialisation (a sequence-classification model). Default: the reward model
-    (InstructGPT), or the policy with a new scalar head when the reward is not a model."""
+    (InstructGPT) when it is a one-output model that reads the policy's tokens (the same vocabulary); else the
+    policy with a new scalar head (an HF classifier with several labels or its own tokenizer, a callable reward).
+    The choice is printed."""
     shared_value_head: bool = False
     """Memory-saving option: a value head on the policy's trunk instead of a separate value model."""
     num_envs: int = 64
@@ -172,6 +174,15 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.score.bias)
 
 
+def default_value_init(cfg: PPOConfig, reward_fn, tokenizer) -> str:
+    """The reward model (InstructGPT initialises the value model from it) if its trunk can be one: a single output
+    and the policy's vocabulary, since the value model reads the policy's token ids; else the policy."""
+    if isinstance(reward_fn, SequenceClassifierReward) and reward_fn.model.config.num_labels == 1 \
+            and reward_fn.tokenizer.get_vocab() == tokenizer.get_vocab():
+        return cfg.reward
+    return cfg.policy
+
+
 def rollout_values(value_model, policy, cfg: PPOConfig, local_ids, local_mask, mine: slice, input_ids, attention_mask,
                    first_rows: torch.Tensor, first_micro: list[torch.Tensor], dist, rows: int,
                    P: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -231,11 +242,12 @@ def ppo(cfg: PPOConfig) -> Path:
     task = get_task(cfg.task)
     # model kwargs reach only a model adapter; a 'module:attr' callable ignores them
     reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, label=cfg.reward_label, device=device)
-    reward_is_model = isinstance(reward_fn, SequenceClassifierReward)
     if cfg.shared_value_head:
         value_model = ValueHead(policy.config.hidden_size).to(device)
     else:
-        value_init = cfg.value_model or (cfg.reward if reward_is_model else cfg.policy)
+        value_init = cfg.value_model or default_value_init(cfg, reward_fn, tokenizer)
+        if dist.is_main_process:
+            print(f"ppo: value model initialised from {value_init}")
         value_model = load_sequence_classifier(value_init, num_labels=1).to(device)  # new head on a causal LM
         value_model.config.pad_token_id = tokenizer.pad_token_id
     B = cfg.num_envs

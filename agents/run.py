@@ -249,9 +249,43 @@ def write_summary(out_dir: str | Path, summary: dict) -> None:
         _write_json_atomic(Path(out_dir) / "summary.json", summary)
 
 
+# The append-only files of a run folder, each with the key that numbers its rows: cut back together on a resume.
+APPEND_ONLY = {"metrics.jsonl": "step", "samples.jsonl": "iteration"}
+
+
+def cut_back(path: Path, key: str, keep_until: int) -> None:
+    """Keep the rows of a JSONL file whose `key` is <= keep_until (all of them go for -1), atomically. A partial
+    last line (what a crash in mid-write leaves) is dropped; any other line that is not a JSON object with `key`
+    is an error naming the file and the line."""
+    if not path.exists():
+        return
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason}); delete it, or rerun with --overwrite") from None
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row[key]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            if number == len(lines):  # a crash in mid-write: the row is re-logged by the resumed run
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON row with a {key!r} ({line[:60]!r}); delete the "
+                             "file, or rerun with --overwrite") from None
+        if step <= keep_until:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class RunLogger:
-    """metrics.jsonl + TensorBoard. On resume from step s, the lines a crashed run logged after s are dropped first,
-    so the resumed run re-logs them once: no duplicates, no gaps. A fresh run (resume_step=None) starts empty."""
+    """metrics.jsonl + TensorBoard. On resume from step s, the rows a crashed run wrote after s are dropped first
+    from every append-only file (metrics.jsonl, samples.jsonl: `APPEND_ONLY`), so the resumed run writes them once:
+    no duplicates, no gaps. A fresh run (resume_step=None) starts them empty."""
 
     def __init__(self, out_dir: str | Path, resume_step: int | None):
         self.enabled = distributed_state().is_main_process
@@ -259,11 +293,9 @@ class RunLogger:
             return
         self.path = Path(out_dir) / "metrics.jsonl"
         keep_until = -1 if resume_step is None else resume_step
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= keep_until]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        for name, key in APPEND_ONLY.items():
+            cut_back(Path(out_dir) / name, key, keep_until)
+        self.path.touch()
         # purge_step: TensorBoard drops the crashed run's events at steps >= purge_step
         self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=keep_until + 1)
         self.file = self.path.open("a")

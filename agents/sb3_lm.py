@@ -202,7 +202,12 @@ def sb3_ppo(cfg: SB3PPOConfig) -> Path:
     tokenizer = load_tokenizer(cfg.policy)  # the env must tokenize with the policy's vocabulary
     # one reward for all sub-envs (a model folder given as a string would load once per sub-env)
     reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, device=device)
-    vocab_size = AutoConfig.from_pretrained(cfg.policy).vocab_size  # the action space must match the LM's logits
+    # the action space is the LM's logits (SB3's action net is its head), and it must hold every token
+    vocab_size = AutoConfig.from_pretrained(cfg.policy).vocab_size
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"policy {cfg.policy!r} has {vocab_size} logits but its tokenizer {len(tokenizer)} tokens "
+                         "(an added PAD?): resize it first, model.resize_token_embeddings(len(tokenizer)), and save "
+                         "it with the tokenizer")
     env_kwargs = dict(tokenizer=tokenizer, reward_fn=reward_fn, vocab_size=vocab_size)
     env = make_vec_env(cfg.env_id, n_envs=cfg.n_envs, seed=cfg.seed, env_kwargs=env_kwargs,
                        wrapper_class=TruncationIsTermination)

@@ -102,6 +102,7 @@ def as_reward_fn(spec: Any, **model_kwargs: Any) -> RewardFn:
             if not callable(fn):
                 raise TypeError(f"reward spec {spec!r} names a {type(fn).__name__}, which is not callable")
             return fn
+        _check_dotted(spec)
         from rewards.hf import SequenceClassifierReward  # torch/transformers only when a model is asked for
 
         return SequenceClassifierReward(spec, **model_kwargs)
@@ -111,6 +112,21 @@ def as_reward_fn(spec: Any, **model_kwargs: Any) -> RewardFn:
         f"reward must be a callable, a 'module:attr' string, a model folder or hub id, or a dict of them; "
         f"got {type(spec).__name__}"
     )
+
+
+def _check_dotted(spec: str) -> None:
+    """'package.module.attr' (a dot for the colon) names an importable module's attribute: refuse it, suggesting
+    the import string, instead of sending it to the hub as a model id."""
+    if Path(spec).exists() or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", spec):
+        return
+    module, attr = spec.rsplit(".", 1)
+    try:
+        found = hasattr(importlib.import_module(module), attr)
+    except ImportError:
+        return
+    if found:
+        raise ValueError(f"reward {spec!r} is neither a model folder nor an import string; did you mean "
+                         f"'{module}:{attr}'?")
 
 
 class WeightedSum:

@@ -241,3 +241,20 @@ def test_prompt_files(env_kwargs, tmp_path):
         TextGenEnv(**{**env_kwargs, "prompts": str(tmp_path / "p.jsonl"), "prompt_column": "text"})
     with pytest.raises(ValueError, match="does not exist"):
         TextGenEnv(**{**env_kwargs, "prompts": str(tmp_path / "missing.jsonl")})
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"tokenizer": "runs/nowhere/sft/model"}, ValueError, r"tokenizer 'runs/nowhere/sft/model': no such folder"),
+    ({"tokenizer": "./missing"}, ValueError, "no such folder"),
+    ({"reward_fn": "runs/nowhere/rm/model"}, ValueError, "sequence classifier 'runs/nowhere/rm/model': no such folder"),
+    ({"reward_fn": "tests.conftest.length_reward"}, ValueError, r"did you mean 'tests.conftest:length_reward'\?"),
+    ({"prompts": "The movie was"}, ValueError, r"a single prompt must be given as a list: prompts=\['The movie was'\]"),
+    ({"prompts": "   "}, ValueError, "a single prompt must be given as a list"),
+    ({"prompts": "data.json"}, ValueError, r"must end in one of .jsonl, .csv, .parquet, .txt"),
+])
+def test_ordinary_mistakes_name_the_fix(env_kwargs, tmp_path, kwargs, error, match):
+    """Ordinary mistakes fail with the fix named, not inside the hub client or datasets (#21 item 4)."""
+    with pytest.raises(error, match=match):
+        TextGenEnv(**{**env_kwargs, **kwargs})
+    with pytest.raises(ValueError, match="is a folder"):
+        TextGenEnv(**{**env_kwargs, "prompts": str(tmp_path)})

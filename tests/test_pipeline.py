@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -49,20 +50,27 @@ def test_rerun_skips_completed_stages_and_changes_nothing(run, capsys):
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
 
 
-def test_bad_input(run, tmp_path):
+def test_bad_input(run, tmp_path, capsys):
+    """A user's mistake prints its message, no traceback, and exits 2; --traceback raises it instead."""
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["pipeline", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("textenv: error: ") and "Traceback" not in err
+        return err
+
+    assert re.search("different configuration .*seed", error("--preset", "tiny", "--out-dir", str(run), "--seed", "1"))
     with pytest.raises(ValueError, match="different configuration .*seed"):
-        main(["pipeline", "--preset", "tiny", "--out-dir", str(run), "--seed", "1"])
+        main(["pipeline", "--preset", "tiny", "--out-dir", str(run), "--seed", "1", "--traceback"])
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a run folder"):
-        main(["pipeline", "--preset", "tiny", "--out-dir", str(foreign)])
+    assert "not a run folder" in error("--preset", "tiny", "--out-dir", str(foreign))
     assert (foreign / "notes.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="unknown task 'poetry'"):
-        main(["pipeline", "--task", "poetry", "--out-dir", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="unknown preset 'huge'"):
-        main(["pipeline", "--preset", "huge", "--out-dir", str(tmp_path / "y")])
+    assert "unknown task 'poetry'" in error("--task", "poetry", "--out-dir", str(tmp_path / "x"))
+    assert "unknown preset 'huge'" in error("--preset", "huge", "--out-dir", str(tmp_path / "y"))
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    with pytest.raises(ValueError, match="not writable: .*is a file"):
-        main(["pipeline", "--preset", "tiny", "--out-dir", str(a_file / "run")])
+    assert re.search("not writable: .*is a file", error("--preset", "tiny", "--out-dir", str(a_file / "run")))

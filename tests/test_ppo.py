@@ -266,3 +266,22 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(sft_folder, tmp_path):
     weights = load_file(ckpt / "policy" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("num_labels", [1, 2])
+def test_any_classifier_reward_trains_by_default(sft_folder, tmp_path, capsys, num_labels):
+    """The value model starts from the reward model when it can (one output, the policy's vocabulary), else from
+    the policy with a fresh scalar head (an HF classifier with two labels used to fail loading as one output)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    tok = default_tokenizer()
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=len(tok), n_positions=64, num_labels=num_labels,
+                        pad_token_id=tok.pad_token_id, id2label={i: f"L{i}" for i in range(num_labels)})
+    reward = tmp_path / "classifier"
+    GPT2ForSequenceClassification(config).save_pretrained(reward)
+    tok.save_pretrained(reward)
+    label = None if num_labels == 1 else "L1"
+    ppo(tiny_config(sft_folder, tmp_path / "run", reward=str(reward), reward_label=label, iterations=1))
+    chosen = str(reward) if num_labels == 1 else str(sft_folder)
+    assert f"ppo: value model initialised from {chosen}" in capsys.readouterr().out
+    assert (tmp_path / "run" / "value_model" / "model.safetensors").exists()

@@ -94,3 +94,21 @@ def test_a_run_pinned_under_old_field_names_still_resumes(finished):
 def test_an_old_flag_names_the_new_one(config_cls, flag, new):
     with pytest.raises(SystemExit, match=f"{flag.split('=')[0]} was renamed: use {new}"):
         cli(config_cls, [flag, "1"])
+
+
+def test_a_resume_cuts_every_append_only_file_back_to_the_checkpoint(tmp_path):
+    """metrics.jsonl and samples.jsonl alike (#21): rows past the checkpoint go, and so does a partial last line
+    (a crash in mid-write); a corrupt line elsewhere is an error naming the file and the line."""
+    from agents.run import RunLogger
+
+    rows = lambda key, steps: "".join(json.dumps({key: s, "x": 1}) + "\n" for s in steps)  # noqa: E731
+    (tmp_path / "metrics.jsonl").write_text(rows("step", [1, 2, 3]) + '{"step": 4, "x"')
+    (tmp_path / "samples.jsonl").write_text(rows("iteration", [1, 1, 2, 3, 3]))
+    RunLogger(tmp_path, resume_step=2).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == rows("step", [1, 2])
+    assert (tmp_path / "samples.jsonl").read_text() == rows("iteration", [1, 1, 2])
+    RunLogger(tmp_path, resume_step=None).close()  # a fresh run starts them empty
+    assert (tmp_path / "samples.jsonl").read_text() == ""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON row with a 'step'"):
+        RunLogger(tmp_path, resume_step=2)

@@ -105,3 +105,18 @@ def test_sb3_ppo_end_to_end(lm_folder, tmp_path):
     trained = loaded.state_dict()
     assert not torch.equal(initial["transformer.wte.weight"], trained["transformer.wte.weight"])
     assert (tmp_path / "run" / "summary.json").exists() and (final / "tokenizer.json").exists()
+
+
+def test_a_policy_smaller_than_its_tokenizer_is_refused_with_the_fix(tiny_model, tokenizer, tmp_path):
+    """(#21 item 3) A model whose embedding is smaller than len(tokenizer) (an added token) cannot be SB3's action
+    net over every token: the error says how to resize, instead of the env's vocab_size error."""
+    import copy
+
+    bigger = copy.deepcopy(tokenizer)
+    bigger.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    tiny_model.save_pretrained(tmp_path / "lm")
+    bigger.save_pretrained(tmp_path / "lm")
+    cfg = SB3PPOConfig(policy=str(tmp_path / "lm"), reward="tests.conftest:length_reward",
+                       out_dir=str(tmp_path / "run"), device="cpu")
+    with pytest.raises(ValueError, match=r"has \d+ logits but its tokenizer \d+ tokens .*resize_token_embeddings"):
+        sb3_ppo(cfg)

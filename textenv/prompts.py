@@ -7,6 +7,7 @@ or an embedded task (`textenv.tasks.Task`), whose train prompts are used.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,22 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 TRUNCATION_SIDES = ("left", "right", None)
+PROMPT_SUFFIXES = (".jsonl", ".csv", ".parquet", ".txt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "namespace/name"
+
+
+def _check_prompt_string(source: str) -> None:
+    """A str that is neither a prompt file nor a plausible hub id is refused, naming the fix."""
+    path = Path(source).expanduser()
+    suffixes = ", ".join(PROMPT_SUFFIXES)
+    if path.is_dir():
+        raise ValueError(f"prompts={source!r} is a folder; give a {suffixes} file, or a list of prompts")
+    if path.is_file() or path.suffix in (".json", ".tsv", ".xlsx", ".arrow", ".gz", ".zip"):
+        raise ValueError(f"prompts={source!r}: a prompt file must end in one of {suffixes} "
+                         "(.jsonl: one JSON object per line)")
+    if not _HUB_ID.match(source):
+        raise ValueError(f"prompts={source!r} is neither a prompt file ({', '.join(PROMPT_SUFFIXES)}) nor a hub data "
+                         f"set id; a single prompt must be given as a list: prompts=[{source!r}]")
 
 
 def load_prompts(source: Any, *, column: str = "prompt", split: str = "train") -> list[str]:
@@ -27,6 +44,7 @@ def load_prompts(source: Any, *, column: str = "prompt", split: str = "train") -
     elif isinstance(source, (list, tuple)):
         prompts = list(source)
     elif isinstance(source, str):
+        _check_prompt_string(source)
         import datasets  # a hub id: needs the network, so import only then
 
         prompts = datasets.load_dataset(source, split=split)[column]

@@ -76,7 +76,10 @@ def load_tokenizer(
     if isinstance(name_or_path, PreTrainedTokenizerBase):
         tokenizer = name_or_path
     elif isinstance(name_or_path, (str, Path)):
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        from textenv.models.loading import check_source
+
+        source = check_source(name_or_path, "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     else:
         raise TypeError(
             f"tokenizer must be a hub id, a folder path or a PreTrainedTokenizerBase, got {type(name_or_path).__name__}"

@@ -73,12 +73,28 @@ def fuse_gelu(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def check_source(name_or_path: str | Path, what: str) -> str:
+    """`name_or_path` as a string for `from_pretrained`, after refusing what is certainly no model: a path that
+    does not exist (anything that starts with '.', '/' or '~', or has more than one '/': a hub id is 'name' or
+    'namespace/name') or a file where a folder is needed. Saves a user transformers' "Repo id must be in the form"
+    for a typo in a folder's name."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{what} {text!r} is a file; give the folder that holds it (a save_pretrained folder)")
+        return str(path)
+    if not text.strip() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ValueError(f"{what} {text!r}: no such folder (a hub id is 'name' or 'namespace/name')")
+    return text
+
+
 def load_causal_lm(
     name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """Any Hugging Face causal LM, by hub id or local folder, with dropout off."""
     model = AutoModelForCausalLM.from_pretrained(
-        str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
+        check_source(name_or_path, "causal LM"), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
     )
     return fuse_gelu(disable_dropout(model))
 
@@ -96,6 +112,6 @@ def load_sequence_classifier(
     """
     extra = {} if num_labels is None else {"num_labels": num_labels}
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, **extra
+        check_source(name_or_path, "sequence classifier"), dtype=dtype, trust_remote_code=trust_remote_code, **extra
     )
     return fuse_gelu(disable_dropout(model))
