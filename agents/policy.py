@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from agents.core import logprobs_and_entropy
+from agents.distributed import sum_gradients, sum_over_processes
 from agents.sampler import Rollout
 from textenv.models.gpt2 import lean_forward
 from textenv.models.tokens import position_ids_from_mask, scale_logits
@@ -82,6 +83,20 @@ def check_finite(iteration: int, **values: torch.Tensor) -> None:
                 f"non-finite {name} at iteration {iteration + 1}; stopping before the update, "
                 "the last checkpoint is intact (try a lower lr or a larger kl_coef)"
             )
+
+
+def minibatch_step(dist, params: list, optimizer, max_grad_norm: float, iteration: int,
+                   mb_stats: torch.Tensor) -> torch.Tensor:
+    """The end of a minibatch in every RL trainer: under N processes the gradients and the loss statistics are
+    summed into the global minibatch's (`agents.distributed`); the gradient norm is clipped; non-finite values stop
+    the run before the step (checked after the sums, so every process stops at the same minibatch); the optimizer
+    steps. Returns the global statistics with the gradient norm appended, for the iteration's means."""
+    sum_gradients(dist, params)
+    mb_stats = sum_over_processes(dist, mb_stats)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    check_finite(iteration, loss=mb_stats, grad_norm=grad_norm)
+    optimizer.step()
+    return torch.cat([mb_stats, grad_norm.detach()[None]])
 
 
 def write_samples(path: Path, iteration: int, batch: Rollout, gold: list[float], n: int) -> None:

@@ -45,7 +45,6 @@ from agents.distributed import (
     process_device,
     rank_rows,
     rollout_uniforms,
-    sum_gradients,
     sum_over_processes,
 )
 from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user catches, importable from here)
@@ -53,6 +52,7 @@ from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user cat
     check_finite,
     chunked,
     iteration_generator,
+    minibatch_step,
     policy_forward,
     value_forward,
     write_samples,
@@ -369,13 +369,9 @@ def ppo(cfg: PPOConfig) -> Path:
                     # (a non-finite ptx loss shows up in the gradient norm)
                     loss = cfg.ptx_coef * ptx_loss(policy, ptx_blocks, mb_size, my_mb, order_rng, device)
                     loss.backward()
-                sum_gradients(dist, params)  # N processes: the global minibatch's gradient, in every process
-                mb_stats = sum_over_processes(dist, torch.cat([pg_stats, vf_stats]))  # the global minibatch's means
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                # checked after the sums, so that every process stops at the same minibatch, before the step
-                check_finite(iteration, loss=mb_stats, grad_norm=grad_norm)
-                optimizer.step()
-                stats.append(torch.cat([mb_stats, grad_norm.detach()[None]]))
+                # N processes: the gradients and statistics summed to the global minibatch's; clip, check, step
+                mb_stats = torch.cat([pg_stats, vf_stats])
+                stats.append(minibatch_step(dist, params, optimizer, cfg.max_grad_norm, iteration, mb_stats))
         scheduler.step()
         kl_ctl.update(kl.mean().item(), B)
         t_update = time.perf_counter() - t0 - t_rollout

@@ -23,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.core import clipped_policy_loss, group_advantages, kl_estimate
-from agents.distributed import gather_rows, rank_rows, sum_gradients, sum_over_processes
+from agents.distributed import gather_rows, rank_rows
 from agents.groups import sample_groups, setup_groups
-from agents.policy import check_finite, iteration_generator, policy_forward, write_samples
+from agents.policy import check_finite, iteration_generator, minibatch_step, policy_forward, write_samples
 from agents.run import RunLogger, cli, finish_run, load_checkpoint, save_checkpoint, start_run
 from textenv.models.tokens import check_temperature
 
@@ -179,12 +179,8 @@ def rloo(cfg: RLOOConfig) -> Path:
                     mb_entropy = (entropy * mask[mu]).sum() / mask[mb].sum()
                     mb_stats += torch.stack([weight * pg_loss, weight * clipfrac, weight * approx_kl,
                                              mb_entropy]).detach()
-                sum_gradients(dist, params)  # the whole minibatch's gradient, in every process
-                mb_stats = sum_over_processes(dist, mb_stats)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                check_finite(iteration, loss=mb_stats, grad_norm=grad_norm)  # after the sums: every process stops
-                optimizer.step()
-                stats.append(torch.cat([mb_stats, grad_norm.detach()[None]]))
+                # N processes: the gradients and statistics summed to the global minibatch's; clip, check, step
+                stats.append(minibatch_step(dist, params, optimizer, cfg.max_grad_norm, iteration, mb_stats))
         scheduler.step()
         t_update = time.perf_counter() - t0 - t_rollout
 

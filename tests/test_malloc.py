@@ -14,8 +14,12 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 
 # minor page faults per training step of a model whose (512, 4096) logits and activations are freed every step
 STEP_FAULTS = """
-import resource, sys, torch
-from textenv.models import keep_freed_memory
+import importlib.util, resource, sys, torch
+# the module alone (torch is all it imports): the package would import transformers, ~4 s a run
+spec = importlib.util.spec_from_file_location("runtime", "textenv/models/runtime.py")
+runtime = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runtime)
+keep_freed_memory = runtime.keep_freed_memory
 torch.set_num_threads(1)
 print(keep_freed_memory())
 torch.manual_seed(0)
