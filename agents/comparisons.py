@@ -102,7 +102,7 @@ def gold_agreement(rows: list[dict], temperature: float) -> tuple[float, float, 
 
 def collect_comparisons(cfg: CollectConfig) -> Path:
     """Sample, score and rank; return the `datasets` folder out_dir/comparisons (skipped if already complete)."""
-    out_dir, complete = start_run(cfg, "comparisons")
+    out_dir, complete = start_run(cfg, "comparisons", result="comparisons")
     if complete:
         return out_dir / "comparisons"
     import datasets  # heavy; only when collecting

@@ -119,7 +119,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     for name, runner in runners.items():
         folder = stage_dir(out, name)
-        if is_complete(folder):
+        if is_complete(folder, "comparisons" if name == "collect" else "model"):
             print(f"[pipeline] {name}: already complete in {folder}, skipped")
             continue
         start = time.perf_counter()

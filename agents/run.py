@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.tensorboard import SummaryWriter
@@ -79,11 +80,11 @@ def run_config(cfg) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
 
 
-def start_run(cfg, stage: str) -> tuple[Path, bool]:
+def start_run(cfg, stage: str, result: str = "model") -> tuple[Path, bool]:
     """Every stage's first call: pin `cfg` in `cfg.out_dir` (`check_run_dir`: a changed configuration is refused
     unless cfg.overwrite), then (out_dir, complete). A complete run has nothing to do: the stage returns its result."""
     out_dir = check_run_dir(cfg.out_dir, {"stage": stage, **run_config(cfg)}, cfg.overwrite)
-    complete = is_complete(out_dir)
+    complete = is_complete(out_dir, result)
     if complete and distributed_state().is_main_process:
         print(f"{out_dir} is complete (summary.json); nothing to do")
     return out_dir, complete
@@ -238,9 +239,24 @@ def save_model_folder(model, tokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def is_complete(out_dir: str | Path) -> bool:
-    """True once a stage has written its summary.json (the last thing it writes)."""
-    return (Path(out_dir) / "summary.json").exists()
+def is_complete(out_dir: str | Path, result: str = "model") -> bool:
+    """True once a stage has written its summary.json (the last thing it writes), beside its `result` folder
+    (model/; collect: comparisons/). A summary that is no JSON object, or one without its result, is a damaged
+    folder: ValueError naming it and the way out."""
+    out_dir = Path(out_dir)
+    path = out_dir / "summary.json"
+    if not path.exists():
+        return False
+    way_out = "delete summary.json to run the stage again, or rerun with --overwrite"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        summary = None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} is not a stage summary (damaged?): {way_out}")
+    if not (out_dir / result).is_dir():
+        raise ValueError(f"{path} says the stage is complete, but {out_dir / result} is missing: {way_out}")
+    return True
 
 
 def write_summary(out_dir: str | Path, summary: dict) -> None:
@@ -395,11 +411,15 @@ def load_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler) -> dict 
         ckpt_dir = ckpt_dir.with_name(ckpt_dir.name + ".old")  # a crash between the two renames of a save
         if not (ckpt_dir / "trainer_state.json").exists():
             return None
-    for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
-        _load_weights(model, ckpt_dir / name)
-    optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
-    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    try:
+        for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
+            _load_weights(model, ckpt_dir / name)
+        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu"))
+        scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"checkpoint {ckpt_dir} is damaged ({type(exc).__name__}: {exc}); delete it to start the "
+                         "stage over, or rerun with --overwrite") from exc
     _set_rng_state(state.pop("rng"))
     return state
 

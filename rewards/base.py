@@ -58,7 +58,11 @@ def call_reward(fn: Callable, prompts: Sequence[str], completions: Sequence[str]
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise RewardError(f"reward {name!r} returned {value!r} ({type(value).__name__}) at index {i}, "
                               "expected a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int past float's range, e.g. 10**400
+            raise RewardError(f"reward {name!r} returned an int of {len(str(abs(value)))} digits at index {i}, beyond "
+                              "a float's range") from None
         if not math.isfinite(value):
             raise RewardError(f"reward {name!r} returned {value} at index {i}; scores must be finite")
         scores.append(value)
@@ -103,6 +107,9 @@ def as_reward_fn(spec: Any, **model_kwargs: Any) -> RewardFn:
                 raise TypeError(f"reward spec {spec!r} names a {type(fn).__name__}, which is not callable")
             return fn
         _check_dotted(spec)
+        if Path(spec).is_dir() and not (Path(spec) / "config.json").is_file():
+            raise ValueError(f"reward {spec!r} is a folder but not a model folder (no config.json): give a "
+                             "sequence-classification model's save_pretrained folder")
         from rewards.hf import SequenceClassifierReward  # torch/transformers only when a model is asked for
 
         return SequenceClassifierReward(spec, **model_kwargs)

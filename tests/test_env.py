@@ -258,3 +258,32 @@ def test_ordinary_mistakes_name_the_fix(env_kwargs, tmp_path, kwargs, error, mat
         TextGenEnv(**{**env_kwargs, **kwargs})
     with pytest.raises(ValueError, match="is a folder"):
         TextGenEnv(**{**env_kwargs, "prompts": str(tmp_path)})
+
+
+def test_fuzzed_mistakes_from_the_outside_user_report(env_kwargs, tmp_path, tokenizer):
+    """#21 item 8's crashes from inside dependencies, each now an error that names the value."""
+    with pytest.raises(ValueError, match=r"max_new_tokens=1000000000000 is over textenv's limit of 65536 tokens"):
+        TextGenEnv(**{**env_kwargs, "max_new_tokens": 10**12})
+    with pytest.raises(ValueError, match=r"max_prompt_tokens=1000000000000 is over"):
+        TextGenEnv(**{**env_kwargs, "max_prompt_tokens": 10**12})
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        TextGenEnv(**{**env_kwargs, "prompts": str(latin)})
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        TextGenEnv(**{**env_kwargs, "prompts": str(jsonl)})
+    garbage = tmp_path / "prompts.parquet"
+    garbage.write_bytes(b"not a parquet file at all")
+    with pytest.raises(ValueError, match="is not a readable parquet file"):
+        TextGenEnv(**{**env_kwargs, "prompts": str(garbage)})
+    not_a_model = tmp_path / "comparisons"
+    not_a_model.mkdir()
+    (not_a_model / "data.arrow").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a model folder \\(no config.json\\)"):
+        TextGenEnv(**{**env_kwargs, "reward_fn": str(not_a_model)})
+    env = TextGenEnv(**{**env_kwargs, "reward_fn": lambda p, c: [10**400] * len(c), "max_new_tokens": 1})
+    env.reset(seed=0)
+    with pytest.raises(RewardError, match="beyond a float's range"):
+        env.step(tokenizer.eos_token_id)

@@ -112,3 +112,31 @@ def test_a_resume_cuts_every_append_only_file_back_to_the_checkpoint(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON row with a 'step'"):
         RunLogger(tmp_path, resume_step=2)
+
+
+def test_damaged_run_folders_name_the_file_and_the_way_out(finished, tmp_path):
+    """(#21 item 7) 'complete' means a summary and the result folder; a damaged checkpoint is named."""
+    import shutil
+
+    import torch
+
+    from agents.run import load_checkpoint, save_checkpoint
+
+    run, cfg = finished["sft"]
+    copy = tmp_path / "sft"
+    shutil.copytree(cfg.out_dir, copy)
+    cfg = dataclasses.replace(cfg, out_dir=str(copy))
+    shutil.rmtree(copy / "model")
+    with pytest.raises(ValueError, match=r"says the stage is complete, but .*model is missing: delete summary.json"):
+        run(cfg)
+    (copy / "summary.json").write_text("{garbage")
+    with pytest.raises(ValueError, match=r"summary.json is not a stage summary \(damaged\?\)"):
+        run(cfg)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(tmp_path / "checkpoint", model, optimizer, scheduler, {"step": 1})
+    weights = tmp_path / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])  # what a full disk or a kill in mid-copy leaves
+    with pytest.raises(ValueError, match=r"checkpoint .* is damaged \(SafetensorError"):
+        load_checkpoint(tmp_path / "checkpoint", model, optimizer, scheduler)

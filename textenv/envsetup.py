@@ -34,9 +34,14 @@ class EnvSetup:
         return self.tokenizer.decode(response_ids.tolist(), skip_special_tokens=True)
 
 
-def _positive_int(name: str, value: Any) -> int:
+MAX_TOKENS = 1 << 16  # a budget past this is a mistake (every env holds (P + T) ids): refused, not allocated
+
+
+def _positive_int(name: str, value: Any, limit: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if limit is not None and value > limit:
+        raise ValueError(f"{name}={value} is over textenv's limit of {limit} tokens")
     return int(value)
 
 
@@ -67,8 +72,9 @@ def make_setup(
     missing = [n for n, v in (("prompts", prompts), ("tokenizer", tokenizer), ("reward_fn", reward_fn)) if v is None]
     if missing:
         raise ValueError(f"no {', '.join(missing)} given: pass them, or task= one of the embedded tasks")
-    max_new_tokens = _positive_int("max_new_tokens", 48 if max_new_tokens is None else max_new_tokens)
-    max_prompt_tokens = _positive_int("max_prompt_tokens", 64 if max_prompt_tokens is None else max_prompt_tokens)
+    max_new_tokens = _positive_int("max_new_tokens", 48 if max_new_tokens is None else max_new_tokens, MAX_TOKENS)
+    max_prompt_tokens = _positive_int("max_prompt_tokens", 64 if max_prompt_tokens is None else max_prompt_tokens,
+                                      MAX_TOKENS)
 
     tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     vocab_size = len(tokenizer) if vocab_size is None else _positive_int("vocab_size", vocab_size)

@@ -70,7 +70,12 @@ def _prompts_from_file(path: Path, column: str) -> list[str]:
     if not path.is_file():
         raise ValueError(f"prompt file {str(path)!r} does not exist")
     if path.suffix == ".txt":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text ({exc.reason}); re-save it as "
+                             "UTF-8") from None
+        return [line for line in text.splitlines() if line.strip()]
     from textenv.records import read_records
 
     records = read_records(path)

@@ -15,10 +15,19 @@ RECORD_SUFFIXES = (".jsonl", ".csv", ".parquet")
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """The rows of a .jsonl/.csv/.parquet file as dicts; ValueError on an empty file or a malformed JSONL line."""
+    """The rows of a .jsonl/.csv/.parquet file as dicts; ValueError naming the file on an empty, non-UTF-8 or
+    unreadable file or a malformed JSONL line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as "
+                         "UTF-8") from None
+
+
+def _read_records(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -35,9 +44,13 @@ def read_records(path: str | Path) -> list[dict]:
         with path.open(newline="", encoding="utf-8") as f:
             records = list(csv.DictReader(f))
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        records = pq.read_table(path).to_pylist()
+        try:
+            records = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"data file {path} is not a readable parquet file ({exc})") from None
     else:
         raise ValueError(f"unsupported data file {path}: use one of {RECORD_SUFFIXES} (or .txt for plain text)")
     if not records:
