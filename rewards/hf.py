@@ -4,6 +4,7 @@ our learned reward models included (they are such folders).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -65,6 +66,7 @@ class SequenceClassifierReward:
         # A GPT-2 scores through the lean forward, which computes only the scored token in its last block
         # (textenv/models/gpt2.py; `_lean`).
         self._frozen = owned
+        self._left = None  # the tokenizer's left-truncating copy, made for the first over-long input
         self._packed = None  # built on the first call; a cache, so it is dropped on pickling (see __getstate__)
 
     def _resolve_label(self, label: int | str | None) -> int:
@@ -93,9 +95,9 @@ class SequenceClassifierReward:
         texts = [reward_model_text(p, c) for p, c in zip(prompts, completions)]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            ids = self.tokenizer(texts[start : start + self.batch_size])["input_ids"]
-            # Keep the end of over-long inputs (the completion) without touching the caller's truncation_side.
-            ids = [row[-self.max_length :] for row in ids]
+            chunk = texts[start : start + self.batch_size]
+            ids = self.tokenizer(chunk)["input_ids"]
+            ids = [row if len(row) <= self.max_length else self._keep_end(text) for row, text in zip(ids, chunk)]
             # the score is read at the last token
             input_ids, attention_mask = pad_rows(ids, self.tokenizer.pad_token_id)
             batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
@@ -103,6 +105,15 @@ class SequenceClassifierReward:
             logits = self.model(**batch).logits if lean is None else lean.scores(**batch)  # (B, num_labels)
             scores.extend(logits[:, self.label_index].float().tolist())
         return scores
+
+    def _keep_end(self, text: str) -> list[int]:
+        """An over-long input cut to its last tokens (the completion is always seen) with the model's special tokens
+        kept: BERT's [CLS] ... [SEP] stay, so the classifier reads the input it was trained on. The caller's
+        tokenizer (its truncation_side) is not touched."""
+        if self._left is None:  # a private copy that truncates on the left
+            self._left = copy.deepcopy(self.tokenizer)
+            self._left.truncation_side = "left"
+        return self._left(text, truncation=True, max_length=self.max_length)["input_ids"]
 
     def _lean(self):
         """The lean forward to score through (None: the HF forward). A model this adapter loaded is frozen, so its

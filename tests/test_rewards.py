@@ -114,3 +114,29 @@ def test_an_env_whose_reward_is_a_gpt2_rm_folder_pickles_and_copies(classifier_f
     assert env.setup.reward_fn._packed is not None
     for clone in (pickle.loads(pickle.dumps(env)), copy.deepcopy(env)):
         assert score(clone) == pytest.approx(want, abs=1e-6)
+
+
+def test_an_over_long_input_keeps_the_classifiers_special_tokens(tmp_path):
+    """(#21 item 12) A BERT classifier with 16 positions scores a longer text on its last tokens with [CLS] and
+    [SEP] kept, as its own left truncation would, not on a cut that lost [CLS]."""
+    import copy
+
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = ["the", "film", "was", "good", "bad", "and", "slow", "fun", "long", "plot"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32,
+                                                     max_position_embeddings=16, num_labels=1)).eval()
+    fn = SequenceClassifierReward(model, tok, max_length=16)
+    prompt, completion = "the film was", " good and fun and slow and long and bad and fun and good plot"
+    own = copy.deepcopy(tok)
+    own.truncation_side = "left"
+    ids = own(prompt + completion, truncation=True, max_length=16, return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == tok.cls_token_id and ids[0, -1] == tok.sep_token_id and ids.shape[1] == 16
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0, 0].item()
+    assert fn([prompt], [completion])[0] == pytest.approx(want, abs=1e-6)
+    assert tok.truncation_side == "right"  # the caller's tokenizer is untouched
