@@ -15,7 +15,7 @@ import torch
 from accelerate import PartialState
 
 from agents.distributed import gather_rollout, gather_rows, process_device, rank_rows, rollout_uniforms
-from agents.policy import chunked, iteration_generator, policy_forward
+from agents.policy import chunked, iteration_generator, policy_forward, prompt_budget
 from agents.run import distributed_state
 from agents.sampler import Rollout, rollout
 from rewards.base import as_reward_fn
@@ -65,7 +65,8 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
     reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, label=cfg.reward_label, device=device)
     mine = rank_rows(B, dist)
     envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
-                            reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens)
+                            reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens,
+                            max_prompt_tokens=prompt_budget(cfg, tokenizer))
     P, T, V = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, envs.setup.vocab_size
     mb_size = B // cfg.num_minibatches
     rows = cfg.micro_batch_size or mb_size

@@ -52,6 +52,9 @@ class GRPOConfig:
     """Divide by the group's std (GRPO); False keeps only the mean-centring, as Dr. GRPO recommends."""
     max_new_tokens: int | None = None
     """Response budget; default: the task's."""
+    max_prompt_tokens: int | None = None
+    """Prompt budget in tokens (longer prompts keep their last tokens); default: the task's, or with --prompts the
+    longest of them, so that none is cut."""
     temperature: float = 0.7
     """Sampling temperature; log-probs for the loss and the KL use logits divided by it too."""
     iterations: int = 20

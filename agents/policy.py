@@ -85,6 +85,16 @@ def check_finite(iteration: int, **values: torch.Tensor) -> None:
             )
 
 
+def prompt_budget(cfg, tokenizer) -> int | None:
+    """The prompt budget of an RL run: `cfg.max_prompt_tokens` if set; else, with a user's `cfg.prompts`, the
+    longest of those prompts in tokens, so that none is cut; else None (the embedded task's budget)."""
+    if cfg.max_prompt_tokens is not None or cfg.prompts is None:
+        return cfg.max_prompt_tokens
+    from textenv.prompts import load_prompts
+
+    return max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in load_prompts(cfg.prompts))
+
+
 def minibatch_step(dist, params: list, optimizer, max_grad_norm: float, iteration: int,
                    mb_stats: torch.Tensor) -> torch.Tensor:
     """The end of a minibatch in every RL trainer: under N processes the gradients and the loss statistics are

@@ -54,6 +54,7 @@ from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user cat
     iteration_generator,
     minibatch_step,
     policy_forward,
+    prompt_budget,
     value_forward,
     write_samples,
 )
@@ -96,6 +97,9 @@ class PPOConfig:
     of N processes."""
     max_new_tokens: int | None = None
     """Response budget; default: the task's."""
+    max_prompt_tokens: int | None = None
+    """Prompt budget in tokens (longer prompts keep their last tokens); default: the task's, or with --prompts the
+    longest of them, so that none is cut."""
     temperature: float = 0.7
     """Sampling temperature; log-probs for the loss and the KL use logits divided by it too."""
     iterations: int = 20
@@ -253,7 +257,8 @@ def ppo(cfg: PPOConfig) -> Path:
     B = cfg.num_envs
     mine = rank_rows(B, dist)  # N processes: this process's episodes, global rows [mine.start, mine.stop)
     envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
-                            reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens)
+                            reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens,
+                            max_prompt_tokens=prompt_budget(cfg, tokenizer))
     P, T, V = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, envs.setup.vocab_size
     mb_size = B // cfg.num_minibatches
     my_mb = rank_rows(mb_size, dist)  # N processes: this process's rows of every minibatch

@@ -285,3 +285,20 @@ def test_any_classifier_reward_trains_by_default(sft_folder, tmp_path, capsys, n
     chosen = str(reward) if num_labels == 1 else str(sft_folder)
     assert f"ppo: value model initialised from {chosen}" in capsys.readouterr().out
     assert (tmp_path / "run" / "value_model" / "model.safetensors").exists()
+
+
+def test_user_prompts_longer_than_the_tasks_budget_are_not_cut(sft_folder, tmp_path):
+    """(#21 item 11) With --prompts, the prompt budget follows the prompts (the sentiment task's is 16 tokens):
+    the policy sees every prompt whole; --max-prompt-tokens still sets it by hand."""
+    tok = default_tokenizer()
+    long_prompt = "the film was " + "very " * 40 + "long and"
+    path = tmp_path / "prompts.txt"
+    path.write_text(long_prompt + "\nthe book was\n")
+    n = len(tok(long_prompt, add_special_tokens=False)["input_ids"])
+    assert n > 16
+    ppo(tiny_config(sft_folder, tmp_path / "run", prompts=str(path), iterations=1, sample_every=1))
+    seen = {json.loads(line)["prompt"] for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()}
+    assert long_prompt in seen  # whole, not its last 16 tokens
+    ppo(tiny_config(sft_folder, tmp_path / "cut", prompts=str(path), iterations=1, max_prompt_tokens=8))
+    seen = {json.loads(line)["prompt"] for line in (tmp_path / "cut" / "samples.jsonl").read_text().splitlines()}
+    assert long_prompt not in seen and any(long_prompt.endswith(s) for s in seen)
