@@ -57,7 +57,7 @@ class DPOConfig:
     policy: str = "runs/default/sft/model"
     """The SFT policy folder: the initialisation AND the frozen reference pi_ref (its tokenizer is loaded too)."""
     comparisons: str = "runs/default/comparisons"
-    """Preferences, anything `agents.comparisons.load_preferences` reads: a collect run folder, a save_to_disk
+    """Preferences, anything `agents.preferences.load_preferences` reads: a collect run folder, a save_to_disk
     folder, a .jsonl/.csv/.parquet file (ranked, TRL or Anthropic-HH layout) or a hub id."""
     pairs: str = "best_vs_worst"
     """Which pairs a ranking of K responses gives: "best_vs_worst" (one per prompt: the widest, so most reliably

@@ -68,7 +68,7 @@ class RMConfig:
     """Run folder: config, metrics.jsonl, tb/, checkpoint/, summary.json and the final model/ (model + tokenizer)."""
     data: str = "runs/default/comparisons"
     """Comparisons: a collect_comparisons run folder, a save_to_disk folder, a .jsonl/.csv/.parquet file or a hub
-    id, in any layout `agents.comparisons.load_preferences` reads."""
+    id, in any layout `agents.preferences.load_preferences` reads."""
     model: str = "runs/default/sft/model"
     """Initialisation: the SFT folder, or any HF model id/folder (a fresh scalar head is put on top)."""
     tokenizer: str | None = None

@@ -98,11 +98,7 @@ def finish_run(out_dir: Path, model, tokenizer, summary: dict, extra_models: dic
     dist = distributed_state()
     if dist.is_main_process:
         for name, extra in (extra_models or {}).items():
-            tmp = out_dir / f"{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            _save_model(extra, tmp)
-            shutil.rmtree(out_dir / name, ignore_errors=True)
-            os.replace(tmp, out_dir / name)
+            _replace_folder(out_dir / name, lambda tmp, m=extra: _save_model(m, tmp))
         _write_json_atomic(out_dir / "summary.json", {**summary, "model": str(final)})
         shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
     dist.wait_for_everyone()  # the model and summary are on disk when a stage returns, in every process
@@ -225,17 +221,21 @@ def check_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) ->
     return out_dir
 
 
-def save_model_folder(model, tokenizer, folder: str | Path) -> Path:
-    """`model` and `tokenizer` as one save_pretrained folder (safetensors), written beside its place and then
-    renamed, so a crash never leaves half a model folder. Only the main process writes; returns the folder."""
-    folder = Path(folder)
+def _replace_folder(folder: Path, write) -> None:
+    """`write(tmp)` into a folder beside `folder`, then renamed into its place: a crash never leaves half of it."""
     tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def save_model_folder(model, tokenizer, folder: str | Path) -> Path:
+    """`model` and `tokenizer` as one save_pretrained folder (safetensors), written atomically. Only the main
+    process writes; returns the folder."""
+    folder = Path(folder)
     if distributed_state().is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        extract_model_from_parallel(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        _replace_folder(folder, lambda tmp: (_save_model(model, tmp), tokenizer.save_pretrained(tmp)))
     return folder
 
 

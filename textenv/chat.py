@@ -87,8 +87,9 @@ class ChatFormat:
         if eot in message["content"]:
             raise ValueError(f"an env message may not contain the end-of-turn token {eot!r}: {message!r}")
         after = self.render([*conversation, message], True)
-        closes = [i for i in range(len(after)) if after.startswith(eot, i)]
-        if len(closes) < 2:
+        last = after.rfind(eot)  # closes `message`
+        agent = after.rfind(eot, 0, last) if last > 0 else -1  # closes the agent's turn
+        if agent < 0:
             raise ValueError(f"the chat template does not close each turn with {eot!r} (the end-of-turn token); "
                              "pass end_of_turn= the token it closes turns with")
-        return self.encode(after[closes[-2] + len(eot) :])
+        return self.encode(after[agent + len(eot) :])

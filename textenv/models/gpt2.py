@@ -332,7 +332,7 @@ class GPT2Decoder:
         self.layers = layers(model, partial(PackedLinear, rows=B))
         self.head = PackedLinear(model.lm_head.weight.t(), None, B)  # (E, V) as x @ W
 
-    def _attend(self, i: int, B: int, S: int, start: int, bias: torch.Tensor, rows: torch.Tensor | None, qkv, x):
+    def _attend(self, B: int, S: int, start: int, bias: torch.Tensor, rows: torch.Tensor | None, i: int, qkv, x):
         """Layer i's attention for x at cache slots [start, start + S); its keys and values go into the cache.
         `rows` (prefill only, start 0): x holds distinct prompts and cache row r takes prompt rows[r]'s."""
         q, k, v = heads(qkv, B, S, self.n_head)  # each (B, H, S, D)
@@ -345,13 +345,13 @@ class GPT2Decoder:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, S, D)
         return merge_heads(a), x
 
-    def _blocks(self, x: torch.Tensor, bias: torch.Tensor, start: int,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, S, E) at cache slots [start, start + S) through every block and ln_f; bias (B, 1, S, start + S)."""
+    def _blocks(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """x (B, S, E) through every block and ln_f; `attend(i, qkv, x)` is layer i's attention (`_attend` for the
+        prefill and the decode steps, `_attend_rows` for a chunk), which also writes the cache."""
         B, S, E = x.shape
         x = x.reshape(B * S, E)
         for i, layer in enumerate(self.layers):
-            x = block(x, layer, self.eps, partial(self._attend, i, B, S, start, bias, rows))
+            x = block(x, layer, self.eps, partial(attend, i))
         ln_f = self.model.transformer.ln_f
         return F.layer_norm(x.view(B, S, E), (E,), ln_f.weight, ln_f.bias, self.eps)
 
@@ -375,7 +375,8 @@ class GPT2Decoder:
         x = _embed(self.model.transformer, input_ids, position_ids_from_mask(attention_mask))  # (G, P, E)
         allowed = padded_causal_mask(attention_mask.bool())  # (G, P, P)
         bias = torch.where(allowed, 0.0, neg).to(self.bias.dtype)[:, None]  # (G, 1, P, P)
-        logits = self._logits(self._blocks(x, bias, 0, rows)[:, -1])  # (G, V)
+        h = self._blocks(x, partial(self._attend, len(x), P, 0, bias, rows))  # (G, P, E)
+        logits = self._logits(h[:, -1])  # (G, V)
         return logits if rows is None else logits[rows]
 
     def _reserve(self, slots: int) -> None:
@@ -403,21 +404,16 @@ class GPT2Decoder:
         b, m = len(rows), mask[rows]
         positions = self.next_position[rows, None] + position_ids_from_mask(m)  # (b, S)
         x = _embed(self.model.transformer, tokens[rows], positions)  # (b, S, E)
-        E = x.shape[-1]
         within = torch.where(padded_causal_mask(m.bool()), 0.0, neg).to(self.bias.dtype)  # (b, S, S)
         # (b, 1, S, start + S): the cache as each row's slots allow, then causal within the chunk
         bias = torch.cat([self.bias[rows, :, :, :start].expand(b, 1, S, start), within[:, None]], dim=-1)
-        x = x.reshape(b * S, E)
-        for i, layer in enumerate(self.layers):
-            x = block(x, layer, self.eps, partial(self._attend_rows, i, rows, S, start, bias))
-        ln_f = self.model.transformer.ln_f
-        h = F.layer_norm(x.view(b, S, E), (E,), ln_f.weight, ln_f.bias, self.eps)
+        h = self._blocks(x, partial(self._attend_rows, rows, S, start, bias))  # (b, S, E)
         self.length, self.next_position = start + S, self.next_position + mask.sum(-1)
         last = (m.sum(-1) - 1).clamp(min=0)  # (b,)
         logits = self._logits(h[torch.arange(b, device=h.device), last])  # (b, V)
         return logits.new_zeros(B, logits.shape[-1]).index_copy_(0, rows, logits)
 
-    def _attend_rows(self, i: int, rows: torch.Tensor, S: int, start: int, bias: torch.Tensor, qkv, x):
+    def _attend_rows(self, rows: torch.Tensor, S: int, start: int, bias: torch.Tensor, i: int, qkv, x):
         """Layer i's attention for a chunk of `rows` at cache slots [start, start + S), over those rows' cache."""
         q, k, v = heads(qkv, len(rows), S, self.n_head)  # each (b, H, S, D)
         end = start + S
@@ -431,7 +427,7 @@ class GPT2Decoder:
         """Append (B,) tokens; return the (B, V) logits of the next one."""
         self._reserve(self.length + 1)
         x = _embed(self.model.transformer, tokens, self.next_position)[:, None]  # (B, 1, E)
-        x = self._blocks(x, self.bias[:, :, :, : self.length + 1], self.length)
+        x = self._blocks(x, partial(self._attend, len(x), 1, self.length, self.bias[:, :, :, : self.length + 1], None))
         self.length += 1
         self.next_position = self.next_position + 1
         return self._logits(x[:, 0])
