@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.episodes import episode_prompts
 from agents.preferences import sample_responses
 from agents.run import cli, start_run, write_summary
-from textenv.tasks import get_task
 
 
 @dataclass
@@ -41,7 +41,9 @@ class CollectConfig:
     policy: str = "runs/default/sft/model"
     """The SFT policy to sample from: a causal LM folder or hub id (its tokenizer is loaded from there too)."""
     task: str = "sentiment"
-    """Embedded task: its train prompts are ranked, its gold score is the annotator's utility."""
+    """Embedded task: its train prompts are ranked, its gold score is the annotator's utility. Or a multi-turn env
+    id: K conversations of each train episode are ranked by the env's own return; a row's prompt is the opening,
+    its responses the rest of each conversation."""
     num_prompts: int = 3072
     """Train prompts to sample for (the first n of `task.prompts("train", n, seed)`)."""
     k: int = 8
@@ -108,8 +110,7 @@ def collect_comparisons(cfg: CollectConfig) -> Path:
     import datasets  # heavy; only when collecting
 
     t_start = time.time()
-    task = get_task(cfg.task)
-    prompts = task.prompts("train", n=cfg.num_prompts, seed=cfg.seed)
+    prompts = episode_prompts(cfg.task, "train", cfg.num_prompts, cfg.seed)  # multi-turn: episode seeds
     samples = sample_responses(cfg.policy, cfg.task, prompts, cfg.k, cfg.prompts_per_batch, cfg.temperature, cfg.seed,
                                cfg.device)
     rng = np.random.default_rng(cfg.seed)  # the annotator's own stream

@@ -87,54 +87,52 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
     raise ValueError(f"unknown KL estimator kind {kind!r}; expected 'k1', 'k2' or 'k3'")
 
 
-def response_lengths(mask: Tensor) -> Tensor:
-    """Number of real tokens per row, (B,); ValueError if a row is empty or its 1s are not a prefix."""
+def at_last_token(scores: Tensor, mask: Tensor) -> Tensor:
+    """(B, T): each row's score at its last true mask entry, 0 elsewhere (a multi-turn mask may have holes)."""
     mask = mask.bool()
-    lengths = mask.sum(1)  # (B,)
-    if (lengths == 0).any():
-        raise ValueError(f"rows {torch.nonzero(lengths == 0).flatten().tolist()} have an all-zero mask")
-    prefix = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]  # (B, T)
-    if not torch.equal(prefix, mask):
-        raise ValueError("mask must be 1s followed by 0s in every row (left-aligned responses)")
-    return lengths
+    if not mask.any(1).all():
+        raise ValueError(f"rows {torch.nonzero(~mask.any(1)).flatten().tolist()} have an all-zero mask")
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)  # (B,)
+    out = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+    return out.scatter_(1, last[:, None], scores[:, None])
 
 
 def per_token_rewards(
     scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float, kl_kind: str = "k1"
 ) -> tuple[Tensor, Tensor]:
-    """r_t = -kl_coef * KL_t on every real token, plus the scalar score at the last real token (Ziegler et al. 2019,
-    arXiv 1909.08593; N details blog "Reward model / KL penalty"). Returns (rewards, non_score_reward), both (B, T),
-    0 after EOS.
+    """r_t = -kl_coef * KL_t on every real token, plus the env's reward where it was paid (Ziegler et al. 2019,
+    arXiv 1909.08593; N details blog "Reward model / KL penalty"). `scores` (B, T) holds each step's reward at the
+    token that earned it: a single-turn episode's score at its last token (`at_last_token`), a multi-turn episode's
+    turn rewards at each turn's last agent token. Returns (rewards, non_score_reward), both (B, T), 0 off the mask.
     """
     mask = mask.bool()
-    lengths = response_lengths(mask)  # (B,)
     kl = kl_estimate(logp, ref_logp, kl_kind)  # (B, T)
     non_score_reward = torch.where(mask, -kl_coef * kl, 0.0)  # (B, T)
-    rewards = non_score_reward.clone()
-    rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, lengths - 1] += scores.to(rewards.dtype)  # score at the last real token (EOS if it was sampled)
+    rewards = non_score_reward + torch.where(mask, scores.to(non_score_reward.dtype), 0.0)
     return rewards, non_score_reward
 
 
 def compute_gae(
     rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[Tensor, Tensor]:
-    """GAE (Schulman et al. 2015, arXiv 1506.02438, eq. 16), backwards over T:
+    """GAE (Schulman et al. 2015, arXiv 1506.02438, eq. 16), backwards over the masked tokens:
 
         delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = delta_t + gamma * lam * A_{t+1},
 
-    where V_{t+1} = A_{t+1} = 0 past the last real token (the episode terminates at EOS: no bootstrap). Rewards and
-    values at masked positions are ignored; advantages and returns (A + V) are 0 there. Returns (advantages, returns).
+    where t+1 is the next masked-in token: masked-out positions are skipped, so in a multi-turn stream the env's
+    tokens between two agent turns are not steps (the agent does not act there), and V_{t+1} = A_{t+1} = 0 past the
+    last one (the episode terminates: no bootstrap). Rewards and values at masked positions are ignored;
+    advantages and returns (A + V) are 0 there. Returns (advantages, returns).
     """
     mask = mask.bool()
     advantages = torch.zeros_like(rewards)  # (B, T)
-    next_value = torch.zeros_like(rewards[:, 0])  # (B,)
+    next_value = torch.zeros_like(rewards[:, 0])  # (B,) V of the next masked-in token
     next_adv = torch.zeros_like(rewards[:, 0])  # (B,)
     for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
-        next_adv = torch.where(mask[:, t], delta + gamma * lam * next_adv, 0.0)  # (B,)
-        next_value = torch.where(mask[:, t], values[:, t], 0.0)  # (B,)
-        advantages[:, t] = next_adv
+        next_adv = torch.where(mask[:, t], delta + gamma * lam * next_adv, next_adv)  # (B,) carried over a hole
+        next_value = torch.where(mask[:, t], values[:, t], next_value)  # (B,)
+        advantages[:, t] = torch.where(mask[:, t], next_adv, 0.0)
     returns = torch.where(mask, advantages + values, 0.0)  # (B, T)
     return advantages, returns
 

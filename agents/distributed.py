@@ -66,7 +66,10 @@ def gather_rollout(state: PartialState, batch: Rollout) -> Rollout:
     """The global batch from every process's `Rollout` (rows in process order, texts included)."""
     if state.num_processes == 1:
         return batch
-    fields = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs", "scores", "terminated")
+    if batch.messages is not None:
+        raise ValueError("multi-turn episodes run in one process for now: their streams' lengths differ per process")
+    fields = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "agent_mask", "logprobs", "rewards",
+              "scores", "terminated")
     tensors = gather_rows(state, *(getattr(batch, f) for f in fields))
     texts = [None] * state.num_processes
     dist.all_gather_object(texts, (batch.prompts, batch.responses))

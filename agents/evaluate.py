@@ -14,6 +14,7 @@ import torch
 
 from agents.core import IGNORE, kl_estimate, sft_loss
 from agents.data import collate, encode_pair
+from agents.episodes import episode_prompts, is_multi_turn, make_episodes, turn_demonstrations
 from agents.policy import policy_forward
 from agents.sampler import rollout
 from rewards.base import as_reward_fn, call_reward
@@ -28,7 +29,7 @@ class EvalConfig:
     policy: str
     """Hub id or folder of the causal LM to evaluate."""
     task: str = "sentiment"
-    """Embedded task: its prompts and gold scorer."""
+    """Embedded task: its prompts and gold scorer; or a multi-turn env id: its episodes and own return."""
     reference: str | None = None
     """Folder of a reference policy (the SFT model) for KL(policy || reference); None skips the KL."""
     reward: str | None = None
@@ -61,11 +62,12 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, pairs: list[dict], batch_size: int = 32) -> float:
-    """exp(mean NLL) of the demonstrations' response tokens (EOS included) given their prompts, encoded as SFT
-    encodes them."""
+def perplexity(model, tokenizer, examples: list, batch_size: int = 32) -> float:
+    """exp(mean NLL) of the demonstrations' trained tokens, encoded as SFT encodes them: (prompt, response) dicts
+    (the response's tokens and EOS, given the prompt), or (ids, labels) pairs (a multi-turn stream's agent tokens)."""
     limit = model.config.max_position_embeddings
-    rows = [encode_pair(tokenizer, p["prompt"], p["response"], limit, limit) for p in pairs]
+    rows = [encode_pair(tokenizer, p["prompt"], p["response"], limit, limit) if isinstance(p, dict) else p
+            for p in examples]
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
@@ -78,12 +80,74 @@ def perplexity(model, tokenizer, pairs: list[dict], batch_size: int = 32) -> flo
 
 @torch.no_grad()
 def evaluate(cfg: EvalConfig) -> dict:
-    task = get_task(cfg.task)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(cfg.policy)
     policy = load_causal_lm(cfg.policy).to(device).eval()
     reference = load_causal_lm(cfg.reference).to(device).eval() if cfg.reference else None
     proxy = as_reward_fn(cfg.reward, device=device) if cfg.reward else None
+    if is_multi_turn(cfg.task):
+        result = evaluate_turns(cfg, policy, reference, proxy, tokenizer)
+    else:
+        result = evaluate_prompts(cfg, policy, reference, proxy, tokenizer)
+    if cfg.out_file:
+        Path(cfg.out_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out_file).write_text(json.dumps({"config": asdict(cfg), **result}, indent=2))
+    return result
+
+
+def evaluate_turns(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> dict:
+    """A multi-turn env id: num_prompts episodes of the split (their seeds, `agents.episodes.SPLIT_SEEDS`) played to
+    the end; gold = the env's own return; the KL sums over the agent's tokens only. `few_shot` plays the model as
+    is (the chat template is its only prompt): a base model's zero-shot row."""
+    device = next(policy.parameters()).device
+    seeds = episode_prompts(cfg.task, cfg.split, cfg.num_prompts)
+    B = min(cfg.batch_size, len(seeds))
+    episodes = make_episodes(cfg.task, num_envs=B, tokenizer=tokenizer, reward=None)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    gold, kls, ended, prompts, responses, messages = [], [], [], [], [], []
+    for start in range(0, len(seeds), B):
+        index = np.resize(seeds[start : start + B], B)  # the last batch wraps around; extras are dropped
+        batch, batch_gold = episodes.play(policy, generator=generator, temperature=cfg.temperature, seed=0,
+                                          prompt_index=index)
+        keep = min(B, len(seeds) - start)
+        gold += batch_gold[:keep]
+        ended += batch.terminated[:keep].tolist()
+        prompts, responses, messages = prompts + batch.prompts[:keep], responses + batch.responses[:keep], \
+            messages + batch.messages[:keep]
+        if reference is not None:
+            ids, mask, P = batch.input_ids.to(device), batch.attention_mask.to(device), batch.prompt_ids.shape[1]
+            logp = policy_forward(policy, ids, mask, P, cfg.temperature, vocab_size=episodes.V, entropy=False)[0]
+            ref_logp = policy_forward(reference, ids, mask, P, cfg.temperature, vocab_size=episodes.V,
+                                      entropy=False)[0]
+            agent = batch.agent_mask.to(device).bool()
+            kls += torch.where(agent, kl_estimate(logp, ref_logp), 0.0).sum(1)[:keep].tolist()
+    agent_texts = [" ".join(m["content"] for m in c if m["role"] == "assistant") for c in messages]
+    result = {
+        "policy": cfg.policy, "task": cfg.task, "few_shot": cfg.few_shot, "n": len(seeds),
+        "gold_mean": float(np.mean(gold)), "gold_std": float(np.std(gold)),
+        "eos_rate": float(np.mean(ended)),  # episodes the turn logic ended (not a turn or length limit)
+        "turns_mean": float(np.mean([sum(m["role"] == "assistant" for m in c) for c in messages])),
+        "distinct_1": distinct_n(agent_texts, 1),
+        "distinct_2": distinct_n(agent_texts, 2),
+        "perplexity": perplexity(policy, tokenizer, turn_demonstrations(cfg.task, tokenizer, cfg.split,
+                                                                        min(256, cfg.num_prompts * 2))),
+    }
+    proxy_scores = call_reward(proxy, prompts, responses) if proxy else None
+    if proxy_scores is not None:
+        result["proxy_mean"] = float(np.mean(proxy_scores))
+    if kls:
+        result["kl_to_reference"] = float(np.mean(kls))
+    result["samples"] = [
+        {"prompt": p, "response": r, "messages": m, "gold": g, **({"proxy": proxy_scores[i]} if proxy_scores else {})}
+        for i, (p, r, m, g) in enumerate(zip(prompts, responses, messages, gold))
+    ]
+    return result
+
+
+def evaluate_prompts(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> dict:
+    """An embedded task: one response to each of num_prompts prompts of the split."""
+    task = get_task(cfg.task)
+    device = next(policy.parameters()).device
     prompts = task.prompts(cfg.split, n=cfg.num_prompts)
     shown = [task.few_shot(p) for p in prompts] if cfg.few_shot else prompts
     T = cfg.max_new_tokens or task.max_new_tokens
@@ -133,7 +197,4 @@ def evaluate(cfg: EvalConfig) -> dict:
         {"prompt": p, "response": r, "gold": g, **({"proxy": proxy_scores[i]} if proxy_scores else {})}
         for i, (p, r, g) in enumerate(zip(prompts, responses, gold))
     ]
-    if cfg.out_file:
-        Path(cfg.out_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out_file).write_text(json.dumps({"config": asdict(cfg), **result}, indent=2))
     return result

@@ -15,15 +15,13 @@ import torch
 from accelerate import PartialState
 
 from agents.distributed import gather_rollout, gather_rows, process_device, rank_rows, rollout_uniforms
+from agents.episodes import Episodes, make_episodes
 from agents.policy import chunked, iteration_generator, policy_forward, prompt_budget
 from agents.run import distributed_state
-from agents.sampler import Rollout, rollout
-from rewards.base import as_reward_fn
+from agents.sampler import Rollout
 from textenv.models import load_causal_lm
 from textenv.models.gpt2 import frozen_forward
-from textenv.tasks import Task, get_task
 from textenv.tokenizer import load_tokenizer
-from textenv.vector_env import TextGenVectorEnv
 
 
 @dataclass
@@ -35,12 +33,9 @@ class GroupSetup:
     tokenizer: object
     policy: torch.nn.Module  # trained
     ref_forward: object  # the frozen SFT reference (its lean forward on packed weights), or None
-    task: Task  # its gold score is logged beside the proxy
-    envs: TextGenVectorEnv  # this process's sub-envs; the reward model sits inside
+    episodes: Episodes  # this process's sub-envs (an embedded task's, the reward inside, or a multi-turn env id's)
     mine: slice  # this process's responses: global rows [mine.start, mine.stop)
     B: int  # responses per iteration, num_prompts * k
-    P: int  # prompt tokens
-    V: int  # actions (the env's vocabulary)
     mb_size: int  # rows per minibatch
     rows: int  # rows per micro-batch (forward/backward pass)
     params: list
@@ -61,13 +56,11 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
     tokenizer = load_tokenizer(cfg.policy)
     policy = load_causal_lm(cfg.policy).to(device)  # dropout off: log-probs are reproducible
     ref_policy = load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False) if reference else None
-    task = get_task(cfg.task)
-    reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, label=cfg.reward_label, device=device)
     mine = rank_rows(B, dist)
-    envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
-                            reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens,
-                            max_prompt_tokens=prompt_budget(cfg, tokenizer))
-    P, T, V = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, envs.setup.vocab_size
+    episodes = make_episodes(cfg.task, num_envs=mine.stop - mine.start, tokenizer=tokenizer, reward=cfg.reward,
+                             reward_label=cfg.reward_label, device=device, prompts=cfg.prompts,
+                             max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=prompt_budget(cfg, tokenizer))
+    P, T = episodes.P, episodes.T
     mb_size = B // cfg.num_minibatches
     rows = cfg.micro_batch_size or mb_size
     # speed: the frozen reference through the lean forward (GPT-2), its weights packed once for the run
@@ -76,7 +69,7 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for the whole step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal
-    return GroupSetup(dist, device, tokenizer, policy, ref_forward, task, envs, mine, B, P, V, mb_size, rows, params,
+    return GroupSetup(dist, device, tokenizer, policy, ref_forward, episodes, mine, B, mb_size, rows, params,
                       optimizer, scheduler)
 
 
@@ -86,28 +79,31 @@ class GroupBatch:
 
     batch: Rollout  # the whole batch
     local: Rollout  # this process's rows of it
+    gold: list[float]  # (B,) each episode's gold score
+    P: int  # prompt columns of this batch (multi-turn: its longest opening)
     input_ids: torch.Tensor  # (B, P+T)
     attention_mask: torch.Tensor  # (B, P+T)
-    mask: torch.Tensor  # (B, T) float, 1 up to and including EOS
+    mask: torch.Tensor  # (B, T) float, the agent's tokens: up to and including EOS (multi-turn: its turns)
     scores: torch.Tensor  # (B,) the env's scores, a response without EOS given missing_eos_penalty instead
     logp: torch.Tensor  # (B, T) the sampler's log-probs: the "old" ones (see ppo.py)
     ref_logp: torch.Tensor | None  # (B, T) the reference's log-probs, None without a reference
 
 
-def sample_groups(policy, ref_policy, envs, *, num_prompts: int, k: int, iteration: int, seed: int,
+def sample_groups(policy, ref_policy, episodes: Episodes, *, num_prompts: int, k: int, iteration: int, seed: int,
                   temperature: float, missing_eos_penalty: float | None, rows: int, mine: slice, dist,
                   device: torch.device) -> GroupBatch:
     """Play one iteration's groups; `rows` chunks the reference forward, `mine` are this process's global rows.
-    `ref_policy`: the frozen reference (a causal LM or a `GPT2Forward` of one), or None."""
-    B, P, T, V = num_prompts * k, envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, envs.setup.vocab_size
+    `ref_policy`: the frozen reference (a causal LM or a `GPT2Forward` of one), or None. A group's k episodes
+    share a prompt (multi-turn: an env seed, so the same opening)."""
+    B, V = num_prompts * k, episodes.V
     policy.eval()
-    prompt_ids = torch.randint(len(envs.setup.prompts), (num_prompts,),
-                               generator=iteration_generator(seed, iteration, 2))
-    uniforms = rollout_uniforms(iteration_generator(seed, iteration, 0), B, T)  # (B, T)
-    local = rollout(
-        policy, envs, uniforms=uniforms[mine], temperature=temperature,
-        seed=(seed * 1_000_003 + iteration) * B + mine.start, prompt_index=np.repeat(prompt_ids.numpy(), k)[mine],
+    prompt_ids = torch.randint(episodes.num_prompts, (num_prompts,), generator=iteration_generator(seed, iteration, 2))
+    uniforms = rollout_uniforms(iteration_generator(seed, iteration, 0), B, episodes.T)  # (B, T)
+    local, local_gold = episodes.play(
+        policy, uniforms=uniforms[mine], temperature=temperature, seed=(seed * 1_000_003 + iteration) * B + mine.start,
+        prompt_index=np.repeat(prompt_ids.numpy(), k)[mine],
     )
+    P = local.prompt_ids.shape[1]
     ref_logp = None
     if ref_policy is not None:  # this process's rows, then everyone's
         with torch.no_grad():
@@ -116,10 +112,12 @@ def sample_groups(policy, ref_policy, envs, *, num_prompts: int, k: int, iterati
                                rows, local.input_ids.to(device), local.attention_mask.to(device))  # (b, T)
         ref_logp = gather_rows(dist, ref_logp)[0]  # (B, T)
     batch = gather_rollout(dist, local)
-    scores = batch.scores.to(device)  # (B,)
-    if missing_eos_penalty is not None:  # the EOS trick: a truncated response gets a fixed penalty
+    gold = gather_rows(dist, torch.tensor(local_gold, dtype=torch.float64))[0].tolist()
+    scores = batch.scores.to(device)  # (B,) each episode's return
+    if missing_eos_penalty is not None:  # the EOS trick: a truncated episode gets a fixed penalty instead
         scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, missing_eos_penalty))
     return GroupBatch(
-        batch=batch, local=local, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-        mask=batch.response_mask.to(device).float(), scores=scores, logp=batch.logprobs.to(device), ref_logp=ref_logp,
+        batch=batch, local=local, gold=gold, P=P, input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device), mask=batch.agent_mask.to(device).float(), scores=scores,
+        logp=batch.logprobs.to(device), ref_logp=ref_logp,
     )

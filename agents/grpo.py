@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.core import clipped_policy_loss, grpo_advantages, kl_estimate, masked_mean
-from agents.distributed import gather_rows, rank_rows
+from agents.distributed import rank_rows
 from agents.groups import sample_groups, setup_groups
 from agents.policy import check_finite, iteration_generator, minibatch_step, policy_forward, write_samples
 from agents.run import RunLogger, cli, finish_run, load_checkpoint, save_checkpoint, start_run
@@ -38,7 +38,8 @@ class GRPOConfig:
     out_dir: str = "runs/default/grpo"
     """Run folder: config, metrics.jsonl, tb/, samples.jsonl, checkpoint/, and the final policy in model/."""
     task: str = "sentiment"
-    """Embedded task whose train prompts are used and whose gold score is logged beside the proxy score."""
+    """Embedded task whose train prompts are used and whose gold score is logged beside the proxy score; or a
+    multi-turn env id (textenv/Calculator-v0, a user's 'module:Id'), whose own return is the gold."""
     prompts: str | None = None
     """Other prompts (a .jsonl/.csv/.parquet/.txt file or hub id) instead of the task's."""
     reward_label: str | None = None
@@ -112,8 +113,8 @@ def grpo(cfg: GRPOConfig) -> Path:
     if complete:
         return out_dir / "model"
     s = setup_groups(cfg, reference=cfg.beta > 0)  # models, env, optimizer: as the other critic-free algorithm
-    dist, device, tokenizer, policy, ref_forward, task = s.dist, s.device, s.tokenizer, s.policy, s.ref_forward, s.task
-    envs, mine, B, P, V, mb_size, rows = s.envs, s.mine, s.B, s.P, s.V, s.mb_size, s.rows
+    dist, device, tokenizer, policy, ref_forward = s.dist, s.device, s.tokenizer, s.policy, s.ref_forward
+    episodes, mine, B, V, mb_size, rows = s.episodes, s.mine, s.B, s.episodes.V, s.mb_size, s.rows
     params, optimizer, scheduler = s.params, s.optimizer, s.scheduler
     k = cfg.num_generations
     models = {"policy": policy}
@@ -126,10 +127,10 @@ def grpo(cfg: GRPOConfig) -> Path:
     for iteration in bar:
         t0 = time.perf_counter()
         # ---- 1. rollout: k responses to each of num_prompts prompts; group g is rows g*k .. g*k + k-1 ----
-        g = sample_groups(policy, ref_forward, envs, num_prompts=cfg.num_prompts, k=k, iteration=iteration,
+        g = sample_groups(policy, ref_forward, episodes, num_prompts=cfg.num_prompts, k=k, iteration=iteration,
                           seed=cfg.seed, temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty,
                           rows=rows, mine=mine, dist=dist, device=device)
-        batch, local, input_ids, attention_mask = g.batch, g.local, g.input_ids, g.attention_mask  # (B, P+T)
+        batch, P, input_ids, attention_mask = g.batch, g.P, g.input_ids, g.attention_mask  # (B, P+T)
         mask, scores, logp, ref_logp = g.mask, g.scores, g.logp, g.ref_logp  # (B, T), (B,), (B, T), (B, T) or None
         with torch.no_grad():
             advantages = grpo_advantages(scores, k, cfg.scale_rewards)  # (B,) one per response, on all its tokens
@@ -178,8 +179,7 @@ def grpo(cfg: GRPOConfig) -> Path:
 
         # ---- 3. log, sample, checkpoint ----
         pg, kll, cf, akl, ent, gn = torch.stack(stats).mean(0).tolist()
-        gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses),
-                                              dtype=torch.float64))[0].tolist()
+        gold = g.gold
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),
@@ -202,7 +202,7 @@ def grpo(cfg: GRPOConfig) -> Path:
             "time/update_s": t_update,
         }
         if ref_logp is not None:  # k1 KL of each response to the reference, in nats (as PPO's objective/kl)
-            metrics["objective/kl"] = (kl_estimate(logp, ref_logp) * mask).sum(1).mean().item()
+            metrics["objective/kl"] = torch.where(mask.bool(), kl_estimate(logp, ref_logp), 0.0).sum(1).mean().item()
         metrics["time/iteration_s"] = time.perf_counter() - t0
         logger.log(iteration + 1, metrics)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}")

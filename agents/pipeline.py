@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.comparisons import CollectConfig, collect_comparisons
+from agents.episodes import is_multi_turn
 from agents.evaluate import EvalConfig, evaluate
 from agents.ppo import PPOConfig, ppo
 from agents.pretrain import PretrainConfig, pretrain
@@ -27,7 +28,6 @@ from agents.reward_model import RMConfig, train_reward_model
 from agents.run import check_run_dir, is_complete, stage_dir, stage_model
 from agents.sft import SFTConfig, sft
 from textenv.models import PRESETS
-from textenv.tasks import TASKS
 
 # Per-preset budgets: "tiny" is the smoke test (well under a minute), "small" the default (minutes on 2 cores).
 BUDGETS = {
@@ -44,7 +44,8 @@ class PipelineConfig:
     out_dir: str = "runs/default"
     """Run folder; each stage gets a subfolder."""
     task: str = "sentiment"
-    """Embedded task: one of textenv.tasks.TASKS."""
+    """Embedded task (one of textenv.tasks.TASKS), or a multi-turn env id whose turn logic writes demonstrations
+    (textenv/Calculator-v0: tool use; textenv/GuessNumber-v0; a user's 'module:Id')."""
     preset: str = "small"
     """Model size for the pretrained model (and so for SFT, RM and PPO): tiny, small or medium."""
     seed: int = 0
@@ -67,8 +68,7 @@ class PipelineConfig:
 
 def stage_configs(cfg: PipelineConfig) -> dict:
     """The five stage configs with the pipeline's paths, task, seed and preset budget filled in."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"unknown task {cfg.task!r}; choose one of {sorted(TASKS)}")
+    is_multi_turn(cfg.task)  # ValueError naming the known tasks and ids
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
     out, budget = Path(cfg.out_dir), BUDGETS[cfg.preset]
@@ -135,9 +135,10 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     common = dict(task=cfg.task, reward=str(stage_model(out, "rm")), num_prompts=n,
                   temperature=configs["ppo"].temperature, seed=cfg.seed)
     sft_model = str(stage_model(out, "sft"))
+    # a multi-turn env has no few-shot document: the base model plays it through the chat template as is
+    base = "pretrained (zero-shot)" if is_multi_turn(cfg.task) else "pretrained (few-shot)"
     evals = {
-        "pretrained (few-shot)": evaluate(EvalConfig(policy=str(stage_model(out, "pretrain")), few_shot=True,
-                                                     **common)),
+        base: evaluate(EvalConfig(policy=str(stage_model(out, "pretrain")), few_shot=True, **common)),
         "SFT": evaluate(EvalConfig(policy=sft_model, reference=sft_model, **common)),
         "PPO": evaluate(EvalConfig(policy=str(stage_model(out, "ppo")), reference=sft_model, **common)),
     }

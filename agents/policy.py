@@ -110,9 +110,12 @@ def minibatch_step(dist, params: list, optimizer, max_grad_norm: float, iteratio
 
 
 def write_samples(path: Path, iteration: int, batch: Rollout, gold: list[float], n: int) -> None:
-    """Append the first n responses of `batch`, with their scores and gold scores, to samples.jsonl."""
+    """Append the first n responses of `batch`, with their scores and gold scores, to samples.jsonl (a multi-turn
+    episode's conversation too, as "messages")."""
     with path.open("a") as f:
         for i in range(min(n, len(batch.prompts))):
             row = {"iteration": iteration, "prompt": batch.prompts[i], "response": batch.responses[i],
                    "score": batch.scores[i].item(), "gold": gold[i]}
+            if batch.messages is not None:
+                row["messages"] = batch.messages[i]
             f.write(json.dumps(row) + "\n")

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from agents.core import (
     AdaptiveKLController,
     FixedKLController,
+    at_last_token,
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
@@ -47,6 +48,7 @@ from agents.distributed import (
     rollout_uniforms,
     sum_over_processes,
 )
+from agents.episodes import make_episodes
 from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user catches, importable from here)
     NonFiniteError,
     check_finite,
@@ -59,15 +61,11 @@ from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user cat
     write_samples,
 )
 from agents.run import RunLogger, cli, distributed_state, finish_run, load_checkpoint, save_checkpoint, start_run
-from agents.sampler import rollout
-from rewards.base import as_reward_fn
 from rewards.hf import SequenceClassifierReward
 from textenv.models import load_causal_lm, load_sequence_classifier
 from textenv.models.gpt2 import frozen_forward
 from textenv.models.tokens import check_temperature
-from textenv.tasks import get_task
 from textenv.tokenizer import load_tokenizer
-from textenv.vector_env import TextGenVectorEnv
 
 
 @dataclass
@@ -80,7 +78,8 @@ class PPOConfig:
     out_dir: str = "runs/default/ppo"
     """Run folder: config, metrics.jsonl, tb/, samples.jsonl, checkpoint/, and the final policy in model/."""
     task: str = "sentiment"
-    """Embedded task whose train prompts are used and whose gold score is logged beside the proxy score."""
+    """Embedded task whose train prompts are used and whose gold score is logged beside the proxy score; or a
+    multi-turn env id (textenv/Calculator-v0, a user's 'module:Id'), whose own return is the gold."""
     prompts: str | None = None
     """Other prompts (a .jsonl/.csv/.parquet/.txt file or hub id) instead of the task's."""
     reward_label: str | None = None
@@ -136,7 +135,8 @@ class PPOConfig:
     """Adaptive controller horizon in episodes. Ziegler et al. used 10000 over millions of episodes; our runs
     are a few thousand episodes, and a horizon that long would leave the coefficient where it started."""
     missing_eos_penalty: float | None = -1.0
-    """Score given instead of the reward to a response with no EOS; None keeps the reward."""
+    """Score given instead of the reward to a response with no EOS (multi-turn: to an episode a limit cut, instead
+    of its rewards); None keeps the reward."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards before GAE."""
     ptx_coef: float = 0.0
@@ -239,27 +239,26 @@ def ppo(cfg: PPOConfig) -> Path:
     # (its prompts and sampling numbers) is its rows' share of the global draws (agents/distributed.py)
     torch.manual_seed(cfg.seed)
 
-    # --- models: policy (trained), reference (frozen SFT), value (trained), reward (inside the env) ---
+    # --- models: policy (trained), reference (frozen SFT), value (trained), reward (with the envs) ---
     tokenizer = load_tokenizer(cfg.policy)
     policy = load_causal_lm(cfg.policy).to(device)  # dropout off: log-probs are reproducible
     ref_policy = load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False)
-    task = get_task(cfg.task)
-    # model kwargs reach only a model adapter; a 'module:attr' callable ignores them
-    reward_fn = task.gold if cfg.reward == "gold" else as_reward_fn(cfg.reward, label=cfg.reward_label, device=device)
+    B = cfg.num_envs
+    mine = rank_rows(B, dist)  # N processes: this process's episodes, global rows [mine.start, mine.stop)
+    # the embedded task's envs with the reward inside, or a multi-turn env id's; model kwargs reach only a model
+    # adapter, a 'module:attr' callable ignores them
+    episodes = make_episodes(cfg.task, num_envs=mine.stop - mine.start, tokenizer=tokenizer, reward=cfg.reward,
+                             reward_label=cfg.reward_label, device=device, prompts=cfg.prompts,
+                             max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=prompt_budget(cfg, tokenizer))
     if cfg.shared_value_head:
         value_model = ValueHead(policy.config.hidden_size).to(device)
     else:
-        value_init = cfg.value_model or default_value_init(cfg, reward_fn, tokenizer)
+        value_init = cfg.value_model or default_value_init(cfg, episodes.reward_fn, tokenizer)
         if dist.is_main_process:
             print(f"ppo: value model initialised from {value_init}")
         value_model = load_sequence_classifier(value_init, num_labels=1).to(device)  # new head on a causal LM
         value_model.config.pad_token_id = tokenizer.pad_token_id
-    B = cfg.num_envs
-    mine = rank_rows(B, dist)  # N processes: this process's episodes, global rows [mine.start, mine.stop)
-    envs = TextGenVectorEnv(num_envs=mine.stop - mine.start, task=cfg.task, prompts=cfg.prompts, tokenizer=tokenizer,
-                            reward_fn=reward_fn, max_new_tokens=cfg.max_new_tokens,
-                            max_prompt_tokens=prompt_budget(cfg, tokenizer))
-    P, T, V = envs.setup.max_prompt_tokens, envs.setup.max_new_tokens, envs.setup.vocab_size
+    P, T, V = episodes.P, episodes.T, episodes.V  # prompt columns and steps at most (multi-turn: the stream's)
     mb_size = B // cfg.num_minibatches
     my_mb = rank_rows(mb_size, dist)  # N processes: this process's rows of every minibatch
     rows = cfg.micro_batch_size or B
@@ -284,28 +283,35 @@ def ppo(cfg: PPOConfig) -> Path:
                disable=not dist.is_main_process)
     for iteration in bar:
         t0 = time.perf_counter()
-        # ---- 1. rollout: one episode per sub-env; the env pays the reward model's score at the last token ----
+        # ---- 1. rollout: one episode per sub-env; the reward model's score at the last (agent) token, and in a
+        # multi-turn env each turn's reward at that turn's last agent token ----
         # N processes: this process plays global rows `mine` (sub-env i seeded with seed + i, row i's tokens picked
         # by row i of the (B, T) uniforms), so N processes play the episodes one process plays.
         policy.eval()
         uniforms = rollout_uniforms(iteration_generator(cfg.seed, iteration, 0), B, T)  # (B, T)
-        local = rollout(policy, envs, uniforms=uniforms[mine], temperature=cfg.temperature,
-                        seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start)
+        local, local_gold = episodes.play(policy, uniforms=uniforms[mine], temperature=cfg.temperature,
+                                          seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start)
+        P = local.prompt_ids.shape[1]  # this batch's prompt columns (multi-turn: its longest opening)
         local_ids, local_mask = local.input_ids.to(device), local.attention_mask.to(device)  # (b, P+T)
         with torch.no_grad():  # the reference's log-probs of this process's rows
-            ref_logp = chunked(lambda ids, am: policy_forward(ref_forward, ids, am, P, cfg.temperature, vocab_size=V,
-                                                              entropy=False)[0], rows, local_ids, local_mask)  # (b, T)
+            ref_logp = chunked(lambda ids, am, P=P: policy_forward(ref_forward, ids, am, P, cfg.temperature,
+                                                                   vocab_size=V, entropy=False)[0],
+                               rows, local_ids, local_mask)  # (b, T)
         # N processes: from here on every process holds the whole batch and computes the same advantages and metrics
         batch = gather_rollout(dist, local)
         ref_logp = gather_rows(dist, ref_logp)[0]  # (B, T)
         input_ids, attention_mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # (B, P+T)
-        mask = batch.response_mask.to(device).float()  # (B, T) 1 up to and including EOS
+        # (B, T) the tokens the agent sampled, what is trained on: the response up to and including EOS, or a
+        # multi-turn stream's agent turns (the env's tokens are context only: no loss, no KL, no GAE step)
+        mask = batch.agent_mask.to(device).float()
         # the "old" log-probs are the sampler's: same model, same temperature, so a forward of the policy would only
         # repeat them (up to float rounding) at the cost of a third of the rollout
         logp = batch.logprobs.to(device)  # (B, T)
-        scores = batch.scores.to(device)  # (B,)
-        if cfg.missing_eos_penalty is not None:  # the EOS trick: a truncated response gets a fixed penalty
-            scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        token_scores = batch.rewards.to(device)  # (B, T) each reward at the token that earned it
+        if cfg.missing_eos_penalty is not None:  # the EOS trick: a truncated episode gets a fixed penalty instead
+            penalty = at_last_token(torch.full((B,), cfg.missing_eos_penalty, device=device), mask)
+            token_scores = torch.where(batch.terminated.to(device)[:, None], token_scores, penalty)
+        scores = token_scores.sum(1)  # (B,) each episode's return
 
         # ---- 2. values of every response token, by the value model as it was during the rollout ----
         order_rng = iteration_generator(cfg.seed, iteration, 1)
@@ -314,12 +320,13 @@ def ppo(cfg: PPOConfig) -> Path:
         values, first_values = rollout_values(value_model, policy, cfg, local_ids, local_mask, mine, input_ids,
                                               attention_mask, first_order[:mb_size], first_micro, dist, rows, P)
 
-        # ---- 3. rewards and GAE: -kl_coef * (logp - ref_logp) per token plus the score at the last one ----
+        # ---- 3. rewards and GAE: -kl_coef * (logp - ref_logp) per agent token plus the scores where they were
+        # paid; GAE over the agent tokens (an env reply between two turns is skipped, not a step) ----
         with torch.no_grad():
-            rewards, non_score_reward = per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value)  # (B, T)
+            rewards, non_score_reward = per_token_rewards(token_scores, logp, ref_logp, mask, kl_ctl.value)  # (B, T)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
-            kl = (kl_estimate(logp, ref_logp) * mask).sum(1)  # (B,) k1 KL of each response, in nats
+            kl = torch.where(mask.bool(), kl_estimate(logp, ref_logp), 0.0).sum(1)  # (B,) k1 KL per episode, nats
             check_finite(iteration, scores=scores, kl=kl, values=values)
             advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
             advantages = masked_whiten(advantages, mask)  # over the whole batch
@@ -383,8 +390,7 @@ def ppo(cfg: PPOConfig) -> Path:
 
         # ---- 5. log, sample, checkpoint ----
         pg, cf, akl, ent, vf, vcf, gn = torch.stack(stats).mean(0).tolist()
-        gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses),
-                                              dtype=torch.float64))[0].tolist()
+        gold = gather_rows(dist, torch.tensor(local_gold, dtype=torch.float64))[0].tolist()
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),

@@ -17,32 +17,32 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.sampler import rollout
+from agents.episodes import is_multi_turn, make_episodes
 from textenv.models import load_causal_lm
 from textenv.records import read_records
-from textenv.tasks import get_task
 from textenv.tokenizer import load_tokenizer
-from textenv.vector_env import TextGenVectorEnv
 
 
-def sample_responses(policy_path: str, task_name: str, prompts: list[str], k: int, prompts_per_batch: int,
+def sample_responses(policy_path: str, task_name: str, prompts: list, k: int, prompts_per_batch: int,
                      temperature: float, seed: int,
                      device: str | None = None) -> list[tuple[str, list[str], list[float]]]:
-    """(prompt as the policy saw it, K responses, their K gold scores) for each prompt, sampled through a
-    TextGenVectorEnv whose reward is the task's gold (so the env's scores ARE the gold scores, batched)."""
-    task = get_task(task_name)
+    """(prompt as the policy saw it, K responses, their K gold scores) for each prompt, sampled in envs whose
+    reward is the gold (so the env's scores ARE the gold scores, batched). `prompts`: an embedded task's prompt
+    strings, or a multi-turn env id's episode seeds (`agents.episodes.episode_prompts`); a multi-turn episode's
+    prompt is its opening and its response the rest of the conversation, as a reward model reads them."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy = load_causal_lm(policy_path).to(device).eval()
-    envs = TextGenVectorEnv(
-        num_envs=min(prompts_per_batch, len(prompts)) * k, prompts=prompts, tokenizer=load_tokenizer(policy_path),
-        reward_fn=task.gold, max_new_tokens=task.max_new_tokens, max_prompt_tokens=task.max_prompt_tokens,
-    )
-    per_batch, generator, out = envs.num_envs // k, torch.Generator().manual_seed(seed), []
+    multi_turn = is_multi_turn(task_name)
+    episodes = make_episodes(task_name, num_envs=min(prompts_per_batch, len(prompts)) * k, reward="gold",
+                             tokenizer=load_tokenizer(policy_path), prompts=None if multi_turn else prompts)
+    per_batch, generator, out = episodes.num_envs // k, torch.Generator().manual_seed(seed), []
     for batch, start in enumerate(tqdm(range(0, len(prompts), per_batch), desc="sampling", unit="batch")):
         index = np.arange(start, min(start + per_batch, len(prompts)))  # (b,)
+        if multi_turn:  # an episode's "prompt index" is its seed
+            index = np.asarray(prompts)[index]
         # K adjacent copies of each prompt index; a short last batch is filled with repeats, then ignored
-        r = rollout(policy, envs, generator, temperature=temperature, seed=seed + batch,
-                    prompt_index=np.repeat(np.resize(index, per_batch), k))
+        r, _ = episodes.play(policy, generator=generator, temperature=temperature, seed=seed + batch,
+                             prompt_index=np.repeat(np.resize(index, per_batch), k))
         for j in range(len(index)):
             group = slice(j * k, (j + 1) * k)
             out.append((r.prompts[j * k], r.responses[group], r.scores[group].tolist()))

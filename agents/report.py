@@ -111,6 +111,14 @@ def write_report(run: Path, evals: dict[str, dict], stage_summaries: dict[str, d
             cells.append(f"{_md(s['response'])} "
                          f"({s['gold']:.2f}{' / ' + format(s['proxy'], '.2f') if 'proxy' in s else ''})")
         lines.append(f"| {_md(first['samples'][i]['prompt'])} | " + " | ".join(cells) + " |")
+    if "messages" in first["samples"][0]:  # a multi-turn task: the same episodes as conversations
+        lines += ["", "## Sample conversations (same episodes)", ""]
+        for i in range(min(3, len(first["samples"]))):
+            for name, e in evals.items():
+                s = e["samples"][i]
+                lines += [f"**Episode {i + 1}, {name}** (gold {s['gold']:.2f}"
+                          f"{', proxy ' + format(s['proxy'], '.2f') if 'proxy' in s else ''}):", ""]
+                lines += [f"> **{m['role']}**: {_md(m['content'])}  " for m in s["messages"]] + [""]
     out = run / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out

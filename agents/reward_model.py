@@ -40,6 +40,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from agents.core import ranking_loss, ranking_pairs
 from agents.data import batch_indices
+from agents.episodes import episode_prompts
 from agents.preferences import load_preferences, sample_responses
 from agents.run import (
     RunLogger,
@@ -58,7 +59,6 @@ from agents.run import (
 from rewards.hf import SequenceClassifierReward, reward_model_text
 from textenv.models import bf16_is_fast, disable_dropout
 from textenv.models.tokens import pad_rows, position_ids_from_mask
-from textenv.tasks import get_task
 from textenv.tokenizer import load_tokenizer
 
 
@@ -231,7 +231,7 @@ def fresh_sample_eval(rm: PreTrainedModel, rm_tokenizer, policy_path: str, task_
     RM's mean and std there (about 0 and 1 after normalisation when the policy is the SFT policy)."""
     from scipy.stats import spearmanr
 
-    samples = sample_responses(policy_path, task_name, get_task(task_name).prompts("valid", n=n, seed=seed), 1,
+    samples = sample_responses(policy_path, task_name, episode_prompts(task_name, "valid", n, seed), 1,
                                batch_size, 1.0, seed)
     seen, responses, gold = ([s[0] for s in samples], [s[1][0] for s in samples], [s[2][0] for s in samples])
     rm_scores = SequenceClassifierReward(rm, rm_tokenizer, batch_size=batch_size)(seen, responses)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.core import clipped_policy_loss, group_advantages, kl_estimate
-from agents.distributed import gather_rows, rank_rows
+from agents.distributed import rank_rows
 from agents.groups import sample_groups, setup_groups
 from agents.policy import check_finite, iteration_generator, minibatch_step, policy_forward, write_samples
 from agents.run import RunLogger, cli, finish_run, load_checkpoint, save_checkpoint, start_run
@@ -40,7 +40,8 @@ class RLOOConfig:
     out_dir: str = "runs/default/rloo"
     """Run folder: config, metrics.jsonl, tb/, samples.jsonl, checkpoint/, and the final policy in model/."""
     task: str = "sentiment"
-    """Embedded task whose train prompts are used and whose gold score is logged beside the proxy score."""
+    """Embedded task whose train prompts are used and whose gold score is logged beside the proxy score; or a
+    multi-turn env id (textenv/Calculator-v0, a user's 'module:Id'), whose own return is the gold."""
     prompts: str | None = None
     """Other prompts (a .jsonl/.csv/.parquet/.txt file or hub id) instead of the task's."""
     reward_label: str | None = None
@@ -118,8 +119,8 @@ def rloo(cfg: RLOOConfig) -> Path:
     if complete:
         return out_dir / "model"
     s = setup_groups(cfg, reference=cfg.kl_coef > 0)  # models, env, optimizer: as the other critic-free algorithm
-    dist, device, tokenizer, policy, ref_forward, task = s.dist, s.device, s.tokenizer, s.policy, s.ref_forward, s.task
-    envs, mine, B, P, V, mb_size, rows = s.envs, s.mine, s.B, s.P, s.V, s.mb_size, s.rows
+    dist, device, tokenizer, policy, ref_forward = s.dist, s.device, s.tokenizer, s.policy, s.ref_forward
+    episodes, mine, B, V, mb_size, rows = s.episodes, s.mine, s.B, s.episodes.V, s.mb_size, s.rows
     params, optimizer, scheduler = s.params, s.optimizer, s.scheduler
     k = cfg.num_generations
     models = {"policy": policy}
@@ -132,18 +133,18 @@ def rloo(cfg: RLOOConfig) -> Path:
     for iteration in bar:
         t0 = time.perf_counter()
         # ---- 1. rollout: k responses to each of num_prompts prompts; group g is rows g*k .. g*k + k-1 ----
-        g = sample_groups(policy, ref_forward, envs, num_prompts=cfg.num_prompts, k=k, iteration=iteration,
+        g = sample_groups(policy, ref_forward, episodes, num_prompts=cfg.num_prompts, k=k, iteration=iteration,
                           seed=cfg.seed, temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty,
                           rows=rows, mine=mine, dist=dist, device=device)
-        batch, local, input_ids, attention_mask = g.batch, g.local, g.input_ids, g.attention_mask  # (B, P+T)
+        batch, P, input_ids, attention_mask = g.batch, g.P, g.input_ids, g.attention_mask  # (B, P+T)
         mask, scores, logp, ref_logp = g.mask, g.scores, g.logp, g.ref_logp  # (B, T), (B,), (B, T), (B, T) or None
         with torch.no_grad():
             kl = torch.zeros_like(scores)  # (B,)
             if ref_logp is not None:  # k1 KL of each response, in nats (TRL's RLOOTrainer)
-                kl = (kl_estimate(logp, ref_logp) * mask).sum(1)  # (B,)
+                kl = torch.where(mask.bool(), kl_estimate(logp, ref_logp), 0.0).sum(1)  # (B,) agent tokens only
             rlhf_reward = scores - cfg.kl_coef * kl  # (B,) KL-penalised sequence reward, before the baseline
             advantages = group_advantages(rlhf_reward, k, cfg.baseline)  # (B,)
-        old_seq_logp = logp.sum(1)  # (B,) log pi_old(response); logp is 0 after the end
+        old_seq_logp = logp.sum(1)  # (B,) log pi_old(response); logp is 0 off the agent's tokens
         check_finite(iteration, scores=scores, kl=kl)
         t_rollout = time.perf_counter() - t0
 
@@ -171,7 +172,7 @@ def rloo(cfg: RLOOConfig) -> Path:
                     weight = len(mu) / mb_size
                     new_logp, entropy, _ = policy_forward(policy, input_ids[mu], attention_mask[mu], P, cfg.temperature,
                                                           vocab_size=V)
-                    new_seq_logp = (new_logp * mask[mu]).sum(1, keepdim=True)  # (rows, 1)
+                    new_seq_logp = torch.where(mask[mu].bool(), new_logp, 0.0).sum(1, keepdim=True)  # (rows, 1)
                     pg_loss, clipfrac, approx_kl = clipped_policy_loss(  # per response: clipfrac, approx_kl too
                         new_seq_logp, old_seq_logp[mu, None], advantages[mu, None], torch.ones_like(new_seq_logp),
                         cfg.clip_coef
@@ -189,8 +190,7 @@ def rloo(cfg: RLOOConfig) -> Path:
 
         # ---- 3. log, sample, checkpoint ----
         pg, cf, akl, ent, gn = torch.stack(stats).mean(0).tolist()
-        gold = gather_rows(dist, torch.tensor(task.gold(local.prompts, local.responses),
-                                              dtype=torch.float64))[0].tolist()
+        gold = g.gold
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),

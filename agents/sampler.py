@@ -56,17 +56,23 @@ def sample_from_logits(
 
 @dataclass
 class Rollout:
-    """One episode per env: the prompts, the sampled responses and the env's scores."""
+    """One episode per env: its prompt, what followed it, and the rewards. Single-turn: a prompt and a response.
+    Multi-turn (`rollout_turns`): the opening (the env's first messages and the generation prompt) and the rest of
+    the stream, the agent's turns and the env's replies, with `agent_mask` telling them apart. The same layout
+    either way, so a trainer's forwards read any episode as a prompt of P columns and T columns after it."""
 
     prompt_ids: torch.Tensor  # (B, P) left-padded
     prompt_mask: torch.Tensor  # (B, P)
     response_ids: torch.Tensor  # (B, T) PAD after the last real token
-    response_mask: torch.Tensor  # (B, T) 1 for real response tokens, EOS included
-    logprobs: torch.Tensor  # (B, T) log-prob of each sampled token under softmax(logits / temperature), 0 after the end
-    scores: torch.Tensor  # (B,) the env's reward at each episode's last step
-    terminated: torch.Tensor  # (B,) bool: ended with EOS (False: hit max_new_tokens)
+    response_mask: torch.Tensor  # (B, T) 1 for real tokens after the prompt, EOS (or the last end-of-turn) included
+    agent_mask: torch.Tensor  # (B, T) 1 at the tokens the agent sampled, what a trainer trains on (single-turn: all)
+    logprobs: torch.Tensor  # (B, T) log-prob of each sampled token under softmax(logits / temperature), 0 elsewhere
+    rewards: torch.Tensor  # (B, T) each step's reward at the token that earned it (single-turn: the score, at the end)
+    scores: torch.Tensor  # (B,) each episode's return, the sum of its rewards
+    terminated: torch.Tensor  # (B,) bool: ended with EOS / by the turn logic (False: a length or turn limit)
     prompts: list[str]
-    responses: list[str]
+    responses: list[str]  # multi-turn: the rest of the stream decoded with its special tokens (what an RM reads)
+    messages: list[list[dict]] | None = None  # multi-turn: each conversation, as the env's info holds it
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P+T)
@@ -152,12 +158,16 @@ def rollout(
 
     response_mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)  # (B, T)
     logprobs = logprobs.cpu() * torch.from_numpy(response_mask)  # (B, T) 0 after the end (and for PAD-fed rows)
+    token_rewards = torch.zeros(B, T)
+    token_rewards[torch.arange(B), torch.from_numpy(lengths - 1)] = torch.from_numpy(scores).float()  # at the end
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=torch.from_numpy(response_ids),
         response_mask=torch.from_numpy(response_mask),
+        agent_mask=torch.from_numpy(response_mask),
         logprobs=logprobs,
+        rewards=token_rewards,
         scores=torch.from_numpy(scores).float(),
         terminated=torch.from_numpy(terminated),
         prompts=prompts,
@@ -165,48 +175,51 @@ def rollout(
     )
 
 
-@dataclass
-class TurnRollout:
-    """One multi-turn episode per env, on the envs' exact token streams (`textenv.multiturn.MultiTurnEnv`)."""
-
-    input_ids: torch.Tensor  # (B, L) each stream, left-aligned, PAD after it
-    attention_mask: torch.Tensor  # (B, L) 1 on the stream
-    agent_mask: torch.Tensor  # (B, L) 1 at the tokens the agent sampled (what a trainer trains on)
-    logprobs: torch.Tensor  # (B, L) log-prob of each agent token under softmax(logits / temperature), 0 elsewhere
-    rewards: torch.Tensor  # (B, L) each step's reward at the column of the agent token that earned it
-    terminated: torch.Tensor  # (B,) bool: the turn logic ended the episode (False: a limit truncated it)
-    messages: list[list[dict]]  # each conversation, as the env's info holds it
-
-
 @torch.inference_mode()
 def rollout_turns(model: PreTrainedModel, envs, generator: torch.Generator | None = None, *,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> TurnRollout:
-    """Play one episode in each of `envs` (MultiTurnEnvs, e.g. a SyncVectorEnv's `.envs`; sub-env i is seeded with
-    seed + i) with `model`, one batched decode step per agent token.
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seeds=None,
+                  uniforms: torch.Tensor | None = None) -> Rollout:
+    """Play one episode in each of `envs` (MultiTurnEnvs, e.g. a SyncVectorEnv's `.envs`; sub-env i reset with
+    `seeds[i]`) with `model`, one batched decode step per agent token.
 
     When envs answer, their replies enter the KV cache as one batched chunk (`Decoder.extend`), not one decode step
     per env token: rows whose turn ended get their reply, the others a masked slot, and each row samples its next
     token from the logits after its own last token. The cache's masked slots and positions that count real tokens
     only make every logit equal an uncached forward over the row's final stream (tests/test_sampler.py). A row whose
-    episode ended is fed PAD until all have; its cache rows are not read."""
+    episode ended is fed PAD until all have; its cache rows are not read.
+
+    `uniforms` (num_envs, max_tokens), instead of `generator`: the U[0, 1) number that picks row i's token at its
+    step t, so a row's episode does not depend on the other rows. The result is a `Rollout` whose prompt is each
+    episode's opening (left-padded to the longest) and whose response is the rest of its stream."""
     envs = list(envs)
     B, L, V = len(envs), envs[0].max_tokens, envs[0].vocab_size
-    pad = envs[0].tokenizer.pad_token_id
+    tokenizer = envs[0].tokenizer
+    pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
-    obs = [env.reset(seed=None if seed is None else seed + i)[0] for i, env in enumerate(envs)]
-    n = [int(o["attention_mask"].sum()) for o in obs]  # (B,) stream lengths
-    P = max(n)
+    if seeds is not None and len(seeds) != B:
+        raise ValueError(f"seeds must give one seed per env ({B}), got {len(seeds)}")
+    if uniforms is not None:
+        if generator is not None:
+            raise ValueError("rollout_turns takes a generator or pre-drawn uniforms, not both")
+        if tuple(uniforms.shape) != (B, L):
+            raise ValueError(f"uniforms must have shape (num_envs, max_tokens) = {(B, L)}, got {tuple(uniforms.shape)}")
+        uniforms = uniforms.to(device)
+    obs = [env.reset(seed=None if seeds is None else int(seeds[i]))[0] for i, env in enumerate(envs)]
+    n0 = [int(o["attention_mask"].sum()) for o in obs]  # (B,) opening lengths
+    n = list(n0)  # (B,) stream lengths
+    P = max(n0)
     opening = torch.full((B, P), pad, dtype=torch.long)  # left-padded openings: all rows end at slot P
     opening_mask = torch.zeros(B, P, dtype=torch.long)
     for i, o in enumerate(obs):
-        opening[i, P - n[i] :] = torch.from_numpy(o["input_ids"][: n[i]])
-        opening_mask[i, P - n[i] :] = 1
+        opening[i, P - n0[i] :] = torch.from_numpy(o["input_ids"][: n0[i]])
+        opening_mask[i, P - n0[i] :] = 1
     decoder = make_decoder(model, B, P + L)  # grows if the replies' masked slots need more
     logits = decoder.prefill(opening.to(device), opening_mask.to(device))[:, :V]  # (B, V)
-    logprobs, rewards = torch.zeros(B, L), torch.zeros(B, L)
+    logprobs, rewards = torch.zeros(B, L), torch.zeros(B, L)  # by stream column
     done, terminated, messages = np.zeros(B, dtype=bool), np.zeros(B, dtype=bool), [[] for _ in range(B)]
-    while True:
-        tokens = sample_from_logits(logits, generator, temperature, top_k, top_p)  # (B,)
+    for t in range(L):
+        u = None if uniforms is None else uniforms[:, t]  # (B,)
+        tokens = sample_from_logits(logits, generator, temperature, top_k, top_p, u)  # (B,)
         logp = logprobs_from_logits(logits.float()[:, None], tokens[:, None], temperature)[:, 0].cpu()  # (B,)
         actions = tokens.cpu().numpy()
         chunks: list[list[int]] = [[] for _ in range(B)]
@@ -230,8 +243,23 @@ def rollout_turns(model: PreTrainedModel, envs, generator: torch.Generator | Non
                 chunk[i, : len(chunks[i])], chunk_mask[i, : len(chunks[i])] = torch.tensor(chunks[i]), 1
             after = decoder.extend(chunk.to(device), chunk_mask.to(device))[:, :V]  # (B, V)
             logits[answered] = after[answered]
-    stack = lambda key: torch.from_numpy(np.stack([o[key] for o in obs]))  # noqa: E731
-    agent_mask = stack("agent_mask")
-    return TurnRollout(input_ids=stack("input_ids"), attention_mask=stack("attention_mask"), agent_mask=agent_mask,
-                       logprobs=logprobs * agent_mask, rewards=rewards, terminated=torch.from_numpy(terminated),
-                       messages=messages)
+
+    # ---- the streams in the Rollout layout: the opening left-padded to P, the rest right-padded to T ----
+    T = max(n[i] - n0[i] for i in range(B))
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    response_mask, agent_mask = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    response_logp, response_rewards = torch.zeros(B, T), torch.zeros(B, T)
+    prompts, responses = [], []
+    for i, o in enumerate(obs):
+        rest = slice(n0[i], n[i])
+        k = n[i] - n0[i]
+        ids[i, :k] = torch.from_numpy(o["input_ids"][rest])
+        response_mask[i, :k] = 1
+        agent_mask[i, :k] = torch.from_numpy(o["agent_mask"][rest])
+        response_logp[i, :k], response_rewards[i, :k] = logprobs[i, rest], rewards[i, rest]
+        prompts.append(tokenizer.decode(o["input_ids"][: n0[i]].tolist()))
+        responses.append(tokenizer.decode(o["input_ids"][rest].tolist()))
+    return Rollout(prompt_ids=opening, prompt_mask=opening_mask, response_ids=ids, response_mask=response_mask,
+                   agent_mask=agent_mask, logprobs=response_logp * agent_mask, rewards=response_rewards,
+                   scores=response_rewards.sum(1), terminated=torch.from_numpy(terminated), prompts=prompts,
+                   responses=responses, messages=messages)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from agents.core import IGNORE, sft_loss
 from agents.data import batch_indices, collate, encode_pair, load_pairs
+from agents.episodes import is_multi_turn, turn_demonstrations
 from agents.run import (
     RunLogger,
     adamw,
@@ -40,6 +41,7 @@ from agents.run import (
     start_run,
 )
 from textenv.models import bf16_is_fast, load_causal_lm
+from textenv.tasks.base import POOL_SIZES
 from textenv.tokenizer import load_tokenizer
 
 VALID_EVERY_NTH_RECORD = 20  # a user's file: 5% held out for validation
@@ -53,7 +55,9 @@ class SFTConfig:
     """The causal LM to fine-tune: the pretrain stage's model folder, any local HF folder or a hub id. Its
     tokenizer is loaded from the same place and needs distinct PAD and EOS tokens."""
     task: str = "sentiment"
-    """Embedded task whose demonstrations to learn (sentiment, arithmetic, commongen); ignored when `data` is set."""
+    """Embedded task whose demonstrations to learn (sentiment, arithmetic, commongen), or a multi-turn env id
+    (textenv/Calculator-v0, a user's 'module:Id') whose turn logic writes expert conversations; ignored when `data`
+    is set."""
     data: str | None = None
     """A .jsonl/.csv/.parquet file or datasets hub id of demonstrations (instead of `task`); 5% is held out."""
     prompt_column: str = "prompt"
@@ -100,24 +104,28 @@ class SFTConfig:
         if self.max_prompt_tokens < 1 or self.max_response_tokens < 1:
             raise ValueError("max_prompt_tokens and max_response_tokens must be >= 1")
         if self.data is None:
-            from textenv.tasks import get_task
-
-            get_task(self.task)  # ValueError naming the unknown task and the known ones
+            is_multi_turn(self.task)  # ValueError naming the unknown task and the known ones
 
 
-def load_demonstrations(cfg: SFTConfig) -> tuple[list[dict], list[dict]]:
-    """(train, valid) demonstrations: the task's own splits, or a user's records with every 20th held out."""
+def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list, list]:
+    """(train, valid) examples, each (ids, labels) with labels IGNORE where no loss reads: the task's own splits,
+    or a user's records with every 20th held out. A multi-turn env id's are its expert conversations as the env's
+    token stream, the loss on the agent's (assistant) tokens only."""
+    if cfg.data is None and is_multi_turn(cfg.task):
+        return tuple(turn_demonstrations(cfg.task, tokenizer, split, POOL_SIZES[split]) for split in ("train", "valid"))
     if cfg.data is None:
         from textenv.tasks import get_task
 
         task = get_task(cfg.task)
-        return task.demonstrations("train"), task.demonstrations("valid")
-    pairs = load_pairs(cfg.data, cfg.prompt_column, cfg.response_column)
-    if len(pairs) < 2:
-        raise ValueError(f"{cfg.data} has {len(pairs)} demonstration(s); need at least 2 (train and valid)")
-    valid = [p for i, p in enumerate(pairs) if i % VALID_EVERY_NTH_RECORD == 0]
-    train = [p for i, p in enumerate(pairs) if i % VALID_EVERY_NTH_RECORD != 0]
-    return train, valid
+        train, valid = task.demonstrations("train"), task.demonstrations("valid")
+    else:
+        pairs = load_pairs(cfg.data, cfg.prompt_column, cfg.response_column)
+        if len(pairs) < 2:
+            raise ValueError(f"{cfg.data} has {len(pairs)} demonstration(s); need at least 2 (train and valid)")
+        valid = [p for i, p in enumerate(pairs) if i % VALID_EVERY_NTH_RECORD == 0]
+        train = [p for i, p in enumerate(pairs) if i % VALID_EVERY_NTH_RECORD != 0]
+    return tuple([encode_pair(tokenizer, d["prompt"], d["response"], cfg.max_prompt_tokens, cfg.max_response_tokens)
+                  for d in ds] for ds in (train, valid))
 
 
 @torch.no_grad()
@@ -153,11 +161,7 @@ def sft(cfg: SFTConfig) -> Path:
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)  # checks PAD and EOS exist and differ
-    train_pairs, valid_pairs = load_demonstrations(cfg)
-    train, valid = (
-        [encode_pair(tokenizer, d["prompt"], d["response"], cfg.max_prompt_tokens, cfg.max_response_tokens) for d in ds]
-        for ds in (train_pairs, valid_pairs)
-    )
+    train, valid = load_examples(cfg, tokenizer)
     if len(train) < cfg.batch_size:
         raise ValueError(f"only {len(train)} training demonstrations, fewer than batch_size={cfg.batch_size}")
     max_steps = cfg.max_steps or max(1, round(cfg.epochs * (len(train) // cfg.batch_size)))

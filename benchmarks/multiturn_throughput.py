@@ -67,7 +67,7 @@ def main() -> None:
 
     envs = [MultiTurnEnv(Replies, turn_kwargs={"words": args.reply_words}, max_turns=args.turns,
                          max_turn_tokens=turn_limit(b), max_tokens=256) for b in range(args.batch)]
-    probe = rollout_turns(model, envs, torch.Generator().manual_seed(0), seed=0)
+    probe = rollout_turns(model, envs, torch.Generator().manual_seed(0), seeds=range(args.batch))
     stream = int(probe.attention_mask.sum(1).max())  # the longest stream
     agent = int(probe.agent_mask.sum(1).max())
     env_tokens = stream - agent  # opening + replies (+ the env-closed turns' end-of-turn tokens)
@@ -78,7 +78,7 @@ def main() -> None:
 
     def multi() -> tuple[float, int]:
         start = time.perf_counter()
-        r = rollout_turns(model, envs, torch.Generator().manual_seed(1), seed=1)
+        r = rollout_turns(model, envs, torch.Generator().manual_seed(1), seeds=range(1, args.batch + 1))
         return time.perf_counter() - start, int(r.attention_mask.sum())
 
     def one() -> tuple[float, int]:

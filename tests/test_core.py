@@ -11,6 +11,7 @@ import torch
 from agents.core import (
     AdaptiveKLController,
     FixedKLController,
+    at_last_token,
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
@@ -80,6 +81,25 @@ def test_gae_ignores_everything_after_eos():
             torch.testing.assert_close(a, b)
 
 
+def test_gae_over_agent_tokens_skips_the_env_tokens_of_a_multi_turn_stream():
+    # agent tokens at 0, 1 (turn 1, reward 0.5 at its last token) and 4, 5 (turn 2, reward 1); 2, 3 are the env's
+    # reply, whose rewards and values (nan: never read) are skipped, as is the padding at 6
+    mask = T([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])
+    nan = math.nan
+    rewards = T([[0.0, 0.5, nan, nan, 0.0, 1.0, nan]])
+    values = T([[0.2, 0.3, nan, nan, 0.4, 0.6, nan]])
+    adv, ret = compute_gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # t=5: delta = 1 + 0 - 0.6 = 0.4;                   A5 = 0.4
+    # t=4: delta = 0 + 0.6 - 0.4 = 0.2;                 A4 = 0.2 + 0.95 * 0.4 = 0.58
+    # t=3, 2: the env's tokens, skipped (0)
+    # t=1: delta = 0.5 + V4 - V1 = 0.5 + 0.4 - 0.3 = 0.6;   A1 = 0.6 + 0.95 * 0.58 = 1.151
+    # t=0: delta = 0 + 0.3 - 0.2 = 0.1;                 A0 = 0.1 + 0.95 * 1.151 = 1.19345
+    close(adv, [[1.19345, 1.151, 0.0, 0.0, 0.58, 0.4, 0.0]])
+    close(ret, [[1.39345, 1.451, 0.0, 0.0, 0.98, 1.0, 0.0]])
+    _, mc = compute_gae(rewards, values, mask, gamma=1.0, lam=1.0)  # lam 1: the return to go, 1.5 then 1
+    close(mc, [[1.5, 1.5, 0.0, 0.0, 1.0, 1.0, 0.0]])
+
+
 # -------------------------------------------------------------------------------------------------- KL + rewards
 def test_kl_estimators():
     logp, ref = T([-1.0, -2.0]), T([-2.0, -1.0])  # log r = ref - logp = [-1, 1]
@@ -98,22 +118,29 @@ def test_per_token_rewards_score_at_last_real_token():
     mask = T([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     logp = T([[-1.0, -2.0, -1.0, -5.0], [-1.0, -3.0, -3.0, -3.0]])
     ref = T([[-1.5, -1.0, -1.0, 0.0], [-2.0, 0.0, 0.0, 0.0]])
-    rewards, non_score = per_token_rewards(T([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    scores = at_last_token(T([2.0, -1.0]), mask)
+    close(scores, [[0.0, 0.0, 2.0, 0.0], [-1.0, 0.0, 0.0, 0.0]])
+    rewards, non_score = per_token_rewards(scores, logp, ref, mask, kl_coef=0.1)
     # k1 = logp - ref = [[0.5, -1, 0, (5 masked)], [1, ...]];  non_score = -0.1 * k1
     close(non_score, [[-0.05, 0.1, 0.0, 0.0], [-0.1, 0.0, 0.0, 0.0]])
     # + score at index mask.sum() - 1: row 0 -> t=2 (0 + 2), row 1 -> t=0 (-0.1 - 1)
     close(rewards, [[-0.05, 0.1, 2.0, 0.0], [-1.1, 0.0, 0.0, 0.0]])
     # k2 = 0.5 * k1^2 = [0.125, 0.5, 0] -> -0.1 * k2
-    _, non_score2 = per_token_rewards(T([2.0, -1.0]), logp, ref, mask, kl_coef=0.1, kl_kind="k2")
+    _, non_score2 = per_token_rewards(scores, logp, ref, mask, kl_coef=0.1, kl_kind="k2")
     close(non_score2[0], [-0.0125, -0.05, 0.0, 0.0])
 
 
-def test_per_token_rewards_errors():
-    x = torch.zeros(2, 3)
+def test_turn_rewards_stay_where_they_were_paid_and_last_token_skips_holes():
+    # a multi-turn row: agent tokens at 0, 1 and 4 (2, 3 are the env's reply); turn rewards at 1 and 4
+    mask = T([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0]])
+    close(at_last_token(T([3.0]), mask), [[0.0, 0.0, 0.0, 0.0, 3.0, 0.0]])
+    scores = T([[0.0, 0.5, 9.0, 9.0, 1.0, 0.0]])  # 9.0: at env tokens, never paid
+    logp, ref = torch.full((1, 6), -1.0), torch.full((1, 6), -2.0)  # k1 = 1 everywhere
+    rewards, non_score = per_token_rewards(scores, logp, ref, mask, kl_coef=0.1)
+    close(non_score, [[-0.1, -0.1, 0.0, 0.0, -0.1, 0.0]])
+    close(rewards, [[-0.1, 0.4, 0.0, 0.0, 0.9, 0.0]])
     with pytest.raises(ValueError, match="all-zero"):
-        per_token_rewards(T([1.0, 1.0]), x, x, T([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), 0.1)
-    with pytest.raises(ValueError, match="1s followed by 0s"):
-        per_token_rewards(T([1.0, 1.0]), x, x, T([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]]), 0.1)
+        at_last_token(T([1.0, 1.0]), T([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
 
 
 # ------------------------------------------------------------------------------------------------ masked stats

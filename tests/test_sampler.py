@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,18 +128,21 @@ def test_multiturn_rollout_logits_equal_an_uncached_forward_over_the_final_strea
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              max_position_embeddings=256, pad_token_id=tok.pad_token_id)).eval()
     envs = [MultiTurnEnv(Chatty, max_turns=4, max_turn_tokens=3, max_tokens=128) for _ in range(4)]
-    r = rollout_turns(model, envs, torch.Generator().manual_seed(0), temperature=0.8, seed=7)
+    r = rollout_turns(model, envs, torch.Generator().manual_seed(0), temperature=0.8, seeds=range(7, 11))
     turns = [sum(m["role"] == "assistant" for m in msgs) for msgs in r.messages]
     assert turns == [4, 4, 4, 4] and not r.terminated.any()  # every episode ran to max_turns, env replies in between
     lengths = r.attention_mask.sum(1)
     assert len(set(lengths.tolist())) > 1, "the streams differ in length: replies of different lengths"
     for i in range(4):
-        n = int(lengths[i])
-        ids = r.input_ids[i, :n]
+        # the row's stream: its opening (left-padded in the prompt columns), then the rest
+        ids = torch.cat([r.prompt_ids[i][r.prompt_mask[i] == 1], r.response_ids[i][r.response_mask[i] == 1]])
+        assert ids.tolist() == envs[i]._ids[: len(ids)].tolist()  # the env's own stream, token for token
         with torch.no_grad():
             logits = model(input_ids=ids[None]).logits[0].float() / 0.8  # (n, V) uncached, unpadded
-        agent = torch.nonzero(r.agent_mask[i, :n]).squeeze(1)  # (K,) columns of the agent's tokens
+        opening = int(r.prompt_mask[i].sum())
+        agent = opening + torch.nonzero(r.agent_mask[i]).squeeze(1)  # (K,) stream columns of the agent's tokens
+        assert agent.tolist() == np.flatnonzero(envs[i]._agent).tolist()
         want = torch.log_softmax(logits[agent - 1], -1).gather(1, ids[agent][:, None]).squeeze(1)
-        torch.testing.assert_close(r.logprobs[i, agent], want, atol=2e-4, rtol=0)
+        torch.testing.assert_close(r.logprobs[i][r.agent_mask[i] == 1], want, atol=2e-4, rtol=0)
         # the turn rewards (1 to 3 each) are paid at agent tokens, the turns' last
         assert r.rewards[i].sum() >= 4 and (r.rewards[i][r.agent_mask[i] == 0] == 0).all()

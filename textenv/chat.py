@@ -93,3 +93,29 @@ class ChatFormat:
             raise ValueError(f"the chat template does not close each turn with {eot!r} (the end-of-turn token); "
                              "pass end_of_turn= the token it closes turns with")
         return self.encode(after[agent + len(eot) :])
+
+    def stream(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """(token ids, agent mask) of a whole conversation as the multi-turn env builds it: the opening (the messages
+        before the first assistant turn) with the generation prompt, then each assistant turn's content tokens and
+        the end-of-turn token (agent mask 1), each env reply as `reply` renders it (0). What SFT trains on: the
+        stream a policy would have produced by emitting exactly those turns."""
+        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+        if first is None or first == 0:
+            raise ValueError("a conversation needs opening messages (system/user) and then an assistant turn; got "
+                             f"roles {[m['role'] for m in messages]}")
+        ids = self.opening(messages[:first])
+        agent = [0] * len(ids)
+        for i in range(first, len(messages)):
+            message = messages[i]
+            if message["role"] == "assistant":
+                if i > first and messages[i - 1]["role"] == "assistant":
+                    raise ValueError(f"message {i}: two assistant turns in a row; the env answers every agent turn")
+                turn = self.encode(message["content"]) + [self.end_of_turn]
+                ids, agent = ids + turn, agent + [1] * len(turn)
+            else:
+                if messages[i - 1]["role"] != "assistant":
+                    raise ValueError(f"message {i} ({message['role']}): after the opening, env messages answer an "
+                                     "assistant turn, one each")
+                chunk = self.reply(messages[:i], message)
+                ids, agent = ids + chunk, agent + [0] * len(chunk)
+        return ids, agent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import numbers
 from typing import Any, Protocol
@@ -50,6 +51,33 @@ def make_turns(turns: Any, turn_kwargs: dict | None) -> Any:
             raise TypeError(f"turns must have start(rng) and respond(messages) methods; {type(turns).__name__} has no "
                             f"{method}(): see textenv.multiturn.Turns")
     return turns
+
+
+def multiturn_spec(env_id: str) -> gym.envs.registration.EnvSpec | None:
+    """The registration of a multi-turn env id, e.g. "textenv/Calculator-v0" or a user's "module:Id" (the module is
+    imported first, as `gymnasium.make` does); None for a name that is no env id (an embedded task's, "sentiment")
+    or a registered env that is not a MultiTurnEnv. An unknown id raises, naming it."""
+    if "/" not in env_id and ":" not in env_id:
+        return None
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"env id {env_id!r}: cannot import module {module!r} ({exc}); it must be importable "
+                             "and register the id") from None
+    if name not in gym.registry:
+        known = sorted(k for k, v in gym.registry.items() if _is_multiturn(v.entry_point))
+        raise ValueError(f"no registered env {name!r}; the multi-turn ids are {known} (a user's own: 'module:Id', "
+                         "the module registering it)")
+    spec = gym.spec(name)
+    return spec if _is_multiturn(spec.entry_point) else None
+
+
+def _is_multiturn(entry_point) -> bool:
+    if isinstance(entry_point, str):
+        entry_point = import_string(entry_point) if ":" in entry_point else None
+    return isinstance(entry_point, type) and issubclass(entry_point, MultiTurnEnv)
 
 
 class MultiTurnEnv(gym.Env):
