@@ -196,6 +196,10 @@ def rollout_turns(model: PreTrainedModel, envs, generator: torch.Generator | Non
     tokenizer = envs[0].tokenizer
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
+    context = model.config.max_position_embeddings
+    if L > context:
+        raise ValueError(f"the envs' max_tokens={L} is more than the model's {context} positions: make the envs with "
+                         f"max_tokens <= {context} (e.g. gym.make(env_id, max_tokens={context})) or use a longer model")
     if seeds is not None and len(seeds) != B:
         raise ValueError(f"seeds must give one seed per env ({B}), got {len(seeds)}")
     if uniforms is not None:

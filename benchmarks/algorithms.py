@@ -18,6 +18,11 @@ policy, chosen by the proxy, is the training-free baseline at KL log n - (n-1)/n
 Several budgets (--iterations) label the RL rows ppo@10, ppo@20, ...; several tasks write one folder per task
 and a results.csv/results.md over all of them.
 
+A --tasks entry may be a multi-turn env id (`textenv/Calculator-v0`, a user's `module:Id` whose turn logic has an
+expert): the main job runs on it (`textenv pipeline --task <id>`), the gold is the env's own return, and PPO, GRPO,
+RLOO and best-of-n run as on an embedded task (DPO and SB3 are skipped there: they train on re-tokenized text and a
+single-turn env).
+
 A --tasks entry may also be a registered env id (`module:Name-v0` imports `module` first, as `gymnasium.make`
 does) whose entry point is `TextGenEnv` and whose kwargs name an embedded `task`: that task gives the SFT policy,
 the reward model, the gold scorer and the test prompts, while the id's `prompts`, `reward_fn` (a model folder or
@@ -95,6 +100,7 @@ class Target:
     reward: str | None = None  # the RL reward and the proxy column; None: the task's learned RM
     prompts: str | None = None  # the RL training prompts; None: the task's train split
     max_new_tokens: int | None = None  # None: the task's
+    multi_turn: bool = False  # a multi-turn env id: its own return is the gold, its expert writes the SFT data
 
     @property
     def folder(self) -> str:
@@ -113,10 +119,14 @@ def resolve_target(name: str) -> Target:
     from gymnasium.envs.registration import load_env_creator
 
     from textenv.env import TextGenEnv
+    from textenv.multiturn import multiturn_spec
     from textenv.tasks import TASKS
 
     if name in TASKS:
         return Target(name=name, task=name, env_id=task_env_id(name))
+    if multiturn_spec(name) is not None:  # the whole recipe runs on the id itself (module prefix kept: importable)
+        env_id = name.rpartition(":")[2]
+        return Target(name=env_id, task=name, env_id=env_id, multi_turn=True)
     module, _, env_id = name.rpartition(":")
     if module:
         importlib.import_module(module)  # registers the id, as gymnasium.make("module:id") does
@@ -217,6 +227,30 @@ def best_of_n_curve(sft: str, proxy_spec: str, task_name: str, num_prompts: int,
     return curve(gold, proxy)
 
 
+def best_of_n_turns(sft: str, proxy_spec: str, env_id: str, num_prompts: int, n_max: int, temperature: float,
+                    seed: int, max_new_tokens: None = None):
+    """`best_of_n_curve` on a multi-turn env id: n_max episodes from each test episode's seed, gold the env's own
+    return, the proxy's score of each whole conversation."""
+    from agents.best_of_n import best_of_n_curve as curve
+    from agents.episodes import episode_prompts, make_episodes
+    from rewards.base import as_reward_fn, call_reward
+    from textenv.models import load_causal_lm
+    from textenv.tokenizer import load_tokenizer
+
+    policy, proxy = load_causal_lm(sft).eval(), as_reward_fn(proxy_spec)
+    flat = np.repeat(episode_prompts(env_id, "test", num_prompts), n_max)  # each test episode n_max times
+    B = min(len(flat), 64)
+    episodes = make_episodes(env_id, num_envs=B, tokenizer=load_tokenizer(sft), reward=None)
+    generator, gold, scores = torch.Generator().manual_seed(seed), [], []
+    for start in range(0, len(flat), B):
+        keep = min(B, len(flat) - start)
+        batch, batch_gold = episodes.play(policy, generator=generator, temperature=temperature, seed=0,
+                                          prompt_index=np.resize(flat[start : start + B], B))
+        gold += batch_gold[:keep]
+        scores += call_reward(proxy, batch.prompts[:keep], batch.responses[:keep])
+    return curve(np.reshape(gold, (num_prompts, n_max)), np.reshape(scores, (num_prompts, n_max)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", "--task", nargs="+", default=["sentiment"],
@@ -242,7 +276,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as the `textenv` command does before it trains
     targets = [resolve_target(name) for name in args.tasks]  # every entry checked before anything trains
-    runs = args.runs or ["runs/default" if t.task == "sentiment" else f"runs/{t.task}" for t in targets]
+    runs = args.runs or ["runs/default" if t.task == "sentiment" else f"runs/{t.folder}" for t in targets]
     if len(runs) != len(targets):
         parser.error(f"--runs names {len(runs)} folders for {len(targets)} tasks {args.tasks}")
     out = Path(args.out_dir or Path(runs[0]) / "algorithms")
@@ -288,10 +322,14 @@ def run_task(target: Target, run: Path, out: Path, args) -> list[dict]:
     curves: dict[str, list[list[dict]]] = {}
     bon: list[dict] = []
     for algo in args.algos:
+        if target.multi_turn and algo in ("dpo", "sb3"):
+            print(f"{task}: {algo} skipped (not on multi-turn tasks yet)")
+            continue
         if algo == "bon":
             t0 = time.perf_counter()
-            bon = best_of_n_curve(sft, proxy, target.task, args.eval_prompts, args.bon_max, args.temperature, seed=0,
-                                  max_new_tokens=target.max_new_tokens)
+            curve = best_of_n_turns if target.multi_turn else best_of_n_curve
+            bon = curve(sft, proxy, target.task, args.eval_prompts, args.bon_max, args.temperature, seed=0,
+                        max_new_tokens=target.max_new_tokens)
             wall = time.perf_counter() - t0
             for r in bon:
                 rows.append({"algo": f"bon-{r['n']}", "iterations": None, "seed": 0, "gold": r["gold"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -44,3 +45,28 @@ def test_readme_multiturn_example(capsys):
     agent = obs["input_ids"][obs["agent_mask"] == 1].tolist()
     chat = namespace["chat"]
     assert agent == chat.encode("50") + [chat.end_of_turn]
+
+
+def test_readme_trains_the_user_written_multiturn_env(tmp_path, capsys):
+    """The README's training block, on the env its multi-turn block registers, with a tiny policy in place of the
+    main job's SFT model."""
+    from textenv.models import build_model
+
+    tok = default_tokenizer()
+    policy = tmp_path / "sft"
+    build_model("tiny", tok, seed=0).save_pretrained(policy)
+    tok.save_pretrained(policy)
+    text = README.read_text()
+    define = re.search(r"```python\n(.*?)```", text.split("### Environments that answer back (multi-turn)")[1], re.S)
+    train = re.search(r"```python\n(.*?)```", text.split("### The recipe on a multi-turn env")[1], re.S).group(1)
+    assert "runs/default/sft/model" in train and "runs/guess-ppo" in train
+    namespace: dict = {}
+    exec(compile(define.group(1), "README.md", "exec"), namespace)
+    out = tmp_path / "guess-ppo"
+    train = train.replace("runs/default/sft/model", str(policy)).replace("runs/guess-ppo", str(out))
+    exec(compile(train, "README.md", "exec"), namespace)
+    assert (out / "model" / "model.safetensors").exists()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[-1])
+    assert sample["messages"][0]["content"].startswith("Guess my number (1-100)")

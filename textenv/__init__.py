@@ -32,8 +32,8 @@ ENV_IDS = {
 MULTITURN_IDS = {
     "textenv/GuessNumber-v0": {"turns": "textenv.turns:GuessNumber", "max_turns": 8, "max_turn_tokens": 16,
                                "max_tokens": 128},
-    "textenv/Calculator-v0": {"turns": "textenv.turns:Calculator", "max_turns": 4, "max_turn_tokens": 24,
-                              "max_tokens": 128},
+    "textenv/Calculator-v0": {"turns": "textenv.turns:Calculator", "turn_kwargs": {"max_operand": 9},
+                              "max_turns": 4, "max_turn_tokens": 24, "max_tokens": 128},
 }
 
 for _env_id, _kwargs in MULTITURN_IDS.items():

@@ -67,16 +67,17 @@ def multiturn_spec(env_id: str) -> gym.envs.registration.EnvSpec | None:
             raise ValueError(f"env id {env_id!r}: cannot import module {module!r} ({exc}); it must be importable "
                              "and register the id") from None
     if name not in gym.registry:
-        known = sorted(k for k, v in gym.registry.items() if _is_multiturn(v.entry_point))
+        known = sorted(k for k, v in gym.registry.items()  # without importing every registered env's module
+                       if v.entry_point == "textenv.multiturn:MultiTurnEnv" or _is_multiturn(v.entry_point, False))
         raise ValueError(f"no registered env {name!r}; the multi-turn ids are {known} (a user's own: 'module:Id', "
                          "the module registering it)")
     spec = gym.spec(name)
     return spec if _is_multiturn(spec.entry_point) else None
 
 
-def _is_multiturn(entry_point) -> bool:
+def _is_multiturn(entry_point, load: bool = True) -> bool:
     if isinstance(entry_point, str):
-        entry_point = import_string(entry_point) if ":" in entry_point else None
+        entry_point = import_string(entry_point) if load and ":" in entry_point else None
     return isinstance(entry_point, type) and issubclass(entry_point, MultiTurnEnv)
 
 

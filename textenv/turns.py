@@ -63,8 +63,12 @@ _ANSWER = re.compile(r"answer:\s*(-?\d+)")
 class Calculator:
     """Arithmetic with a calculator tool: "What is a op b op c?" (two operations of +, -, *; operands 2 to 99).
     The agent may call `<calc>expression</calc>` (integers with + - * only); the env answers with a tool message
-    holding the value. `answer: N` ends the episode with reward 1.0 if N is right, else 0.0; a turn with neither
-    gets a reminder. Gold: the final answer's correctness."""
+    "= value". `answer: N` ends the episode with reward 1.0 if N is right, else 0.0; a turn with neither gets a
+    reminder. Gold: the final answer's correctness.
+
+    The expert writes `<calc> a op b op c</calc>` and `answer: value`: a number the agent copies then has a space
+    before it where it is copied from and where it is written, so (with a GPT-2-style pre-tokenizer) its tokens are
+    the same in both places, and the copy is one of tokens, not of text across two tokenizations."""
 
     def __init__(self, max_operand: int = 99):
         self.max_operand, self.question, self.value = int(max_operand), None, None
@@ -84,7 +88,7 @@ class Calculator:
             return {"reward": float(int(answer.group(1)) == self.value), "done": True}
         call = _CALL.search(text)
         if call:
-            return {"message": {"role": "tool", "content": str(_evaluate(call.group(1)))}}
+            return {"message": {"role": "tool", "content": f"= {_evaluate(call.group(1))}"}}
         return {"message": {"role": "user", "content": "Use <calc>expression</calc> or reply answer: number."}}
 
     def gold(self, messages: list[dict]) -> float:
@@ -95,9 +99,9 @@ class Calculator:
     def demonstration(self, rng: np.random.Generator) -> list[dict]:
         """An expert's conversation: one calculator call, then the answer it returned."""
         messages = self.start(rng)
-        messages.append({"role": "assistant", "content": f"<calc>{self.question}</calc>"})
+        messages.append({"role": "assistant", "content": f"<calc> {self.question}</calc>"})
         messages.append(self.respond(messages)["message"])
-        messages.append({"role": "assistant", "content": f"answer: {messages[-1]['content']}"})
+        messages.append({"role": "assistant", "content": f"answer: {self.value}"})
         return messages
 
 

@@ -324,30 +324,30 @@ class GPT2Decoder:
         B, H, D = batch_size, c.n_head, c.n_embd // c.n_head
         self.keys = [w.new_zeros(B, H, max_len, D) for _ in range(c.n_layer)]  # (B, H, L, D) per layer
         self.values = [w.new_zeros(B, H, max_len, D) for _ in range(c.n_layer)]
-        # additive attention bias over key slots: 0 for a real token, the dtype's minimum for padding
+        # additive attention bias over key slots: 0 for a real token, the dtype's minimum for padding and for slots
+        # not written yet. Row b's tokens after the prompt go to slots P, P+1, ... in order (`fill[b]`: its next
+        # slot), so a multi-turn env's reply that only some rows get costs the other rows no slots.
         self.bias = w.new_zeros(B, 1, 1, max_len)  # (B, 1, 1, L)
-        self.length = 0
+        self.fill = None  # (B,) each row's next slot
+        self.length = 0  # max(fill): the slots attention reads
+        self.aligned = True  # every row's fill is `length` (single-turn decoding): steps write one slice
         self.next_position = None  # (B,)
         # the weights stay fixed for this decoder's lifetime (one rollout), so they are packed once for B rows
         self.layers = layers(model, partial(PackedLinear, rows=B))
         self.head = PackedLinear(model.lm_head.weight.t(), None, B)  # (E, V) as x @ W
 
-    def _attend(self, B: int, S: int, start: int, bias: torch.Tensor, rows: torch.Tensor | None, i: int, qkv, x):
-        """Layer i's attention for x at cache slots [start, start + S); its keys and values go into the cache.
-        `rows` (prefill only, start 0): x holds distinct prompts and cache row r takes prompt rows[r]'s."""
+    def _attend(self, B: int, S: int, bias: torch.Tensor, rows: torch.Tensor | None, i: int, qkv, x):
+        """Layer i's attention for the prefill's x at cache slots [0, S); its keys and values go into the cache.
+        `rows`: x holds distinct prompts and cache row r takes prompt rows[r]'s."""
         q, k, v = heads(qkv, B, S, self.n_head)  # each (B, H, S, D)
-        end = start + S
-        self.keys[i][:, :, start:end] = k if rows is None else k[rows]
-        self.values[i][:, :, start:end] = v if rows is None else v[rows]
-        if S == 1:  # a decode step: one query per row
-            a = attend_one(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], bias)  # (B, H, 1, D)
-        else:  # the prefill: the cache holds just these keys and values
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, S, D)
+        self.keys[i][:, :, :S] = k if rows is None else k[rows]
+        self.values[i][:, :, :S] = v if rows is None else v[rows]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, S, D): the cache holds just these
         return merge_heads(a), x
 
     def _blocks(self, x: torch.Tensor, attend) -> torch.Tensor:
         """x (B, S, E) through every block and ln_f; `attend(i, qkv, x)` is layer i's attention (`_attend` for the
-        prefill and the decode steps, `_attend_rows` for a chunk), which also writes the cache."""
+        prefill, `_attend_step` for a decode step, `_attend_rows` for a chunk), which also writes the cache."""
         B, S, E = x.shape
         x = x.reshape(B * S, E)
         for i, layer in enumerate(self.layers):
@@ -364,8 +364,9 @@ class GPT2Decoder:
         P = input_ids.shape[1]
         neg = torch.finfo(self.bias.dtype).min
         self.bias[:, 0, 0, :P] = torch.where(attention_mask.bool(), 0.0, neg)
-        self.bias[:, 0, 0, P:] = 0.0
+        self.bias[:, 0, 0, P:] = neg
         self.length, self.next_position = P, attention_mask.sum(-1)  # (B,)
+        self.fill, self.aligned = torch.full_like(self.next_position, P), True
         distinct, rows = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
         if len(distinct) == len(input_ids):
             rows = None  # nothing shared: the rows as they are
@@ -375,7 +376,7 @@ class GPT2Decoder:
         x = _embed(self.model.transformer, input_ids, position_ids_from_mask(attention_mask))  # (G, P, E)
         allowed = padded_causal_mask(attention_mask.bool())  # (G, P, P)
         bias = torch.where(allowed, 0.0, neg).to(self.bias.dtype)[:, None]  # (G, 1, P, P)
-        h = self._blocks(x, partial(self._attend, len(x), P, 0, bias, rows))  # (G, P, E)
+        h = self._blocks(x, partial(self._attend, len(x), P, bias, rows))  # (G, P, E)
         logits = self._logits(h[:, -1])  # (G, V)
         return logits if rows is None else logits[rows]
 
@@ -387,47 +388,83 @@ class GPT2Decoder:
         grow = max(slots, 2 * capacity) - capacity
         self.keys = [F.pad(k, (0, 0, 0, grow)) for k in self.keys]  # (B, H, L, D): pad the slot dimension
         self.values = [F.pad(v, (0, 0, 0, grow)) for v in self.values]
-        self.bias = F.pad(self.bias, (0, grow))
+        self.bias = F.pad(self.bias, (0, grow), value=torch.finfo(self.bias.dtype).min)  # not written: masked
 
     def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Append a chunk of (B, S) tokens, each row's real ones (mask 1) first, then padding (mask 0), which stays
-        in the cache as masked slots. Returns the (B, V) logits after each row's last real token (0 for a row with
-        none). Positions count real tokens only, as under left padding. Only the rows with a real token run (a
-        multi-turn env's replies arrive for some rows at a step): the others just get masked slots."""
+        """Append a chunk of (B, S) tokens, each row's real ones (mask 1) first, then padding (mask 0). Returns the
+        (B, V) logits after each row's last real token (0 for a row with none). Positions count real tokens only,
+        as under left padding. Only the rows with a real token run (a multi-turn env's replies arrive for some rows
+        at a step), each at its own next slots: the others' caches do not change."""
         B, S = tokens.shape
-        start = self.length
-        self._reserve(start + S)
-        real = mask.bool()
-        neg = torch.finfo(self.bias.dtype).min
-        self.bias[:, 0, 0, start : start + S] = torch.where(real, 0.0, neg)
-        rows = torch.nonzero(real.any(1)).squeeze(1)  # (b,) the rows that run
+        rows = torch.nonzero(mask.bool().any(1)).squeeze(1)  # (b,) the rows that run
         b, m = len(rows), mask[rows]
+        real = m.bool()  # (b, S)
+        slots = self.fill[rows, None] + torch.arange(S, device=tokens.device)  # (b, S) where the chunk goes
+        end = int(slots[:, -1].max()) + 1
+        self._reserve(end)
+        neg = torch.finfo(self.bias.dtype).min
         positions = self.next_position[rows, None] + position_ids_from_mask(m)  # (b, S)
         x = _embed(self.model.transformer, tokens[rows], positions)  # (b, S, E)
-        within = torch.where(padded_causal_mask(m.bool()), 0.0, neg).to(self.bias.dtype)  # (b, S, S)
-        # (b, 1, S, start + S): the cache as each row's slots allow, then causal within the chunk
-        bias = torch.cat([self.bias[rows, :, :, :start].expand(b, 1, S, start), within[:, None]], dim=-1)
-        h = self._blocks(x, partial(self._attend_rows, rows, S, start, bias))  # (b, S, E)
-        self.length, self.next_position = start + S, self.next_position + mask.sum(-1)
-        last = (m.sum(-1) - 1).clamp(min=0)  # (b,)
+        within = torch.where(padded_causal_mask(real), 0.0, neg).to(self.bias.dtype)  # (b, S, S)
+        # (b, 1, S, end): each row's cache as its slots allow, and causal within the chunk at the chunk's slots
+        bias = self.bias[rows, :, :, :end].expand(b, 1, S, end).clone()
+        bias.scatter_(-1, slots[:, None, None, :].expand(b, 1, S, S), within[:, None])
+        h = self._blocks(x, partial(self._attend_rows, rows, slots, end, bias))  # (b, S, E)
+        # the chunk's padding stays masked; the row's next token takes the slot after its last real one
+        self.bias[rows[:, None], 0, 0, slots] = torch.where(real, 0.0, neg).to(self.bias.dtype)
+        n = m.sum(-1)  # (b,)
+        self.fill[rows] += n
+        self.next_position[rows] += n
+        self.length = int(self.fill.max())
+        self.aligned = bool((self.fill == self.length).all())
+        last = (n - 1).clamp(min=0)  # (b,)
         logits = self._logits(h[torch.arange(b, device=h.device), last])  # (b, V)
         return logits.new_zeros(B, logits.shape[-1]).index_copy_(0, rows, logits)
 
-    def _attend_rows(self, rows: torch.Tensor, S: int, start: int, bias: torch.Tensor, i: int, qkv, x):
-        """Layer i's attention for a chunk of `rows` at cache slots [start, start + S), over those rows' cache."""
-        q, k, v = heads(qkv, len(rows), S, self.n_head)  # each (b, H, S, D)
-        end = start + S
-        self.keys[i][rows, :, start:end] = k
-        self.values[i][rows, :, start:end] = v
+    def _attend_rows(self, rows: torch.Tensor, slots: torch.Tensor, end: int, bias: torch.Tensor, i: int, qkv, x):
+        """Layer i's attention for a chunk of `rows` written at their `slots` (b, S), over those rows' cache."""
+        q, k, v = heads(qkv, len(rows), slots.shape[1], self.n_head)  # each (b, H, S, D)
+        self.keys[i][rows[:, None], :, slots] = k.transpose(1, 2)  # (b, S, H, D) at (row, slot)
+        self.values[i][rows[:, None], :, slots] = v.transpose(1, 2)
         keys, values = self.keys[i][rows, :, :end], self.values[i][rows, :, :end]  # (b, H, end, D)
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
         return merge_heads(a), x
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append (B,) tokens; return the (B, V) logits of the next one."""
-        self._reserve(self.length + 1)
-        x = _embed(self.model.transformer, tokens, self.next_position)[:, None]  # (B, 1, E)
-        x = self._blocks(x, partial(self._attend, len(x), 1, self.length, self.bias[:, :, :, : self.length + 1], None))
-        self.length += 1
+        """Append (B,) tokens, each at its row's next slot; return the (B, V) logits of the next one."""
+        B = len(tokens)
+        if self.aligned:  # every row writes slot `length`: one slice
+            slot = self.length
+            self._reserve(slot + 1)
+            self.bias[:, 0, 0, slot] = 0.0
+            write = partial(self._write_slice, slot)
+        else:
+            slots = self.fill.clone()  # (B,)
+            self._reserve(int(slots.max()) + 1)
+            self.bias[torch.arange(B), 0, 0, slots] = 0.0
+            write = partial(self._write_rows, slots)
+        self.fill += 1
+        self.length = int(self.fill.max()) if not self.aligned else self.length + 1
+        # a row past the model's context has ended its episode (a rollout feeds it PAD until every row has): its
+        # logits are never read, so its position is clamped rather than let overflow the position table
+        positions = self.next_position.clamp(max=self.model.config.n_positions - 1)
+        x = _embed(self.model.transformer, tokens, positions)[:, None]  # (B, 1, E)
+        x = self._blocks(x, partial(self._attend_step, write, self.bias[:, :, :, : self.length]))
         self.next_position = self.next_position + 1
         return self._logits(x[:, 0])
+
+    def _write_slice(self, slot: int, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.keys[i][:, :, slot] = k[:, :, 0]
+        self.values[i][:, :, slot] = v[:, :, 0]
+
+    def _write_rows(self, slots: torch.Tensor, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        rows = torch.arange(len(slots), device=slots.device)
+        self.keys[i][rows, :, slots] = k[:, :, 0]  # (B, H, D) at (row, slot)
+        self.values[i][rows, :, slots] = v[:, :, 0]
+
+    def _attend_step(self, write, bias: torch.Tensor, i: int, qkv, x):
+        """Layer i's attention for one new token per row, written into the cache by `write`."""
+        q, k, v = heads(qkv, len(bias), 1, self.n_head)  # each (B, H, 1, D)
+        write(i, k, v)
+        L = bias.shape[-1]
+        return merge_heads(attend_one(q, self.keys[i][:, :, :L], self.values[i][:, :, :L], bias)), x
