@@ -36,7 +36,8 @@ class EvalConfig:
     """A proxy reward to score the samples with, beside the gold score: a sequence-classification folder or hub id
     (a learned reward model), or a 'module:attr' batched callable."""
     few_shot: bool = False
-    """Prompt with the task's few-shot document (for a pretrained-only model) and cut the answer at a newline."""
+    """Prompt with the task's few-shot document (for a pretrained-only model) and cut the answer at a newline. A
+    multi-turn env has no such document: the model plays through the chat template as is (a zero-shot row)."""
     split: str = "test"
     """Which prompts: train, valid or test."""
     num_prompts: int = 128
@@ -95,11 +96,19 @@ def evaluate(cfg: EvalConfig) -> dict:
     return result
 
 
+def kl_to_reference(policy, reference, batch, V: int, temperature: float) -> list[float]:
+    """Each episode's k1 KL(policy || reference) in nats, summed over the tokens the agent sampled."""
+    device = next(policy.parameters()).device
+    ids, mask, P = batch.input_ids.to(device), batch.attention_mask.to(device), batch.prompt_ids.shape[1]
+    logp = policy_forward(policy, ids, mask, P, temperature, vocab_size=V, entropy=False)[0]  # (B, T)
+    ref_logp = policy_forward(reference, ids, mask, P, temperature, vocab_size=V, entropy=False)[0]
+    return torch.where(batch.agent_mask.to(device).bool(), kl_estimate(logp, ref_logp), 0.0).sum(1).tolist()
+
+
 def evaluate_turns(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> dict:
     """A multi-turn env id: num_prompts episodes of the split (their seeds, `agents.episodes.SPLIT_SEEDS`) played to
     the end; gold = the env's own return; the KL sums over the agent's tokens only. `few_shot` plays the model as
     is (the chat template is its only prompt): a base model's zero-shot row."""
-    device = next(policy.parameters()).device
     seeds = episode_prompts(cfg.task, cfg.split, cfg.num_prompts)
     B = min(cfg.batch_size, len(seeds))
     episodes = make_episodes(cfg.task, num_envs=B, tokenizer=tokenizer, reward=None)
@@ -115,12 +124,7 @@ def evaluate_turns(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> dict
         prompts, responses, messages = prompts + batch.prompts[:keep], responses + batch.responses[:keep], \
             messages + batch.messages[:keep]
         if reference is not None:
-            ids, mask, P = batch.input_ids.to(device), batch.attention_mask.to(device), batch.prompt_ids.shape[1]
-            logp = policy_forward(policy, ids, mask, P, cfg.temperature, vocab_size=episodes.V, entropy=False)[0]
-            ref_logp = policy_forward(reference, ids, mask, P, cfg.temperature, vocab_size=episodes.V,
-                                      entropy=False)[0]
-            agent = batch.agent_mask.to(device).bool()
-            kls += torch.where(agent, kl_estimate(logp, ref_logp), 0.0).sum(1)[:keep].tolist()
+            kls += kl_to_reference(policy, reference, batch, episodes.V, cfg.temperature)[:keep]
     agent_texts = [" ".join(m["content"] for m in c if m["role"] == "assistant") for c in messages]
     result = {
         "policy": cfg.policy, "task": cfg.task, "few_shot": cfg.few_shot, "n": len(seeds),
@@ -147,7 +151,6 @@ def evaluate_turns(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> dict
 def evaluate_prompts(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> dict:
     """An embedded task: one response to each of num_prompts prompts of the split."""
     task = get_task(cfg.task)
-    device = next(policy.parameters()).device
     prompts = task.prompts(cfg.split, n=cfg.num_prompts)
     shown = [task.few_shot(p) for p in prompts] if cfg.few_shot else prompts
     T = cfg.max_new_tokens or task.max_new_tokens
@@ -168,11 +171,7 @@ def evaluate_prompts(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> di
         responses += batch.responses[:keep]
         eos += batch.terminated[:keep].tolist()
         if reference is not None and not cfg.few_shot:
-            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            V = envs.setup.vocab_size
-            logp = policy_forward(policy, ids, mask, P, cfg.temperature, vocab_size=V, entropy=False)[0]  # (B, T)
-            ref_logp = policy_forward(reference, ids, mask, P, cfg.temperature, vocab_size=V, entropy=False)[0]
-            kls += (kl_estimate(logp, ref_logp) * batch.response_mask.to(device)).sum(1)[:keep].tolist()
+            kls += kl_to_reference(policy, reference, batch, envs.setup.vocab_size, cfg.temperature)[:keep]
     if cfg.few_shot:  # the document trick has no EOS: the answer is the first line
         responses = [r.split("\n")[0] for r in responses]
     gold = task.gold(prompts, responses)

@@ -78,7 +78,6 @@ class GroupBatch:
     """A rollout of groups, gathered over the processes, as the update reads it (all on the training device)."""
 
     batch: Rollout  # the whole batch
-    local: Rollout  # this process's rows of it
     gold: list[float]  # (B,) each episode's gold score
     P: int  # prompt columns of this batch (multi-turn: its longest opening)
     input_ids: torch.Tensor  # (B, P+T)
@@ -117,7 +116,7 @@ def sample_groups(policy, ref_policy, episodes: Episodes, *, num_prompts: int, k
     if missing_eos_penalty is not None:  # the EOS trick: a truncated episode gets a fixed penalty instead
         scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, missing_eos_penalty))
     return GroupBatch(
-        batch=batch, local=local, gold=gold, P=P, input_ids=batch.input_ids.to(device),
+        batch=batch, gold=gold, P=P, input_ids=batch.input_ids.to(device),
         attention_mask=batch.attention_mask.to(device), mask=batch.agent_mask.to(device).float(), scores=scores,
         logp=batch.logprobs.to(device), ref_logp=ref_logp,
     )

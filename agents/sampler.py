@@ -183,10 +183,11 @@ def rollout_turns(model: PreTrainedModel, envs, generator: torch.Generator | Non
     `seeds[i]`) with `model`, one batched decode step per agent token.
 
     When envs answer, their replies enter the KV cache as one batched chunk (`Decoder.extend`), not one decode step
-    per env token: rows whose turn ended get their reply, the others a masked slot, and each row samples its next
-    token from the logits after its own last token. The cache's masked slots and positions that count real tokens
-    only make every logit equal an uncached forward over the row's final stream (tests/test_sampler.py). A row whose
-    episode ended is fed PAD until all have; its cache rows are not read.
+    per env token: only the rows whose turn ended run it, and each row samples its next token from the logits after
+    its own last token. The lean GPT-2 decoder writes each row at its own next slot (the others' caches do not
+    change); the HF decoder gives the rows without a reply masked slots. Positions count real tokens only, so every
+    logit equals an uncached forward over the row's final stream (tests/test_sampler.py). A row whose episode ended
+    is fed PAD until all have; its cache rows are not read.
 
     `uniforms` (num_envs, max_tokens), instead of `generator`: the U[0, 1) number that picks row i's token at its
     step t, so a row's episode does not depend on the other rows. The result is a `Rollout` whose prompt is each

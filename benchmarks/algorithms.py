@@ -179,8 +179,9 @@ def train(algo: str, sft: str, rm: str, comparisons: str, target: Target, seed: 
     if algo == "ppo":
         from agents.ppo import PPOConfig, ppo
 
-        return ppo(PPOConfig(policy=sft, reward=reward, **env, out_dir=str(out), seed=seed, iterations=iterations,
-                             num_envs=args.episodes_per_iteration))
+        lr = {} if args.ppo_lr is None else {"lr": args.ppo_lr}
+        return ppo(PPOConfig(policy=sft, reward=reward, **env, **lr, out_dir=str(out), seed=seed,
+                             iterations=iterations, num_envs=args.episodes_per_iteration))
     if algo in ("grpo", "rloo"):
         k = args.group_size
         if algo == "grpo":
@@ -268,6 +269,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4, help="GRPO/RLOO completions per prompt")
     parser.add_argument("--sb3-timesteps", type=int, default=6144)
     parser.add_argument("--sb3-seeds", type=int, nargs="+", default=[0], help="SB3 is slow: fewer seeds")
+    parser.add_argument("--ppo-lr", type=float, default=None,
+                        help="PPO's learning rate (default: PPOConfig's 1e-4); the multi-turn main job uses 3e-5, "
+                             "as PPO's 16 updates per batch collapse a near-deterministic SFT policy at 1e-4")
     parser.add_argument("--bon-max", type=int, default=32)
     parser.add_argument("--eval-prompts", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7, help="evaluation sampling temperature")

@@ -8,8 +8,9 @@ opening plus its env tokens and whose responses are as long as its agent tokens:
 tokens in all, the env's tokens in one prefill instead of in chunks between turns.
 
 `--stagger` gives the envs turns of different lengths (env b's turns are closed after turn_tokens - b % 3
-tokens), so the replies do not arrive on the same step: the chunks then carry masked slots for the rows without
-a reply. Prints each side's tokens/s (medians of `--repeats` after a warm-up, interleaved) and the ratio.
+tokens), so the replies do not arrive on the same step: each chunk is run by the rows that have a reply (the GPT-2
+decoder writes each row at its own next slot, so the others' caches do not grow). Prints each side's tokens/s
+(medians of `--repeats` after a warm-up, interleaved) and the ratio.
 
     python -m benchmarks.multiturn_throughput
     python -m benchmarks.multiturn_throughput --stagger

@@ -117,7 +117,7 @@ def as_reward_fn(spec: Any, **model_kwargs: Any) -> RewardFn:
         return spec
     raise TypeError(
         f"reward must be a callable, a 'module:attr' string, a model folder or hub id, or a dict of them; "
-        f"got {type(spec).__name__}"
+        f"got {spec!r} ({type(spec).__name__})"
     )
 
 

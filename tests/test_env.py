@@ -182,8 +182,8 @@ def test_overlong_prompts(env_kwargs, tokenizer):
 
 @pytest.mark.parametrize(
     "prompts, err, match",
-    [([], ValueError, "no prompts"), (["ok", 3], TypeError, "prompt 1 is a int"),
-     (["ok", ""], ValueError, "prompt 1 .* has no tokens"), (42, TypeError, "prompts must be")],
+    [([], ValueError, "no prompts"), (["ok", 3], TypeError, r"prompts\[1\] is a int"),
+     (["ok", ""], ValueError, r"prompts\[1\] .* has no tokens"), (42, TypeError, "prompts must be")],
 )
 def test_bad_prompt_sources(env_kwargs, prompts, err, match):
     with pytest.raises(err, match=match):

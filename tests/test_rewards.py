@@ -22,7 +22,7 @@ def test_callable_and_import_string():
         as_reward_fn("no_such_pkg.mod:fn")
     with pytest.raises(TypeError, match="names a list"):
         as_reward_fn("tests.conftest:PROMPTS")
-    with pytest.raises(TypeError, match="got int"):
+    with pytest.raises(TypeError, match=r"got 3 \(int\)"):
         as_reward_fn(3)
 
 

@@ -13,7 +13,8 @@ Multi-turn ids (`textenv.multiturn.MultiTurnEnv`, the env answers each agent tur
 `SyncVectorEnv`):
 
 - ``textenv/GuessNumber-v0``: guess a number from 1 to 16; the env answers "higher" or "lower".
-- ``textenv/Calculator-v0``: arithmetic with a calculator tool the agent calls as ``<calc>17*23</calc>``.
+- ``textenv/Calculator-v0``: arithmetic (one-digit operands, two operations) with a calculator tool the agent calls
+  as ``<calc> 7*2+3</calc>``; its expert uses the tool in half of its demonstrations.
 """
 
 from gymnasium.envs.registration import register, registry
@@ -32,7 +33,8 @@ ENV_IDS = {
 MULTITURN_IDS = {
     "textenv/GuessNumber-v0": {"turns": "textenv.turns:GuessNumber", "max_turns": 8, "max_turn_tokens": 16,
                                "max_tokens": 128},
-    "textenv/Calculator-v0": {"turns": "textenv.turns:Calculator", "turn_kwargs": {"max_operand": 9},
+    "textenv/Calculator-v0": {"turns": "textenv.turns:Calculator",
+                              "turn_kwargs": {"max_operand": 9, "demo_tool_rate": 0.5},
                               "max_turns": 4, "max_turn_tokens": 24, "max_tokens": 128},
 }
 

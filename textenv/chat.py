@@ -19,6 +19,7 @@ whole conversation then.
 
 from __future__ import annotations
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 # The embedded tokenizer's template: "role:" and a newline, the content, EOS (the end-of-turn token). The newline
@@ -51,6 +52,9 @@ class ChatFormat:
             raise ValueError(f"tokenizer {name!r} has no chat template: set tokenizer.chat_template (a Jinja string; "
                              "textenv.chat.EMBEDDED_CHAT_TEMPLATE is a small one) or use a chat model's tokenizer")
         self.tokenizer = tokenizer
+        if end_of_turn is not None and (isinstance(end_of_turn, bool) or not isinstance(end_of_turn, (int, np.integer))
+                                        or not 0 <= end_of_turn < len(tokenizer)):
+            raise ValueError(f"end_of_turn must be a token id in [0, {len(tokenizer)}), got {end_of_turn!r}")
         self.end_of_turn = self._end_of_turn(name) if end_of_turn is None else int(end_of_turn)
         self.end_of_turn_text = tokenizer.decode([self.end_of_turn])
 

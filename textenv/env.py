@@ -9,7 +9,7 @@ import numpy as np
 from gymnasium.error import ResetNeeded
 
 from rewards.base import call_reward
-from textenv.envsetup import check_action, check_prompt_index, make_setup
+from textenv.envsetup import check_action, check_options, check_prompt_index, make_setup
 
 
 class TextGenEnv(gym.Env):
@@ -115,9 +115,10 @@ class TextGenEnv(gym.Env):
         return {"input_ids": self._ids.copy(), "attention_mask": self._mask.copy()}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        options = check_options(options, ("prompt_index",))
         super().reset(seed=seed)
         s = self.setup
-        if options is not None and "prompt_index" in options:
+        if "prompt_index" in options:
             self._prompt_index = check_prompt_index(options["prompt_index"], len(s.prompts))
         else:
             self._prompt_index = int(self.np_random.integers(len(s.prompts)))

@@ -35,14 +35,28 @@ class EnvSetup:
 
 
 MAX_TOKENS = 1 << 16  # a budget past this is a mistake (every env holds (P + T) ids): refused, not allocated
+MAX_VOCAB = 1 << 24  # an action space past 16.7M token ids is a mistake (the largest tokenizers have ~256k)
 
 
-def _positive_int(name: str, value: Any, limit: int | None = None) -> int:
+def positive_int(name: str, value: Any, limit: int | None = None, unit: str = "tokens") -> int:
+    """`value` as an int in [1, limit]; ValueError naming `name` and the value otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     if limit is not None and value > limit:
-        raise ValueError(f"{name}={value} is over textenv's limit of {limit} tokens")
+        raise ValueError(f"{name}={value} is over textenv's limit of {limit} {unit}")
     return int(value)
+
+
+def check_options(options: Any, allowed: tuple[str, ...]) -> dict:
+    """reset()'s `options` as a dict ({} for None); ValueError naming a key the env does not take."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict (or None), got {options!r}")
+    unknown = sorted(set(options) - set(allowed), key=str)
+    if unknown:
+        raise ValueError(f"options {unknown} are not reset() options of this env; it takes {list(allowed)}")
+    return options
 
 
 def make_setup(
@@ -59,6 +73,8 @@ def make_setup(
     reward_kwargs: dict | None,
     trust_remote_code: bool,
 ) -> EnvSetup:
+    if not isinstance(prompt_column, str):
+        raise TypeError(f"prompt_column must be a column name (a str), got {prompt_column!r}")
     if task is not None:
         from textenv.embedded import default_tokenizer
         from textenv.tasks import get_task
@@ -72,12 +88,12 @@ def make_setup(
     missing = [n for n, v in (("prompts", prompts), ("tokenizer", tokenizer), ("reward_fn", reward_fn)) if v is None]
     if missing:
         raise ValueError(f"no {', '.join(missing)} given: pass them, or task= one of the embedded tasks")
-    max_new_tokens = _positive_int("max_new_tokens", 48 if max_new_tokens is None else max_new_tokens, MAX_TOKENS)
-    max_prompt_tokens = _positive_int("max_prompt_tokens", 64 if max_prompt_tokens is None else max_prompt_tokens,
+    max_new_tokens = positive_int("max_new_tokens", 48 if max_new_tokens is None else max_new_tokens, MAX_TOKENS)
+    max_prompt_tokens = positive_int("max_prompt_tokens", 64 if max_prompt_tokens is None else max_prompt_tokens,
                                       MAX_TOKENS)
 
     tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-    vocab_size = len(tokenizer) if vocab_size is None else _positive_int("vocab_size", vocab_size)
+    vocab_size = len(tokenizer) if vocab_size is None else positive_int("vocab_size", vocab_size, MAX_VOCAB, "ids")
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
 

@@ -15,7 +15,7 @@ from gymnasium.error import ResetNeeded
 
 from rewards.base import as_reward_fn, call_reward, import_string
 from textenv.chat import ChatFormat, check_message
-from textenv.envsetup import check_action
+from textenv.envsetup import MAX_TOKENS, MAX_VOCAB, check_action, check_options, positive_int
 from textenv.tokenizer import load_tokenizer
 
 
@@ -150,8 +150,7 @@ class MultiTurnEnv(gym.Env):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         for name, value in (("max_turns", max_turns), ("max_turn_tokens", max_turn_tokens), ("max_tokens", max_tokens)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, value, MAX_TOKENS, "tokens" if name != "max_turns" else "turns")
         self.render_mode = render_mode
         self.turns = make_turns(turns, turn_kwargs)
         if tokenizer is None:
@@ -162,8 +161,8 @@ class MultiTurnEnv(gym.Env):
         self.chat = ChatFormat(self.tokenizer, end_of_turn)
         self.reward_fn = None if reward_fn is None else as_reward_fn(reward_fn, **(reward_kwargs or {}))
         self.max_turns, self.max_turn_tokens, self.max_tokens = int(max_turns), int(max_turn_tokens), int(max_tokens)
-        V = len(self.tokenizer) if vocab_size is None else vocab_size
-        if isinstance(V, bool) or not isinstance(V, (int, np.integer)) or V < len(self.tokenizer):
+        V = len(self.tokenizer) if vocab_size is None else positive_int("vocab_size", vocab_size, MAX_VOCAB, "ids")
+        if V < len(self.tokenizer):
             raise ValueError(f"vocab_size must be an int >= the tokenizer's {len(self.tokenizer)} tokens, got {V!r}")
         self.vocab_size = int(V)
         L = self.max_tokens
@@ -190,6 +189,7 @@ class MultiTurnEnv(gym.Env):
         self._n += len(tokens)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        check_options(options, ())
         super().reset(seed=seed)
         self._done, self._started = True, True  # until the opening is in place
         name = type(self.turns).__name__

@@ -60,9 +60,10 @@ def load_prompts(source: Any, *, column: str = "prompt", split: str = "train") -
     if len(prompts) == 0:
         raise ValueError(f"the prompt source {source if isinstance(source, (str, Path)) else type(source).__name__!r} "
                          "holds no prompts")
+    where = f"{str(source)!r}: " if isinstance(source, (str, Path)) else ""
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt {i} is a {type(prompt).__name__} ({prompt!r}), expected str")
+            raise TypeError(f"{where}prompts[{i}] is a {type(prompt).__name__} ({prompt!r}), expected str")
     return prompts
 
 
@@ -104,7 +105,7 @@ def tokenize_prompts(
     mask = np.zeros((len(prompts), max_prompt_tokens), dtype=np.int64)  # (N, P)
     for i, row in enumerate(encoded):
         if len(row) == 0:
-            raise ValueError(f"prompt {i} ({prompts[i]!r}) has no tokens")
+            raise ValueError(f"prompts[{i}] ({prompts[i]!r}) has no tokens: drop it or give it some text")
         if len(row) > max_prompt_tokens:
             if truncation_side is None:
                 raise ValueError(

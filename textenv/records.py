@@ -17,9 +17,11 @@ RECORD_SUFFIXES = (".jsonl", ".csv", ".parquet")
 def read_records(path: str | Path) -> list[dict]:
     """The rows of a .jsonl/.csv/.parquet file as dicts; ValueError naming the file on an empty, non-UTF-8 or
     unreadable file or a malformed JSONL line."""
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise ValueError(f"a data file must be a path, got {path!r}")
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
+        raise ValueError(f"data file {str(path)!r} does not exist")
     try:
         return _read_records(path)
     except UnicodeDecodeError as exc:
@@ -67,10 +69,19 @@ def _hub_records(name: str) -> list[dict]:
     return records
 
 
+def _check_source(source) -> None:
+    """A data source must be a path or a hub id; ValueError naming it otherwise (before the hub client sees it)."""
+    if not isinstance(source, (str, Path)) or not str(source).strip():
+        raise ValueError(f"data source {source!r} is neither a file path nor a hub id")
+
+
 def _records(source: str | Path) -> tuple[list[dict], str]:
+    _check_source(source)
     path = Path(source)
     if path.exists() or path.suffix in RECORD_SUFFIXES + (".txt",):
         return read_records(path), str(path)
+    if any(ch.isspace() for ch in str(source)):  # no file of that name, and no hub id has a space
+        raise ValueError(f"data source {source!r}: no such file, and not a hub id")
     return _hub_records(str(source)), f"hub data set {source!r}"
 
 
@@ -91,11 +102,17 @@ def load_text_source(source: str | Path | None, column: str = "text") -> list[st
         from textenv.data.corpus import generate_corpus
 
         return generate_corpus(seed=0)
+    _check_source(source)
     path = Path(source)
     if path.suffix == ".txt":
         if not path.is_file():
-            raise ValueError(f"data file {path} does not exist")
-        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
+            raise ValueError(f"data file {str(path)!r} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"data file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save "
+                             "it as UTF-8") from None
+        docs = [d.strip() for d in text.split("\n\n")]
         where = str(path)
     else:
         records, where = _records(source)

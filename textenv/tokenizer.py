@@ -66,6 +66,10 @@ def check_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
         )
 
 
+# what a folder needs for AutoTokenizer: a fast tokenizer's file, or a slow one's config and vocabulary
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+
+
 def load_tokenizer(
     name_or_path: str | Path | PreTrainedTokenizerBase, *, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
@@ -79,6 +83,9 @@ def load_tokenizer(
         from textenv.models.loading import check_source
 
         source = check_source(name_or_path, "tokenizer")
+        if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+            raise ValueError(f"tokenizer {str(name_or_path)!r} is a folder with no tokenizer in it (none of "
+                             f"{', '.join(TOKENIZER_FILES)}): give the folder a tokenizer was saved to")
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     else:
         raise TypeError(

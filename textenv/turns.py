@@ -68,10 +68,16 @@ class Calculator:
 
     The expert writes `<calc> a op b op c</calc>` and `answer: value`: a number the agent copies then has a space
     before it where it is copied from and where it is written, so (with a GPT-2-style pre-tokenizer) its tokens are
-    the same in both places, and the copy is one of tokens, not of text across two tokenizations."""
+    the same in both places, and the copy is one of tokens, not of text across two tokenizations.
 
-    def __init__(self, max_operand: int = 99):
-        self.max_operand, self.question, self.value = int(max_operand), None, None
+    `demo_tool_rate`: the fraction of the expert's demonstrations that use the calculator. The others answer from
+    memory with a precedence slip (left to right: 2+3*4 = 20), as a demonstrator who trusts his head half the time
+    would: SFT then learns a policy that sometimes skips the tool, and RL has the tool's use to learn."""
+
+    def __init__(self, max_operand: int = 99, demo_tool_rate: float = 1.0):
+        if not 0.0 <= demo_tool_rate <= 1.0:
+            raise ValueError(f"demo_tool_rate must be in [0, 1], got {demo_tool_rate!r}")
+        self.max_operand, self.demo_tool_rate, self.question, self.value = int(max_operand), demo_tool_rate, None, None
 
     def start(self, rng: np.random.Generator) -> list[dict]:
         a, b, c = (int(x) for x in rng.integers(2, self.max_operand + 1, size=3))
@@ -97,8 +103,14 @@ class Calculator:
         return float(answer is not None and int(answer.group(1)) == self.value)
 
     def demonstration(self, rng: np.random.Generator) -> list[dict]:
-        """An expert's conversation: one calculator call, then the answer it returned."""
+        """An expert's conversation: one calculator call, then the answer it returned (or, 1 - demo_tool_rate of the
+        time, an answer from memory, computed left to right)."""
         messages = self.start(rng)
+        if rng.random() >= self.demo_tool_rate:
+            a, op1, b, op2, c = re.findall(r"\d+|[-+*]", self.question)
+            guess = _evaluate(f"{_evaluate(a + op1 + b)}{op2}{c}".replace("--", "+").replace("+-", "-"))
+            messages.append({"role": "assistant", "content": f"answer: {guess}"})
+            return messages
         messages.append({"role": "assistant", "content": f"<calc> {self.question}</calc>"})
         messages.append(self.respond(messages)["message"])
         messages.append({"role": "assistant", "content": f"answer: {self.value}"})

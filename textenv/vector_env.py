@@ -12,7 +12,7 @@ from gymnasium.vector.utils import batch_space
 
 from rewards.base import call_reward
 from textenv.env import text_frame
-from textenv.envsetup import check_prompt_index, make_setup
+from textenv.envsetup import check_options, check_prompt_index, make_setup
 
 
 class TextGenVectorEnv(VectorEnv):
@@ -113,6 +113,7 @@ class TextGenVectorEnv(VectorEnv):
         return {"prompt_index": int(self._prompt_index[i])}
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        options = check_options(options, ("prompt_index", "reset_mask"))
         if isinstance(seed, int):
             super().reset(seed=seed)
             seed = [seed + i for i in range(self.num_envs)]
@@ -121,12 +122,12 @@ class TextGenVectorEnv(VectorEnv):
         if len(seed) != self.num_envs:
             raise ValueError(f"got {len(seed)} seeds for {self.num_envs} envs")
         mask = np.ones(self.num_envs, dtype=bool)
-        if options is not None and "reset_mask" in options:
+        if "reset_mask" in options:
             mask = np.asarray(options["reset_mask"])
             if mask.shape != (self.num_envs,) or mask.dtype != np.bool_:
                 raise ValueError(f"reset_mask must be a bool array of shape ({self.num_envs},), got {mask!r}")
         chosen: list[int | None] = [None] * self.num_envs
-        if options is not None and "prompt_index" in options:
+        if "prompt_index" in options:
             index = np.asarray(options["prompt_index"])
             if index.shape != (self.num_envs,):
                 raise ValueError(f"prompt_index must have shape ({self.num_envs},), got {index.shape}")
