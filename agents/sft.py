@@ -5,8 +5,14 @@ tokenized separately (the prompt exactly as the RL environment tokenizes it: no 
 keep their end), their ids concatenated, EOS appended to the response as a trained target -- the policy must learn
 to stop -- and labels are -100 on the prompt and the padding.
 
+Multi-turn: a conversation (a multi-turn env id's expert demonstrations, or a user's `--messages-column`) is
+encoded as the env streams it (`textenv.chat.ChatFormat.stream`: the opening and each env reply through the chat
+template, each assistant turn's tokens and its end-of-turn token), the loss on the assistant's tokens only.
+
     python -m agents.sft --model runs/pretrain/model --out-dir runs/sft                 # embedded sentiment task
     python -m agents.sft --model gpt2-folder --data demos.jsonl --out-dir runs/sft-mine  # a user's demonstrations
+    python -m agents.sft --model runs/pretrain/model --task textenv/Calculator-v0      # a multi-turn env's expert
+    python -m agents.sft --model runs/pretrain/model --data chats.jsonl --messages-column messages  # transcripts
     torchrun --nproc_per_node 2 -m agents.sft --model runs/pretrain/model --out-dir runs/sft  # data-parallel (DDP)
 
 Under N processes each takes every N-th demonstration of the global batch, and the loss is normalised by the
@@ -40,7 +46,9 @@ from agents.run import (
     seed_everything,
     start_run,
 )
+from textenv.chat import ChatFormat
 from textenv.models import bf16_is_fast, load_causal_lm
+from textenv.records import load_conversations
 from textenv.tasks.base import POOL_SIZES
 from textenv.tokenizer import load_tokenizer
 
@@ -64,6 +72,10 @@ class SFTConfig:
     """Column of `data` holding the prompts."""
     response_column: str = "response"
     """Column of `data` holding the responses."""
+    messages_column: str | None = None
+    """Train on conversations instead: the column of `data` whose every record is a list of {"role", "content"}
+    messages, rendered through the model's tokenizer's chat template as a multi-turn env streams them, the loss on
+    the assistant's tokens only."""
     max_prompt_tokens: int = 64
     """Longer prompts keep their last tokens (the end is what the response continues)."""
     max_response_tokens: int = 64
@@ -113,6 +125,16 @@ def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list, list]:
     token stream, the loss on the agent's (assistant) tokens only."""
     if cfg.data is None and is_multi_turn(cfg.task):
         return tuple(turn_demonstrations(cfg.task, tokenizer, split, POOL_SIZES[split]) for split in ("train", "valid"))
+    if cfg.data is not None and cfg.messages_column is not None:
+        chat = ChatFormat(tokenizer)
+        examples = []
+        for messages in load_conversations(cfg.data, cfg.messages_column):
+            ids, agent = chat.stream(messages)
+            examples.append((ids, [t if a else IGNORE for t, a in zip(ids, agent)]))
+        if len(examples) < 2:
+            raise ValueError(f"{cfg.data} has {len(examples)} conversation(s); need at least 2 (train and valid)")
+        return ([e for i, e in enumerate(examples) if i % VALID_EVERY_NTH_RECORD != 0],
+                [e for i, e in enumerate(examples) if i % VALID_EVERY_NTH_RECORD == 0])
     if cfg.data is None:
         from textenv.tasks import get_task
 

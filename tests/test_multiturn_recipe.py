@@ -215,3 +215,28 @@ def test_ppo_on_a_multi_turn_task_resumes_after_sigkill_as_if_uninterrupted(poli
         straight = [json.loads(line) for line in (tmp_path / "straight" / name).read_text().splitlines()]
         if name == "samples.jsonl":  # the same conversations, nothing lost or duplicated
             assert rows == straight
+
+
+def test_sft_on_a_users_transcripts_trains_on_the_assistant_tokens(policy_folder, tmp_path):
+    """--data with --messages-column: a user's conversations in the env's message format, through the model's chat
+    template, the same stream a multi-turn env builds."""
+    from agents.sft import SFTConfig, load_examples, sft
+
+    expert = gym.make("textenv/Calculator-v0").unwrapped.turns
+    chats = [expert.demonstration(np.random.default_rng(i)) for i in range(40)]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    cfg = SFTConfig(model=str(policy_folder), data=str(data), messages_column="messages",
+                    out_dir=str(tmp_path / "sft"), max_steps=2, batch_size=4, warmup_steps=1)
+    tok = default_tokenizer()
+    train, valid = load_examples(cfg, tok)
+    assert len(train) + len(valid) == 40 and len(valid) == 2  # every 20th held out
+    env = gym.make("textenv/Calculator-v0").unwrapped
+    assert train[0] == tuple(map(list, zip(*[(t, t if a else IGNORE)
+                                              for t, a in zip(*env.chat.stream(chats[1]))])))
+    sft(cfg)
+    assert (tmp_path / "sft" / "model" / "model.safetensors").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match="role 'robot' is not one of"):
+        load_examples(SFTConfig(model=str(policy_folder), data=str(bad), messages_column="messages"), tok)

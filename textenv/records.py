@@ -128,3 +128,21 @@ def load_pairs(source: str | Path, prompt_col: str = "prompt", response_col: str
     records, where = _records(source)
     prompts, responses = _column(records, prompt_col, where), _column(records, response_col, where)
     return [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
+
+
+def load_conversations(source: str | Path, column: str = "messages") -> list[list[dict]]:
+    """Conversations from a .jsonl/.csv/.parquet file or a hub id: each record's `column` is a list of
+    {"role": "system" | "user" | "assistant" | "tool", "content": str} messages (the env's own format)."""
+    from textenv.chat import check_message
+
+    records, where = _records(source)
+    out = []
+    for i, record in enumerate(records):
+        if column not in record:
+            raise ValueError(f"{where}: record {i} has no column {column!r}; columns present: {sorted(record)}")
+        messages = record[column]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: record {i}, column {column!r} must be a non-empty list of messages, got "
+                             f"{messages!r}")
+        out.append([check_message(m, f"{where}: record {i}, message {j}") for j, m in enumerate(messages)])
+    return out
