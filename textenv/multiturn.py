@@ -230,11 +230,15 @@ class MultiTurnEnv(gym.Env):
         if terminated or truncated:
             self._done = True
             if self.reward_fn is not None:
-                opening = self.tokenizer.decode(self._ids[: self._opening].tolist())
-                rest = self.tokenizer.decode(self._ids[self._opening : self._n].tolist())
+                opening, rest = self.transcript()
                 reward += call_reward(self.reward_fn, [opening], [rest])[0]
             info["messages"] = copy.deepcopy(self._messages)
         return self._obs(), float(reward), terminated, truncated, info
+
+    def transcript(self) -> tuple[str, str]:
+        """The stream as a reward reads it: (the opening's text, the rest decoded with its special tokens)."""
+        return (self.tokenizer.decode(self._ids[: self._opening].tolist()),
+                self.tokenizer.decode(self._ids[self._opening : self._n].tolist()))
 
     def _end_turn(self, closed_by_env: bool) -> tuple[float, bool, bool]:
         """The agent's turn is over: the turn logic answers; its reply goes into the stream. A turn the env closes
