@@ -209,7 +209,9 @@ def dpo(cfg: DPOConfig) -> Path:
               f"on {accelerator.device}" + (f", resuming at step {start}" if resumed else ""))
 
     model.train()
-    sums, n_sum = torch.zeros(5, device=accelerator.device), 0  # (loss, chosen, rejected, accuracy, margin) since log
+    # (loss, chosen, rejected, accuracy, margin) since the last log, kept in the checkpoint (see sft.py)
+    window, n_sum = resumed.get("log_window", [[0.0] * 5, 0]) if resumed else [[0.0] * 5, 0]
+    sums = torch.tensor(window, device=accelerator.device)
     t_timed, n_tokens, last_metrics = time.time(), 0, {}
     pbar = tqdm(total=max_steps, initial=start, desc="dpo", disable=not accelerator.is_main_process)
     for step in range(start, max_steps):
@@ -244,7 +246,8 @@ def dpo(cfg: DPOConfig) -> Path:
             sums, n_sum = torch.zeros_like(sums), 0
             t_timed, n_tokens = time.time(), 0
         if done % cfg.save_every == 0 and not last:
-            ckpt = {"step": done, "config": run_config(cfg), "elapsed_s": elapsed_before + time.time() - t_start}
+            ckpt = {"step": done, "config": run_config(cfg), "elapsed_s": elapsed_before + time.time() - t_start,
+                    "log_window": [accelerator.reduce(sums, reduction="mean").tolist(), n_sum]}
             save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, ckpt)
             t_timed, n_tokens = time.time(), 0
     pbar.close()

@@ -87,7 +87,10 @@ def _source_records(source: str | Path, split: str) -> tuple[list[dict], str]:
         return datasets.load_from_disk(str(folder)).to_list(), str(folder)
     if path.exists() or path.suffix in (".jsonl", ".csv", ".parquet"):
         return read_records(path), str(path)
-    return datasets.load_dataset(str(source), split=split).to_list(), f"hub data set {source!r}"  # needs the network
+    text = str(source)
+    if not text.strip() or text.startswith((".", "/", "~")) or text.count("/") > 1 or " " in text:  # not a hub id
+        raise ValueError(f"comparisons {text!r}: no such file or folder (a hub id is 'name' or 'namespace/name')")
+    return datasets.load_dataset(text, split=split).to_list(), f"hub data set {source!r}"  # needs the network
 
 
 def load_preferences(source: str | Path, split: str = "train") -> Preferences:

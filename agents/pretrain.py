@@ -175,7 +175,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     model.train()
     valid_loss = math.nan
-    loss_sum, n_loss = torch.zeros((), device=accelerator.device), 0  # since the last train/loss log
+    # the train/loss window since the last log, kept in the checkpoint so that a resumed run logs what an
+    # uninterrupted one does (a checkpoint written before it was kept restarts the window)
+    window, n_loss = resumed.get("loss_window", [0.0, 0]) if resumed else [0.0, 0]
+    loss_sum = torch.tensor(window, device=accelerator.device)
     t_timed, n_timed = time.time(), 0  # training steps since t_timed (evaluation and saving excluded)
     pbar = tqdm(total=cfg.max_steps, initial=start, desc="pretrain", disable=not accelerator.is_main_process)
     for step in range(start, cfg.max_steps):
@@ -210,7 +213,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             logger.log(done, {"valid/loss": valid_loss, "valid/perplexity": math.exp(valid_loss)})
             t_timed, n_timed = time.time(), 0
         if done % cfg.save_every == 0 and not last:
-            ckpt = {"step": done, "config": run_config(cfg), "elapsed_s": elapsed_before + time.time() - t_start}
+            ckpt = {"step": done, "config": run_config(cfg), "elapsed_s": elapsed_before + time.time() - t_start,
+                    "loss_window": [accelerator.reduce(loss_sum, reduction="mean").item(), n_loss]}
             save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, ckpt)
             t_timed, n_timed = time.time(), 0
     pbar.close()

@@ -300,8 +300,10 @@ def train_reward_model(cfg: RMConfig) -> Path:
               f"{max_steps} steps on {device}, {accelerator.num_processes} process(es)"
               + (f", resuming at step {start}" if resumed else ""))
 
-    # (loss, correct pairs, pairs) of this process summed over the n_sums steps since the last log
-    sums, n_sums = torch.zeros(3, device=device), 0
+    # (loss, correct pairs, pairs) of this process summed over the n_sums steps since the last log, kept in the
+    # checkpoint (each process restarts from its share of the processes' sum), so a resumed run logs the same
+    window, n_sums = resumed.get("log_window", [[0.0] * 3, 0]) if resumed else [[0.0] * 3, 0]
+    sums = torch.tensor(window, device=device)
     valid: dict[str, float] = {}
     t_loop, eval_time = time.time(), 0.0  # evaluation time is left out of the training time
     pbar = tqdm(total=max_steps, initial=start, desc="reward model", disable=not is_main)
@@ -338,7 +340,9 @@ def train_reward_model(cfg: RMConfig) -> Path:
         if done % cfg.save_every == 0 and done != max_steps:
             save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler,
                             {"step": done, "config": run_config(cfg),
-                             "train_time_s": train_time + time.time() - t_loop - eval_time})
+                             "train_time_s": train_time + time.time() - t_loop - eval_time,
+                             "log_window": [(reduce(sums, reduction="sum") / accelerator.num_processes).tolist(),
+                                            n_sums]})
     pbar.close()
     logger.close()
     train_time += time.time() - t_loop - eval_time

@@ -203,7 +203,10 @@ def sft(cfg: SFTConfig) -> Path:
 
     model.train()
     valid_loss = math.nan
-    loss_sum, n_loss = torch.zeros((), device=accelerator.device), 0  # since the last train/loss log
+    # the train/loss window since the last log, kept in the checkpoint so that a resumed run logs what an
+    # uninterrupted one does (a checkpoint written before it was kept restarts the window)
+    window, n_loss = resumed.get("loss_window", [0.0, 0]) if resumed else [0.0, 0]
+    loss_sum = torch.tensor(window, device=accelerator.device)
     # non-pad tokens this process trained on since t_timed (evaluation and saving excluded), summed over processes
     # when logged
     t_timed, n_tokens = time.time(), torch.zeros((), dtype=torch.long, device=accelerator.device)
@@ -246,7 +249,8 @@ def sft(cfg: SFTConfig) -> Path:
             logger.log(done, {"valid/loss": valid_loss, "valid/perplexity": math.exp(valid_loss)})
             t_timed, n_tokens = time.time(), torch.zeros_like(n_tokens)
         if done % cfg.save_every == 0 and not last:
-            ckpt = {"step": done, "config": run_config(cfg), "elapsed_s": elapsed_before + time.time() - t_start}
+            ckpt = {"step": done, "config": run_config(cfg), "elapsed_s": elapsed_before + time.time() - t_start,
+                    "loss_window": [accelerator.reduce(loss_sum, reduction="mean").item(), n_loss]}
             save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, ckpt)
             t_timed, n_tokens = time.time(), torch.zeros_like(n_tokens)
     pbar.close()

@@ -1,0 +1,82 @@
+"""SIGKILL in mid-run, then a rerun with the same command, for every stage with a checkpoint (#21): the resumed run
+ends with the uninterrupted run's weights, bit for bit, and the same metrics.jsonl and samples.jsonl rows (timings
+aside), nothing lost or duplicated. PPO's own test is in test_ppo.py (single-turn) and test_multiturn_recipe.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TIMING = ("time/", "charts/tokens_per_s", "charts/rollout_tokens_per_s", "charts/elapsed")
+
+
+def stage_args(stage: str, run) -> list[str]:
+    """A tiny run of `stage`, on the session's tiny pipeline run (its pretrained and SFT models, its comparisons)."""
+    sft, rl_common = str(run / "sft" / "model"), ["--reward", "tests.conftest:length_reward", "--num-prompts", "2",
+                                                   "--num-generations", "2", "--num-minibatches", "2",
+                                                   "--iterations", "5", "--save-every", "1", "--sample-every", "1",
+                                                   "--max-new-tokens", "6", "--device", "cpu"]
+    return {
+        "pretrain": ["--preset", "tiny", "--max-steps", "12", "--save-every", "1", "--eval-every", "4",
+                     "--warmup-steps", "1", "--batch-size", "4", "--seq-len", "32"],
+        "sft": ["--model", str(run / "pretrain" / "model"), "--max-steps", "12", "--save-every", "1", "--eval-every",
+                "4", "--warmup-steps", "1", "--batch-size", "4"],
+        "reward_model": ["--data", str(run / "comparisons"), "--model", sft, "--batch-size", "2", "--save-every", "1",
+                         "--eval-every", "4", "--n-eval-samples", "8", "--n-reference", "32"],
+        "dpo": ["--policy", sft, "--comparisons", str(run / "comparisons"), "--max-steps", "12", "--save-every", "1",
+                "--batch-size", "4", "--warmup-steps", "1"],
+        "grpo": ["--policy", sft, *rl_common],
+        "rloo": ["--policy", sft, *rl_common],
+    }[stage]
+
+
+def rows(path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(TIMING)}
+            for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward_model", "dpo", "grpo", "rloo"])
+def test_sigkill_then_rerun_equals_the_uninterrupted_run(tiny_run, tmp_path, stage):
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = [sys.executable, "-m", f"agents.{stage}", *stage_args(stage, tiny_run)]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*command, "--out-dir", str(straight)], check=True, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*command, "--out-dir", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = killed / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            saved = json.loads(state.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or in mid-write
+            saved = {}
+        if saved.get("step", saved.get("iteration", 0)) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    subprocess.run([*command, "--out-dir", str(killed)], check=True, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    a, b = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert rows(killed / name) == rows(straight / name), name
+
+
+def test_a_missing_comparisons_folder_is_named_not_sent_to_the_hub(tmp_path):
+    from agents.preferences import load_preferences
+
+    with pytest.raises(ValueError, match="no such file or folder"):
+        load_preferences(str(tmp_path / "run" / "collect"))
