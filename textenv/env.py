@@ -48,9 +48,7 @@ class TextGenEnv(gym.Env):
     Stepping before `reset()` or after the episode ended raises `gymnasium.error.ResetNeeded`.
 
     ## Info
-    `reset` and every step return the same keys, `{"prompt_index": int, "prompt": str, "response": str}`: the
-    response so far, decoded as the reward reads it ("" after `reset`), so that libraries whose buffers need every
-    step's info to have the same keys (tianshou) take the env as is. On the last step it is the scored response.
+    `reset` and every step return `{"prompt_index": int}`; the last step adds `"prompt"` and `"response"` (str).
 
     ## Arguments
     - `task`: name of an embedded task (`textenv.tasks.TASKS`); it supplies defaults for everything below.
@@ -130,8 +128,7 @@ class TextGenEnv(gym.Env):
         self._mask[: s.max_prompt_tokens] = s.prompt_mask[self._prompt_index]
         self._length = 0
         self._done = False
-        return self._obs(), {"prompt_index": self._prompt_index, "prompt": s.prompts[self._prompt_index],
-                             "response": ""}
+        return self._obs(), {"prompt_index": self._prompt_index}
 
     def step(self, action):
         if self._prompt_index is None:
@@ -144,12 +141,13 @@ class TextGenEnv(gym.Env):
         terminated = token == s.eos_token_id
         truncated = not terminated and length == s.max_new_tokens
         reward = 0.0
-        start = s.max_prompt_tokens
-        prompt = s.prompts[self._prompt_index]
-        response = s.decode_response(np.append(self._ids[start : start + self._length], token))
+        info: dict[str, Any] = {"prompt_index": self._prompt_index}
         if terminated or truncated:
+            start = s.max_prompt_tokens
+            response_ids = np.append(self._ids[start : start + self._length], token)
+            prompt, response = s.prompts[self._prompt_index], s.decode_response(response_ids)
             reward = call_reward(s.reward_fn, [prompt], [response])[0]  # raises before any state changes
-        info: dict[str, Any] = {"prompt_index": self._prompt_index, "prompt": prompt, "response": response}
+            info.update(prompt=prompt, response=response)
         column = s.max_prompt_tokens + self._length
         self._ids[column] = token
         self._mask[column] = 1
