@@ -136,16 +136,7 @@ def evaluate_turns(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> dict
         "perplexity": perplexity(policy, tokenizer, turn_demonstrations(cfg.task, tokenizer, cfg.split,
                                                                         min(256, cfg.num_prompts * 2))),
     }
-    proxy_scores = call_reward(proxy, prompts, responses) if proxy else None
-    if proxy_scores is not None:
-        result["proxy_mean"] = float(np.mean(proxy_scores))
-    if kls:
-        result["kl_to_reference"] = float(np.mean(kls))
-    result["samples"] = [
-        {"prompt": p, "response": r, "messages": m, "gold": g, **({"proxy": proxy_scores[i]} if proxy_scores else {})}
-        for i, (p, r, m, g) in enumerate(zip(prompts, responses, messages, gold))
-    ]
-    return result
+    return with_samples(result, proxy, prompts, responses, gold, kls, messages)
 
 
 def evaluate_prompts(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> dict:
@@ -187,13 +178,21 @@ def evaluate_prompts(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> di
         "distinct_1": distinct_n(responses, 1),
         "distinct_2": distinct_n(responses, 2),
     }
+    return with_samples(result, proxy, prompts, responses, gold, kls)
+
+
+def with_samples(result: dict, proxy, prompts: list[str], responses: list[str], gold: list[float], kls: list[float],
+                 messages: list[list[dict]] | None = None) -> dict:
+    """`result` with the proxy's mean score, the mean KL (if measured) and the samples table (each sample with its
+    conversation, for a multi-turn task)."""
     proxy_scores = call_reward(proxy, prompts, responses) if proxy else None
     if proxy_scores is not None:
         result["proxy_mean"] = float(np.mean(proxy_scores))
     if kls:
         result["kl_to_reference"] = float(np.mean(kls))
     result["samples"] = [
-        {"prompt": p, "response": r, "gold": g, **({"proxy": proxy_scores[i]} if proxy_scores else {})}
+        {"prompt": p, "response": r, **({"messages": messages[i]} if messages else {}), "gold": g,
+         **({"proxy": proxy_scores[i]} if proxy_scores else {})}
         for i, (p, r, g) in enumerate(zip(prompts, responses, gold))
     ]
     return result

@@ -119,14 +119,11 @@ def resolve_target(name: str) -> Target:
     from gymnasium.envs.registration import load_env_creator
 
     from textenv.env import TextGenEnv
-    from textenv.multiturn import multiturn_spec
+    from textenv.multiturn import MultiTurnEnv
     from textenv.tasks import TASKS
 
     if name in TASKS:
         return Target(name=name, task=name, env_id=task_env_id(name))
-    if multiturn_spec(name) is not None:  # the whole recipe runs on the id itself (module prefix kept: importable)
-        env_id = name.rpartition(":")[2]
-        return Target(name=env_id, task=name, env_id=env_id, multi_turn=True)
     module, _, env_id = name.rpartition(":")
     if module:
         importlib.import_module(module)  # registers the id, as gymnasium.make("module:id") does
@@ -135,6 +132,8 @@ def resolve_target(name: str) -> Target:
                          f"(register it first, or pass 'module:{env_id}' to import the module that does)")
     spec = gym.spec(env_id)
     entry = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
+    if isinstance(entry, type) and issubclass(entry, MultiTurnEnv):  # the recipe runs on the id itself
+        return Target(name=env_id, task=name, env_id=env_id, multi_turn=True)  # name keeps its module: importable
     if not (isinstance(entry, type) and issubclass(entry, TextGenEnv)):
         raise ValueError(f"env id {env_id!r} has entry point {spec.entry_point!r}; the runner trains language "
                          "models and needs a TextGenEnv")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 
@@ -47,3 +52,25 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
     main(["pipeline", "--preset", "tiny", "--out-dir", str(out)])
     return out
+
+
+def kill_after_checkpoint(command: list[str], out_dir, at: int = 2) -> None:
+    """Run `command` (a stage writing to `out_dir`) and SIGKILL it once its checkpoint records `at` steps or
+    iterations: what a crash leaves. Fails if the run ended first."""
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out_dir / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            saved = json.loads(state.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or in mid-write
+            saved = {}
+        if saved.get("step", saved.get("iteration", 0)) >= at:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out_dir / "summary.json").exists(), "the run finished before it could be killed"

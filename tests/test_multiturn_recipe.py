@@ -4,11 +4,7 @@ registered env id, and PPO's resume after SIGKILL on a multi-turn task."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import gymnasium as gym
 import numpy as np
@@ -27,6 +23,7 @@ from agents.core import (
     sft_loss,
 )
 from agents.episodes import make_episodes, turn_demonstrations
+from tests.conftest import kill_after_checkpoint
 from textenv.embedded import default_tokenizer
 from textenv.models import build_model
 
@@ -194,17 +191,7 @@ def test_ppo_on_a_multi_turn_task_resumes_after_sigkill_as_if_uninterrupted(poli
             "--reward", "gold", "--out-dir", str(killed), "--num-envs", "4", "--num-minibatches", "2",
             "--update-epochs", "2", "--iterations", "4", "--save-every", "1", "--sample-every", "1", "--lr", "0.001",
             "--device", "cpu"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    state = killed / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["iteration"] >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    kill_after_checkpoint(args, killed)
     ppo(config(killed))
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(killed / "model" / "model.safetensors")

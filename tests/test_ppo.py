@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ from safetensors.torch import load_file
 from agents.core import clipped_policy_loss, clipped_value_loss, kl_estimate
 from agents.ppo import NonFiniteError, PPOConfig, policy_forward, ppo, value_forward
 from agents.sampler import rollout
+from tests.conftest import kill_after_checkpoint
 from textenv import TextGenVectorEnv
 from textenv.embedded import default_tokenizer
 from textenv.models import build_model, load_sequence_classifier
@@ -227,17 +224,7 @@ def test_sigkill_then_resume_equals_uninterrupted(sft_folder, tmp_path):
             "--out-dir", str(killed), "--num-envs", "8", "--num-minibatches", "2", "--update-epochs", "2",
             "--iterations", "4", "--max-new-tokens", "6", "--save-every", "1", "--sample-every", "1",
             "--lr", "0.001", "--device", "cpu"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    state = killed / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["iteration"] >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    kill_after_checkpoint(args, killed)
     ppo(tiny_config(sft_folder, killed, iterations=4))
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(killed / "model" / "model.safetensors")

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.conftest import kill_after_checkpoint
 
 TIMING = ("time/", "charts/tokens_per_s", "charts/rollout_tokens_per_s", "charts/elapsed")
 
@@ -52,21 +52,7 @@ def test_sigkill_then_rerun_equals_the_uninterrupted_run(tiny_run, tmp_path, sta
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run([*command, "--out-dir", str(straight)], check=True, env=env, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    proc = subprocess.Popen([*command, "--out-dir", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            saved = json.loads(state.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or in mid-write
-            saved = {}
-        if saved.get("step", saved.get("iteration", 0)) >= 2:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    kill_after_checkpoint([*command, "--out-dir", str(killed)], killed)
     subprocess.run([*command, "--out-dir", str(killed)], check=True, env=env, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
