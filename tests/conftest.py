@@ -38,6 +38,19 @@ def tiny_model(tokenizer):
     return build_model("tiny", tokenizer, seed=0).eval()
 
 
+@pytest.fixture(scope="session")
+def policy_folder(tmp_path_factory):
+    """A tiny policy (an 'SFT' model) saved as a transformers folder with the embedded tokenizer and so its chat
+    template. Tests train from it into their own folders; none may change it."""
+    from textenv.embedded import default_tokenizer
+
+    folder = tmp_path_factory.mktemp("policy")
+    tok = default_tokenizer()
+    build_model("tiny", tok, seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def env_kwargs(tokenizer):
     return dict(prompts=PROMPTS, tokenizer=tokenizer, reward_fn=length_reward, max_new_tokens=6, max_prompt_tokens=16)

@@ -30,16 +30,6 @@ from textenv.models import build_model
 USER_ID = "tests.user_envs:TestLab/SayYes-v0"  # a user's env, registered by importing its module
 
 
-@pytest.fixture(scope="module")
-def policy_folder(tmp_path_factory):
-    """A tiny policy saved as a transformers folder with the embedded tokenizer (and so its chat template)."""
-    folder = tmp_path_factory.mktemp("policy")
-    tok = default_tokenizer()
-    build_model("tiny", tok, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_sft_examples_train_on_the_agents_tokens_only_and_are_the_envs_stream():
     tok = default_tokenizer()
     examples = turn_demonstrations("textenv/Calculator-v0", tok, "train", 3)

@@ -15,32 +15,22 @@ from agents.sampler import rollout
 from tests.conftest import kill_after_checkpoint
 from textenv import TextGenVectorEnv
 from textenv.embedded import default_tokenizer
-from textenv.models import build_model, load_sequence_classifier
+from textenv.models import load_sequence_classifier
 
 
-@pytest.fixture(scope="module")
-def sft_folder(tmp_path_factory):
-    """A tiny 'SFT' policy saved as a transformers folder, with the embedded tokenizer."""
-    folder = tmp_path_factory.mktemp("sft")
-    tok = default_tokenizer()
-    build_model("tiny", tok, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def tiny_config(sft_folder, out_dir, **kw):
+def tiny_config(policy_folder, out_dir, **kw):
     base = dict(
-        policy=str(sft_folder), reward="tests.conftest:length_reward", out_dir=str(out_dir), num_envs=8,
+        policy=str(policy_folder), reward="tests.conftest:length_reward", out_dir=str(out_dir), num_envs=8,
         num_minibatches=2, update_epochs=2, iterations=3, max_new_tokens=6, save_every=1, sample_every=1,
         lr=1e-3, device="cpu",
     )
     return PPOConfig(**{**base, **kw})
 
 
-def test_first_minibatch_kl_zero_ratio_one(sft_folder):
+def test_first_minibatch_kl_zero_ratio_one(policy_folder):
     from textenv.models import load_causal_lm
 
-    policy, ref = load_causal_lm(sft_folder), load_causal_lm(sft_folder)
+    policy, ref = load_causal_lm(policy_folder), load_causal_lm(policy_folder)
     envs = TextGenVectorEnv(num_envs=8, task="sentiment", tokenizer=default_tokenizer(),
                             reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=6)
     batch = rollout(policy.eval(), envs, torch.Generator().manual_seed(0), temperature=0.7, seed=0)
@@ -87,10 +77,10 @@ def test_padded_vocabulary_log_probs_match_the_sampler():
     assert (every[mask] < kept[mask] - 1e-3).all()  # the padding rows' mass, which the sampler never draws
 
 
-def test_logprobs_equal_plain_hf_forward_and_ignore_left_padding(sft_folder):
+def test_logprobs_equal_plain_hf_forward_and_ignore_left_padding(policy_folder):
     from textenv.models import load_causal_lm
 
-    policy = load_causal_lm(sft_folder).eval()
+    policy = load_causal_lm(policy_folder).eval()
     tok = default_tokenizer()
     prompts, responses = ["The film was", "I watched this movie last night and it"], [" good and fun.", " bored me"]
     P = 12
@@ -114,7 +104,7 @@ def test_logprobs_equal_plain_hf_forward_and_ignore_left_padding(sft_folder):
             torch.testing.assert_close(logp[i, : len(r_ids)], want, atol=1e-5, rtol=1e-5)
 
 
-def test_nothing_after_eos_carries_loss(sft_folder):
+def test_nothing_after_eos_carries_loss(policy_folder):
     torch.manual_seed(0)
     logp = torch.randn(2, 4, requires_grad=True)
     values = torch.randn(2, 4, requires_grad=True)
@@ -126,8 +116,8 @@ def test_nothing_after_eos_carries_loss(sft_folder):
     assert (logp.grad[1] != 0).all() and (values.grad[1] != 0).all()
 
 
-def test_value_model_reads_per_token_values(sft_folder):
-    value_model = load_sequence_classifier(sft_folder, num_labels=1).eval()
+def test_value_model_reads_per_token_values(policy_folder):
+    value_model = load_sequence_classifier(policy_folder, num_labels=1).eval()
     value_model.config.pad_token_id = 0
     ids = torch.tensor([[0, 0, 5, 6, 7, 8]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
@@ -139,9 +129,9 @@ def test_value_model_reads_per_token_values(sft_folder):
     torch.testing.assert_close(v[0, 1], full, atol=1e-5, rtol=1e-5)
 
 
-def test_smoke_run_changes_every_parameter(sft_folder, tmp_path):
-    final = ppo(tiny_config(sft_folder, tmp_path / "run"))
-    before = load_file(sft_folder / "model.safetensors")
+def test_smoke_run_changes_every_parameter(policy_folder, tmp_path):
+    final = ppo(tiny_config(policy_folder, tmp_path / "run"))
+    before = load_file(policy_folder / "model.safetensors")
     after = load_file(final / "model.safetensors")
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
@@ -154,25 +144,25 @@ def test_smoke_run_changes_every_parameter(sft_folder, tmp_path):
             assert key in row and row[key] == row[key], key  # present and not NaN
     value_after = load_file(tmp_path / "run" / "value_model" / "model.safetensors")
     assert any(not torch.equal(value_after[k], v)
-               for k, v in load_file(sft_folder / "model.safetensors").items() if k in value_after)
+               for k, v in load_file(policy_folder / "model.safetensors").items() if k in value_after)
     samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert json.loads(samples[0]).keys() == {"iteration", "prompt", "response", "score", "gold"}
 
 
-def test_micro_batches_make_the_same_update(sft_folder, tmp_path):
+def test_micro_batches_make_the_same_update(policy_folder, tmp_path):
     """Gradient accumulation over micro-batches is the minibatch's update, up to float rounding."""
     kw = dict(iterations=1, update_epochs=1, num_minibatches=1, lr=1e-4)
-    whole = ppo(tiny_config(sft_folder, tmp_path / "whole", micro_batch_size=None, **kw))
-    micro = ppo(tiny_config(sft_folder, tmp_path / "micro", micro_batch_size=3, **kw))  # 8 rows: 3 + 3 + 2
+    whole = ppo(tiny_config(policy_folder, tmp_path / "whole", micro_batch_size=None, **kw))
+    micro = ppo(tiny_config(policy_folder, tmp_path / "micro", micro_batch_size=3, **kw))  # 8 rows: 3 + 3 + 2
     a, b = load_file(whole / "model.safetensors"), load_file(micro / "model.safetensors")
-    before = load_file(sft_folder / "model.safetensors")
+    before = load_file(policy_folder / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
     assert any(not torch.equal(a[k], before[k]) for k in a)
 
 
 @pytest.mark.parametrize("num_minibatches", [1, 2])
-def test_values_are_the_rollout_value_models(sft_folder, tmp_path, monkeypatch, num_minibatches):
+def test_values_are_the_rollout_value_models(policy_folder, tmp_path, monkeypatch, num_minibatches):
     """GAE's values equal a plain forward of the value model as it was at the rollout, on every row: those of
     epoch 0's first minibatch come from the update's own value forward (with grad), the others from the rollout's
     no-grad forward (with num_minibatches=1 there are none)."""
@@ -201,7 +191,7 @@ def test_values_are_the_rollout_value_models(sft_folder, tmp_path, monkeypatch, 
     monkeypatch.setattr(ppo_module, "load_sequence_classifier", load)
     monkeypatch.setattr(ppo_module, "gather_rollout", gather)
     monkeypatch.setattr(ppo_module, "compute_gae", gae)
-    ppo(tiny_config(sft_folder, tmp_path / "run", iterations=1, num_minibatches=num_minibatches, micro_batch_size=3))
+    ppo(tiny_config(policy_folder, tmp_path / "run", iterations=1, num_minibatches=num_minibatches, micro_batch_size=3))
     batch, value_model = seen["batch"], seen["value_model"]
     value_model.config.pad_token_id = 0
     mask = batch.response_mask.bool()
@@ -211,21 +201,21 @@ def test_values_are_the_rollout_value_models(sft_folder, tmp_path, monkeypatch, 
     assert (seen["values"][mask] != 0).all()
 
 
-def test_shared_value_head_runs(sft_folder, tmp_path):
-    ppo(tiny_config(sft_folder, tmp_path / "run", shared_value_head=True, iterations=1, ptx_coef=0.5))
+def test_shared_value_head_runs(policy_folder, tmp_path):
+    ppo(tiny_config(policy_folder, tmp_path / "run", shared_value_head=True, iterations=1, ptx_coef=0.5))
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
-def test_sigkill_then_resume_equals_uninterrupted(sft_folder, tmp_path):
-    cfg = tiny_config(sft_folder, tmp_path / "straight", iterations=4)
+def test_sigkill_then_resume_equals_uninterrupted(policy_folder, tmp_path):
+    cfg = tiny_config(policy_folder, tmp_path / "straight", iterations=4)
     ppo(cfg)
     killed = tmp_path / "killed"
-    args = [sys.executable, "-m", "agents.ppo", "--policy", str(sft_folder), "--reward", cfg.reward,
+    args = [sys.executable, "-m", "agents.ppo", "--policy", str(policy_folder), "--reward", cfg.reward,
             "--out-dir", str(killed), "--num-envs", "8", "--num-minibatches", "2", "--update-epochs", "2",
             "--iterations", "4", "--max-new-tokens", "6", "--save-every", "1", "--sample-every", "1",
             "--lr", "0.001", "--device", "cpu"]
     kill_after_checkpoint(args, killed)
-    ppo(tiny_config(sft_folder, killed, iterations=4))
+    ppo(tiny_config(policy_folder, killed, iterations=4))
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(killed / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -243,10 +233,10 @@ def overflowing_reward(prompts, completions, **kw):
     return [3e38 if SCORED["n"] > 16 else float(len(c)) for c in completions]
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(sft_folder, tmp_path):
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(policy_folder, tmp_path):
     SCORED["n"] = 0
     with pytest.raises(NonFiniteError, match="non-finite .* at iteration 3"):
-        ppo(tiny_config(sft_folder, tmp_path / "run", iterations=4, reward="tests.test_ppo:overflowing_reward",
+        ppo(tiny_config(policy_folder, tmp_path / "run", iterations=4, reward="tests.test_ppo:overflowing_reward",
                         missing_eos_penalty=None))
     ckpt = tmp_path / "run" / "checkpoint"
     assert json.loads((ckpt / "trainer_state.json").read_text())["iteration"] == 2
@@ -256,7 +246,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(sft_folder, tmp_path):
 
 
 @pytest.mark.parametrize("num_labels", [1, 2])
-def test_any_classifier_reward_trains_by_default(sft_folder, tmp_path, capsys, num_labels):
+def test_any_classifier_reward_trains_by_default(policy_folder, tmp_path, capsys, num_labels):
     """The value model starts from the reward model when it can (one output, the policy's vocabulary), else from
     the policy with a fresh scalar head (an HF classifier with two labels used to fail loading as one output)."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
@@ -268,13 +258,13 @@ def test_any_classifier_reward_trains_by_default(sft_folder, tmp_path, capsys, n
     GPT2ForSequenceClassification(config).save_pretrained(reward)
     tok.save_pretrained(reward)
     label = None if num_labels == 1 else "L1"
-    ppo(tiny_config(sft_folder, tmp_path / "run", reward=str(reward), reward_label=label, iterations=1))
-    chosen = str(reward) if num_labels == 1 else str(sft_folder)
+    ppo(tiny_config(policy_folder, tmp_path / "run", reward=str(reward), reward_label=label, iterations=1))
+    chosen = str(reward) if num_labels == 1 else str(policy_folder)
     assert f"ppo: value model initialised from {chosen}" in capsys.readouterr().out
     assert (tmp_path / "run" / "value_model" / "model.safetensors").exists()
 
 
-def test_user_prompts_longer_than_the_tasks_budget_are_not_cut(sft_folder, tmp_path):
+def test_user_prompts_longer_than_the_tasks_budget_are_not_cut(policy_folder, tmp_path):
     """(#21 item 11) With --prompts, the prompt budget follows the prompts (the sentiment task's is 16 tokens):
     the policy sees every prompt whole; --max-prompt-tokens still sets it by hand."""
     tok = default_tokenizer()
@@ -283,9 +273,9 @@ def test_user_prompts_longer_than_the_tasks_budget_are_not_cut(sft_folder, tmp_p
     path.write_text(long_prompt + "\nthe book was\n")
     n = len(tok(long_prompt, add_special_tokens=False)["input_ids"])
     assert n > 16
-    ppo(tiny_config(sft_folder, tmp_path / "run", prompts=str(path), iterations=1, sample_every=1))
+    ppo(tiny_config(policy_folder, tmp_path / "run", prompts=str(path), iterations=1, sample_every=1))
     seen = {json.loads(line)["prompt"] for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()}
     assert long_prompt in seen  # whole, not its last 16 tokens
-    ppo(tiny_config(sft_folder, tmp_path / "cut", prompts=str(path), iterations=1, max_prompt_tokens=8))
+    ppo(tiny_config(policy_folder, tmp_path / "cut", prompts=str(path), iterations=1, max_prompt_tokens=8))
     seen = {json.loads(line)["prompt"] for line in (tmp_path / "cut" / "samples.jsonl").read_text().splitlines()}
     assert long_prompt not in seen and any(long_prompt.endswith(s) for s in seen)

@@ -15,8 +15,6 @@ import agents.rloo
 from agents.core import group_advantages, grpo_advantages, kl_estimate
 from agents.grpo import GRPOConfig, grpo
 from agents.rloo import RLOOConfig, rloo
-from textenv.embedded import default_tokenizer
-from textenv.models import build_model
 
 KEYS = ("objective/scores", "objective/gold", "objective/entropy", "losses/policy_loss", "losses/approx_kl",
         "losses/clipfrac", "charts/tokens_per_s", "charts/rollout_tokens_per_s", "time/rollout_s", "time/update_s",
@@ -101,29 +99,19 @@ def test_configs_reject_bad_input():
 
 # ---- runs ----
 
-@pytest.fixture(scope="module")
-def sft_folder(tmp_path_factory):
-    """A tiny 'SFT' policy saved as a transformers folder, with the embedded tokenizer."""
-    folder = tmp_path_factory.mktemp("sft")
-    tok = default_tokenizer()
-    build_model("tiny", tok, seed=0).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def tiny(cls, sft_folder, out_dir, **kw):
+def tiny(cls, policy_folder, out_dir, **kw):
     # missing_eos_penalty=None: in 6 tokens the tiny model rarely samples EOS, and a group of equal penalties
     # has no advantage at all; the length reward differs within a group
     base = dict(
-        policy=str(sft_folder), reward="tests.conftest:length_reward", out_dir=str(out_dir), num_prompts=2,
+        policy=str(policy_folder), reward="tests.conftest:length_reward", out_dir=str(out_dir), num_prompts=2,
         num_generations=4, num_minibatches=2, update_epochs=2, iterations=2, max_new_tokens=6, save_every=1,
         sample_every=1, lr=1e-3, missing_eos_penalty=None, device="cpu",
     )
     return cls(**{**base, **kw})
 
 
-def check_run(sft_folder, run, final, keys):
-    before, after = load_file(sft_folder / "model.safetensors"), load_file(final / "model.safetensors")
+def check_run(policy_folder, run, final, keys):
+    before, after = load_file(policy_folder / "model.safetensors"), load_file(final / "model.safetensors")
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -137,40 +125,40 @@ def check_run(sft_folder, run, final, keys):
     assert (run / "summary.json").exists() and (run / "model" / "tokenizer.json").exists()
 
 
-def test_rloo_smoke_run(sft_folder, tmp_path):
-    final = rloo(tiny(RLOOConfig, sft_folder, tmp_path / "run"))
-    check_run(sft_folder, tmp_path / "run", final, KEYS + ("objective/kl", "objective/rlhf_reward"))
+def test_rloo_smoke_run(policy_folder, tmp_path):
+    final = rloo(tiny(RLOOConfig, policy_folder, tmp_path / "run"))
+    check_run(policy_folder, tmp_path / "run", final, KEYS + ("objective/kl", "objective/rlhf_reward"))
 
 
-def test_grpo_smoke_run(sft_folder, tmp_path):
-    final = grpo(tiny(GRPOConfig, sft_folder, tmp_path / "run"))
-    check_run(sft_folder, tmp_path / "run", final, KEYS + ("objective/kl", "losses/kl_loss"))
+def test_grpo_smoke_run(policy_folder, tmp_path):
+    final = grpo(tiny(GRPOConfig, policy_folder, tmp_path / "run"))
+    check_run(policy_folder, tmp_path / "run", final, KEYS + ("objective/kl", "losses/kl_loss"))
 
 
-def test_grpo_beta_zero_loads_no_reference(sft_folder, tmp_path, monkeypatch):
+def test_grpo_beta_zero_loads_no_reference(policy_folder, tmp_path, monkeypatch):
     loaded = []
     real = agents.groups.load_causal_lm  # GRPO's and RLOO's setup loads the models
     monkeypatch.setattr(agents.groups, "load_causal_lm", lambda path: loaded.append(path) or real(path))
-    grpo(tiny(GRPOConfig, sft_folder, tmp_path / "run", beta=0.0, iterations=1))
-    assert loaded == [str(sft_folder)]  # the policy only
+    grpo(tiny(GRPOConfig, policy_folder, tmp_path / "run", beta=0.0, iterations=1))
+    assert loaded == [str(policy_folder)]  # the policy only
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert "objective/kl" not in row and row["losses/kl_loss"] == 0.0
     loaded.clear()
-    grpo(tiny(GRPOConfig, sft_folder, tmp_path / "beta", beta=0.04, iterations=1))
-    assert loaded == [str(sft_folder)] * 2  # policy and reference
+    grpo(tiny(GRPOConfig, policy_folder, tmp_path / "beta", beta=0.04, iterations=1))
+    assert loaded == [str(policy_folder)] * 2  # policy and reference
 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
-def test_micro_batches_make_the_same_update(sft_folder, tmp_path, algo):
+def test_micro_batches_make_the_same_update(policy_folder, tmp_path, algo):
     """Gradient accumulation (responses weighted for RLOO, tokens for GRPO) is the minibatch's update."""
     cls, train = (RLOOConfig, rloo) if algo == "rloo" else (GRPOConfig, grpo)
     kw = dict(iterations=1, update_epochs=1, num_minibatches=1, lr=1e-4)
-    whole = train(tiny(cls, sft_folder, tmp_path / "whole", micro_batch_size=None, **kw))
-    micro = train(tiny(cls, sft_folder, tmp_path / "micro", micro_batch_size=3, **kw))  # 8 rows: 3 + 3 + 2
+    whole = train(tiny(cls, policy_folder, tmp_path / "whole", micro_batch_size=None, **kw))
+    micro = train(tiny(cls, policy_folder, tmp_path / "micro", micro_batch_size=3, **kw))  # 8 rows: 3 + 3 + 2
     a, b = load_file(whole / "model.safetensors"), load_file(micro / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
-    before = load_file(sft_folder / "model.safetensors")
+    before = load_file(policy_folder / "model.safetensors")
     assert any(not torch.equal(a[k], before[k]) for k in a)
 
 
@@ -178,10 +166,10 @@ class Killed(Exception):
     pass
 
 
-def test_crash_then_resume_equals_uninterrupted(sft_folder, tmp_path, monkeypatch):
+def test_crash_then_resume_equals_uninterrupted(policy_folder, tmp_path, monkeypatch):
     """A run killed after logging iteration 3 but before its checkpoint resumes from iteration 2 and ends with
     the same weights and metrics as a run that never stopped."""
-    straight = rloo(tiny(RLOOConfig, sft_folder, tmp_path / "straight", iterations=3))
+    straight = rloo(tiny(RLOOConfig, policy_folder, tmp_path / "straight", iterations=3))
     real = agents.rloo.save_checkpoint
 
     def dies_at_third_save(ckpt_dir, models, optimizer, scheduler, state):
@@ -191,11 +179,11 @@ def test_crash_then_resume_equals_uninterrupted(sft_folder, tmp_path, monkeypatc
 
     monkeypatch.setattr(agents.rloo, "save_checkpoint", dies_at_third_save)
     with pytest.raises(Killed):
-        rloo(tiny(RLOOConfig, sft_folder, tmp_path / "killed", iterations=3))
+        rloo(tiny(RLOOConfig, policy_folder, tmp_path / "killed", iterations=3))
     killed = tmp_path / "killed"
     assert [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     monkeypatch.setattr(agents.rloo, "save_checkpoint", real)
-    resumed = rloo(tiny(RLOOConfig, sft_folder, killed, iterations=3))
+    resumed = rloo(tiny(RLOOConfig, policy_folder, killed, iterations=3))
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
