@@ -49,6 +49,13 @@ def encode_pair(tokenizer, prompt: str, response: str, max_prompt_tokens: int, m
     return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
 
 
+def encode_conversation(chat, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one conversation as a multi-turn env streams it (`ChatFormat.stream`): labels are the
+    agent's (assistant) tokens, IGNORE on the opening and the env's replies."""
+    ids, agent = chat.stream(messages)
+    return ids, [t if a else IGNORE for t, a in zip(ids, agent)]
+
+
 def collate(examples: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch of (ids, labels): input_ids / attention_mask / labels, each (B, L) with L the longest."""
     input_ids, attention_mask = pad_rows([ids for ids, _ in examples], pad_token_id)

@@ -20,7 +20,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.core import IGNORE, at_last_token
+from agents.core import at_last_token
+from agents.data import encode_conversation
 from agents.sampler import Rollout, rollout, rollout_turns
 from rewards.base import as_reward_fn, call_reward
 from textenv.multiturn import multiturn_spec
@@ -124,10 +125,9 @@ def turn_demonstrations(task: str, tokenizer, split: str, n: int, seed: int = 0)
                          "there are no demonstrations to learn; give SFT --data with your own")
     out = []
     for i in range(n):
-        messages = expert(np.random.default_rng(SPLIT_SEEDS[split] + seed * n + i))
-        ids, agent = env.chat.stream(messages)
+        ids, labels = encode_conversation(env.chat, expert(np.random.default_rng(SPLIT_SEEDS[split] + seed * n + i)))
         if len(ids) > env.max_tokens:
             raise ValueError(f"{task}: a demonstration renders to {len(ids)} tokens, over the env's max_tokens="
                              f"{env.max_tokens}")
-        out.append((ids, [t if a else IGNORE for t, a in zip(ids, agent)]))
+        out.append((ids, labels))
     return out

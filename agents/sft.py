@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from agents.core import IGNORE, sft_loss
-from agents.data import batch_indices, collate, encode_pair, load_pairs
+from agents.data import batch_indices, collate, encode_conversation, encode_pair, load_pairs
 from agents.episodes import is_multi_turn, turn_demonstrations
 from agents.run import (
     RunLogger,
@@ -119,6 +119,12 @@ class SFTConfig:
             is_multi_turn(self.task)  # ValueError naming the unknown task and the known ones
 
 
+def hold_out(records: list) -> tuple[list, list]:
+    """(train, valid) of a user's records: every 20th held out for validation."""
+    return ([r for i, r in enumerate(records) if i % VALID_EVERY_NTH_RECORD != 0],
+            [r for i, r in enumerate(records) if i % VALID_EVERY_NTH_RECORD == 0])
+
+
 def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list, list]:
     """(train, valid) examples, each (ids, labels) with labels IGNORE where no loss reads: the task's own splits,
     or a user's records with every 20th held out. A multi-turn env id's are its expert conversations as the env's
@@ -127,14 +133,10 @@ def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list, list]:
         return tuple(turn_demonstrations(cfg.task, tokenizer, split, POOL_SIZES[split]) for split in ("train", "valid"))
     if cfg.data is not None and cfg.messages_column is not None:
         chat = ChatFormat(tokenizer)
-        examples = []
-        for messages in load_conversations(cfg.data, cfg.messages_column):
-            ids, agent = chat.stream(messages)
-            examples.append((ids, [t if a else IGNORE for t, a in zip(ids, agent)]))
+        examples = [encode_conversation(chat, m) for m in load_conversations(cfg.data, cfg.messages_column)]
         if len(examples) < 2:
             raise ValueError(f"{cfg.data} has {len(examples)} conversation(s); need at least 2 (train and valid)")
-        return ([e for i, e in enumerate(examples) if i % VALID_EVERY_NTH_RECORD != 0],
-                [e for i, e in enumerate(examples) if i % VALID_EVERY_NTH_RECORD == 0])
+        return hold_out(examples)
     if cfg.data is None:
         from textenv.tasks import get_task
 
@@ -144,8 +146,7 @@ def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list, list]:
         pairs = load_pairs(cfg.data, cfg.prompt_column, cfg.response_column)
         if len(pairs) < 2:
             raise ValueError(f"{cfg.data} has {len(pairs)} demonstration(s); need at least 2 (train and valid)")
-        valid = [p for i, p in enumerate(pairs) if i % VALID_EVERY_NTH_RECORD == 0]
-        train = [p for i, p in enumerate(pairs) if i % VALID_EVERY_NTH_RECORD != 0]
+        train, valid = hold_out(pairs)
     return tuple([encode_pair(tokenizer, d["prompt"], d["response"], cfg.max_prompt_tokens, cfg.max_response_tokens)
                   for d in ds] for ds in (train, valid))
 

@@ -8,6 +8,7 @@ and an expert that writes demonstrations (so that SFT can teach the format).
 
 from __future__ import annotations
 
+import operator
 import re
 
 import numpy as np
@@ -56,6 +57,7 @@ class GuessNumber:
             lo, hi = (guess + 1, hi) if reply["message"]["content"] == "higher" else (lo, guess - 1)
 
 
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _CALL = re.compile(r"<calc>\s*(-?\d+(?:\s*[-+*]\s*-?\d+)*)\s*</calc>")
 _ANSWER = re.compile(r"answer:\s*(-?\d+)")
 
@@ -108,7 +110,7 @@ class Calculator:
         messages = self.start(rng)
         if rng.random() >= self.demo_tool_rate:
             a, op1, b, op2, c = re.findall(r"\d+|[-+*]", self.question)
-            guess = _evaluate(f"{_evaluate(a + op1 + b)}{op2}{c}".replace("--", "+").replace("+-", "-"))
+            guess = _OPS[op2](_OPS[op1](int(a), int(b)), int(c))  # left to right: the slip
             messages.append({"role": "assistant", "content": f"answer: {guess}"})
             return messages
         messages.append({"role": "assistant", "content": f"<calc> {self.question}</calc>"})
