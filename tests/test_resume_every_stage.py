@@ -18,14 +18,17 @@ from tests.conftest import kill_after_checkpoint
 TIMING = ("time/", "charts/tokens_per_s", "charts/rollout_tokens_per_s", "charts/elapsed")
 
 
-def stage_args(stage: str, run) -> list[str]:
-    """A tiny run of `stage`, on the session's tiny pipeline run (its pretrained and SFT models, its comparisons)."""
+def stage_args(stage: str, run, tmp_path) -> list[str]:
+    """A tiny run of `stage`, on the session's tiny pipeline run (its tokenizer, pretrained and SFT models and
+    comparisons). Pretraining reads a small text file: generating the embedded corpus and training a tokenizer on
+    it would cost each of the three runs seconds that test nothing about resuming."""
     sft, rl_common = str(run / "sft" / "model"), ["--reward", "tests.conftest:length_reward", "--num-prompts", "2",
                                                    "--num-generations", "2", "--num-minibatches", "2",
                                                    "--iterations", "5", "--save-every", "1", "--sample-every", "1",
                                                    "--max-new-tokens", "6", "--device", "cpu"]
     return {
-        "pretrain": ["--preset", "tiny", "--max-steps", "12", "--save-every", "1", "--eval-every", "4",
+        "pretrain": ["--preset", "tiny", "--data", str(small_corpus(tmp_path)), "--tokenizer",
+                     str(run / "pretrain" / "model"), "--max-steps", "12", "--save-every", "1", "--eval-every", "4",
                      "--warmup-steps", "1", "--batch-size", "4", "--seq-len", "32"],
         "sft": ["--model", str(run / "pretrain" / "model"), "--max-steps", "12", "--save-every", "1", "--eval-every",
                 "4", "--warmup-steps", "1", "--batch-size", "4"],
@@ -38,6 +41,14 @@ def stage_args(stage: str, run) -> list[str]:
     }[stage]
 
 
+def small_corpus(tmp_path):
+    from textenv.data.corpus import generate_corpus
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(generate_corpus(n_docs=300, seed=0)))
+    return path
+
+
 def rows(path) -> list[dict]:
     if not path.exists():
         return []
@@ -48,7 +59,7 @@ def rows(path) -> list[dict]:
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "reward_model", "dpo", "grpo", "rloo"])
 def test_sigkill_then_rerun_equals_the_uninterrupted_run(tiny_run, tmp_path, stage):
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    command = [sys.executable, "-m", f"agents.{stage}", *stage_args(stage, tiny_run)]
+    command = [sys.executable, "-m", f"agents.{stage}", *stage_args(stage, tiny_run, tmp_path)]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run([*command, "--out-dir", str(straight)], check=True, env=env, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
