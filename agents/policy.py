@@ -90,9 +90,10 @@ def prompt_budget(cfg, tokenizer) -> int | None:
     longest of those prompts in tokens, so that none is cut; else None (the embedded task's budget)."""
     if cfg.max_prompt_tokens is not None or cfg.prompts is None:
         return cfg.max_prompt_tokens
-    from textenv.prompts import load_prompts
+    from textenv.prompts import load_prompts, render_prompts
 
-    return max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in load_prompts(cfg.prompts))
+    texts, _ = render_prompts(load_prompts(cfg.prompts), tokenizer)
+    return max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in texts)
 
 
 def minibatch_step(dist, params: list, optimizer, max_grad_norm: float, iteration: int,

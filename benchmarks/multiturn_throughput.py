@@ -10,7 +10,9 @@ tokens in all, the env's tokens in one prefill instead of in chunks between turn
 `--stagger` gives the envs turns of different lengths (env b's turns are closed after turn_tokens - b % 3
 tokens), so the replies do not arrive on the same step: each chunk is run by the rows that have a reply (the GPT-2
 decoder writes each row at its own next slot, so the others' caches do not grow). Prints each side's tokens/s
-(medians of `--repeats` after a warm-up, interleaved) and the ratio.
+(medians of `--repeats` after a warm-up, interleaved) and the ratio; then what one step of `gym.make_vec` on a
+multi-turn id (a SyncVectorEnv of `--batch` GuessNumber-v0 envs, random tokens) costs beside one batched decode
+step of the model: why a natively batched multi-turn vector env would buy little.
 
     python -m benchmarks.multiturn_throughput
     python -m benchmarks.multiturn_throughput --stagger
@@ -23,9 +25,11 @@ import json
 import statistics
 import time
 
+import gymnasium as gym
+import numpy as np
 import torch
 
-from agents.sampler import rollout, rollout_turns
+from agents.sampler import make_decoder, rollout, rollout_turns
 from benchmarks.env_throughput import fixed_length_prompts
 from textenv import TextGenVectorEnv
 from textenv.embedded import default_tokenizer
@@ -100,8 +104,31 @@ def main() -> None:
     for name in ("multi_turn", "single_turn"):
         print(f"  {name:>12}: {result[name]:8.0f} tokens/s  (runs: {[round(x) for x in times[name]]})")
     print(f"  ratio multi/single: {result['ratio']:.3f}")
+    result["vector_env_step_ms"], result["decode_step_ms"] = step_costs(model, tokenizer, args.batch)
+    print(f"  one SyncVectorEnv step of {args.batch} GuessNumber-v0 envs: {result['vector_env_step_ms']:.2f} ms; "
+          f"one batched decode step: {result['decode_step_ms']:.2f} ms")
     print(json.dumps({"bench": "multiturn_throughput", "args": vars(args), "stream_tokens": stream,
                       "agent_tokens": agent, **result}))
+
+
+@torch.inference_mode()
+def step_costs(model, tokenizer, batch: int, steps: int = 200) -> tuple[float, float]:
+    """Median-free means over `steps` steps (ms): a vector env step on random tokens, and a decode step."""
+    envs = gym.make_vec("textenv/GuessNumber-v0", num_envs=batch, vectorization_mode="sync")
+    envs.reset(seed=0)
+    actions = np.random.default_rng(0).integers(2, len(tokenizer), size=(steps, batch))
+    start = time.perf_counter()
+    for a in actions:
+        envs.step(a)
+    env_ms = (time.perf_counter() - start) / steps * 1e3
+    decoder = make_decoder(model, batch, 128)
+    ids = torch.randint(2, len(tokenizer), (batch, 40))
+    decoder.prefill(ids, torch.ones_like(ids))
+    tokens = torch.randint(2, len(tokenizer), (60, batch))
+    start = time.perf_counter()
+    for t in tokens:
+        decoder.step(t)
+    return env_ms, (time.perf_counter() - start) / len(tokens) * 1e3
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ Multi-turn ids (`textenv.multiturn.MultiTurnEnv`, the env answers each agent tur
 - ``textenv/GuessNumber-v0``: guess a number from 1 to 16; the env answers "higher" or "lower".
 - ``textenv/Calculator-v0``: arithmetic (one-digit operands, two operations) with a calculator tool the agent calls
   as ``<calc> 7*2+3</calc>``; its expert uses the tool in half of its demonstrations.
+- ``textenv/TextArena-v0``: a single-player TextArena game (``turn_kwargs={"game": ...}``; GuessTheNumber-v0);
+  needs ``pip install 'textenv[textarena]'``.
+- ``textenv/ReasoningGym-v0``: a reasoning-gym dataset as a verifiable task (``turn_kwargs={"dataset": ...}``;
+  basic_arithmetic); needs ``pip install 'textenv[reasoning-gym]'``.
 """
 
 from gymnasium.envs.registration import register, registry
@@ -36,6 +40,12 @@ MULTITURN_IDS = {
     "textenv/Calculator-v0": {"turns": "textenv.turns:Calculator",
                               "turn_kwargs": {"max_operand": 9, "demo_tool_rate": 0.5},
                               "max_turns": 4, "max_turn_tokens": 24, "max_tokens": 128},
+    # optional extras (textenv.extras): making one without its package installed names the pip command
+    "textenv/TextArena-v0": {"turns": "textenv.extras:TextArenaGame", "turn_kwargs": {"game": "GuessTheNumber-v0"},
+                             "max_turns": 10, "max_turn_tokens": 16, "max_tokens": 512},
+    "textenv/ReasoningGym-v0": {"turns": "textenv.extras:ReasoningGymTask",
+                                "turn_kwargs": {"dataset": "basic_arithmetic", "size": 10_000, "seed": 0},
+                                "max_turns": 1, "max_turn_tokens": 32, "max_tokens": 128},
 }
 
 for _env_id, _kwargs in MULTITURN_IDS.items():

@@ -16,10 +16,10 @@ class TextGenEnv(gym.Env):
     """
     ## Description
     An episode is one response to one prompt. Each step the agent emits one token (the action), which is
-    appended to the response; the episode ends when the agent emits EOS or the response reaches
-    `max_new_tokens`. The reward is a reward function's score of the (prompt, response) pair, paid at the last
-    step, as in RLHF (Ziegler et al. 2019, arXiv 1909.08593; Ouyang et al. 2022, arXiv 2203.02155). The env
-    never sees a policy: a KL penalty to a reference policy is the agent's business.
+    appended to the response; the episode ends when the agent emits EOS (the end-of-turn token, for chat prompts)
+    or the response reaches `max_new_tokens`. The reward is a reward function's score of the (prompt, response)
+    pair, paid at the last step, as in RLHF (Ziegler et al. 2019, arXiv 1909.08593; Ouyang et al. 2022, arXiv
+    2203.02155). The env never sees a policy: a KL penalty to a reference policy is the agent's business.
 
     ## Action Space
     `Discrete(V)`: the token id to append, with V = `vocab_size` (default: the tokenizer's length; pass the
@@ -30,11 +30,14 @@ class TextGenEnv(gym.Env):
     `Dict(input_ids=Box(0, V-1, (P+T,), int64), attention_mask=Box(0, 1, (P+T,), int64))` with
     P = `max_prompt_tokens` and T = `max_new_tokens`. The prompt is left-padded into columns [0, P), so response
     token t always sits in column P+t; unfilled columns hold PAD with mask 0. Position ids for a model are
-    `cumsum(attention_mask) - 1`.
+    `cumsum(attention_mask) - 1`. A chat prompt (a message list) is its rendering through the tokenizer's chat
+    template, generation prompt included (`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`),
+    token for token.
 
     ## Rewards
     0.0 on every step but the last; on the last, `reward_fn([prompt], [response])[0]`, where `response` is the
-    decoded text of the response tokens without special tokens. A reward that raises or returns anything but one
+    decoded text of the response tokens without special tokens and `prompt` the prompt's text as the policy saw
+    it (a chat prompt rendered by the template). A reward that raises or returns anything but one
     finite number raises `rewards.RewardError`, and the env is left as it was before that step.
 
     ## Starting State
@@ -43,7 +46,8 @@ class TextGenEnv(gym.Env):
     responses to one prompt (comparisons, GRPO groups) or to evaluate a fixed prompt set.
 
     ## Episode End
-    - Termination: the action is the EOS token.
+    - Termination: the action is the EOS token; with chat prompts, the template's end-of-turn token (ChatML's
+      `<|im_end|>`, Llama 3's `<|eot_id|>`; EOS where the template closes turns with it, as the embedded one does).
     - Truncation: the response holds `max_new_tokens` tokens without EOS.
     Stepping before `reset()` or after the episode ended raises `gymnasium.error.ResetNeeded`.
 
@@ -52,7 +56,9 @@ class TextGenEnv(gym.Env):
 
     ## Arguments
     - `task`: name of an embedded task (`textenv.tasks.TASKS`); it supplies defaults for everything below.
-    - `prompts`: list of str, a `.jsonl`/`.csv`/`.parquet`/`.txt` path, a `datasets.Dataset` or hub id, a Task.
+    - `prompts`: list of prompts, a `.jsonl`/`.csv`/`.parquet`/`.txt` path, a `datasets.Dataset` or hub id, a Task.
+      A prompt is a str, or a message list `[{"role": ..., "content": ...}, ...]` (a chat prompt: the tokenizer
+      needs a chat template; one env takes one kind).
     - `tokenizer`: a hub id, a folder, or a loaded tokenizer; it must have distinct PAD and EOS tokens (it is
       checked, never modified).
     - `reward_fn`: a callable `(prompts, completions, **kw) -> list[float]`, a `"module:attr"` string, a
@@ -66,7 +72,7 @@ class TextGenEnv(gym.Env):
       which asks for it).
 
     ## Version History
-    - v0: initial release.
+    - v0: initial release; chat prompts (message lists) added without changing str prompts' episodes.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}

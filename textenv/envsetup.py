@@ -10,21 +10,21 @@ from gymnasium import spaces
 from transformers import PreTrainedTokenizerBase
 
 from rewards.base import RewardFn, as_reward_fn
-from textenv.prompts import load_prompts, tokenize_prompts
+from textenv.prompts import load_prompts, render_prompts, tokenize_prompts
 from textenv.tokenizer import load_tokenizer
 
 
 @dataclass
 class EnvSetup:
     tokenizer: PreTrainedTokenizerBase
-    prompts: list[str]  # as the policy sees them: truncated prompts are decoded from their kept tokens
+    prompts: list[str]  # as the policy sees them: chat prompts rendered, truncated ones decoded from their kept tokens
     prompt_ids: np.ndarray  # (N, P) int64, left-padded
     prompt_mask: np.ndarray  # (N, P) int64
     reward_fn: RewardFn
     max_prompt_tokens: int
     max_new_tokens: int
     vocab_size: int
-    eos_token_id: int
+    eos_token_id: int  # the token that ends an episode: EOS, or with chat prompts the template's end-of-turn token
     pad_token_id: int
     observation_space: spaces.Dict
     action_space: spaces.Discrete
@@ -97,7 +97,7 @@ def make_setup(
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
 
-    texts = load_prompts(prompts, column=prompt_column)
+    texts, end_of_turn = render_prompts(load_prompts(prompts, column=prompt_column), tokenizer)
     prompt_ids, prompt_mask = tokenize_prompts(texts, tokenizer, max_prompt_tokens, truncation_side)
     lengths = prompt_mask.sum(1)
     for i in np.flatnonzero(lengths == max_prompt_tokens):  # possibly truncated: show the policy's view
@@ -122,7 +122,7 @@ def make_setup(
         max_prompt_tokens=max_prompt_tokens,
         max_new_tokens=max_new_tokens,
         vocab_size=vocab_size,
-        eos_token_id=int(tokenizer.eos_token_id),
+        eos_token_id=int(tokenizer.eos_token_id if end_of_turn is None else end_of_turn),
         pad_token_id=int(tokenizer.pad_token_id),
         observation_space=observation_space,
         action_space=spaces.Discrete(vocab_size),

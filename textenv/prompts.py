@@ -1,8 +1,12 @@
 """Prompt sources for the text environments, and their tokenization into a fixed-width observation.
 
-A source is one of: a list of strings; a local ``.jsonl``/``.csv``/``.parquet`` file (column ``prompt`` unless
+A source is one of: a list of prompts; a local ``.jsonl``/``.csv``/``.parquet`` file (column ``prompt`` unless
 told otherwise) or ``.txt`` file (one prompt per line); a ``datasets.Dataset``; a hub data set id (when online);
 or an embedded task (`textenv.tasks.Task`), whose train prompts are used.
+
+A prompt is a str (the policy continues it) or a message list ``[{"role": ..., "content": ...}, ...]`` (a chat
+prompt, e.g. a .jsonl column of lists), which `render_prompts` renders through the tokenizer's chat template with
+the generation prompt; the policy's reply then ends with the template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ def _check_prompt_string(source: str) -> None:
                          f"set id; a single prompt must be given as a list: prompts=[{source!r}]")
 
 
-def load_prompts(source: Any, *, column: str = "prompt", split: str = "train") -> list[str]:
-    """The prompts of `source` as a list of str (ValueError if there are none, TypeError on a non-str entry)."""
+def load_prompts(source: Any, *, column: str = "prompt", split: str = "train") -> list[str | list[dict]]:
+    """The prompts of `source`: each a str or a message list (ValueError if there are none, TypeError on any other
+    entry)."""
     from textenv.tasks import Task  # imported here: textenv.tasks imports the corpus, which is heavier
 
     if isinstance(source, Task):
@@ -62,9 +67,36 @@ def load_prompts(source: Any, *, column: str = "prompt", split: str = "train") -
                          "holds no prompts")
     where = f"{str(source)!r}: " if isinstance(source, (str, Path)) else ""
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"{where}prompts[{i}] is a {type(prompt).__name__} ({prompt!r}), expected str")
+        if not isinstance(prompt, (str, list, tuple)):
+            raise TypeError(f"{where}prompts[{i}] is a {type(prompt).__name__} ({prompt!r}), expected a str or a "
+                            "list of messages")
     return prompts
+
+
+def render_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], int | None]:
+    """(the prompts' texts, the end-of-turn token id): str prompts as they are (None: the episode ends at EOS), or
+    message lists rendered through the tokenizer's chat template with the generation prompt (the template's
+    end-of-turn token; `textenv.chat.ChatFormat`). One env takes one kind: a mix is refused."""
+    from textenv.chat import ChatFormat, check_message
+
+    chats = [not isinstance(p, str) for p in prompts]
+    if not any(chats):
+        return list(prompts), None
+    if not all(chats):
+        i = chats.index(False)
+        raise TypeError(f"prompts[{i}] is a str ({prompts[i]!r}) among message lists: give every prompt as a message "
+                        "list, or every one as a str")
+    chat = ChatFormat(tokenizer)
+    texts = []
+    for i, messages in enumerate(prompts):
+        if not messages:
+            raise ValueError(f"prompts[{i}] is an empty message list")
+        checked = [check_message(m, f"prompts[{i}], message {j}") for j, m in enumerate(messages)]
+        if checked[-1]["role"] == "assistant":
+            raise ValueError(f"prompts[{i}] ends with an assistant message; a chat prompt ends where the policy "
+                             "answers (a system/user/tool message)")
+        texts.append(chat.render(checked, True))
+    return texts, chat.end_of_turn
 
 
 def _prompts_from_file(path: Path, column: str) -> list[str]:
