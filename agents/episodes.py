@@ -46,7 +46,7 @@ class Episodes:
 
     envs: object  # a TextGenVectorEnv, or a list of MultiTurnEnvs
     multi_turn: bool
-    task: object | None  # the embedded task whose gold scorer is logged (single-turn), None for an env id
+    task: object | None  # the embedded task whose gold scorer is logged (single-turn on its own prompts), else None
     reward_fn: object | None  # the reward; multi-turn: it scores each conversation (None: the env's own return)
     P: int  # prompt columns: exactly (single-turn), at most (multi-turn: the opening)
     T: int  # sampler steps at most: the response budget, or a multi-turn stream's max_tokens
@@ -63,11 +63,12 @@ class Episodes:
         drawn from `generator`.
         Single-turn: sub-env i seeded with seed + i, its prompt `prompt_index[i]` (or drawn by the env). Multi-turn:
         sub-env i reset with seed `prompt_index[i]` (an episode of a split, see `SPLIT_SEEDS`), or seed + i.
-        Returns (rollout, gold per episode)."""
+        Returns (rollout, gold per episode); the gold is None on a user's own prompts, where the task's gold scorer
+        does not apply (so no `objective/gold` is logged)."""
         if not self.multi_turn:
             batch = rollout(policy, self.envs, generator, uniforms=uniforms, temperature=temperature, seed=seed,
                             prompt_index=prompt_index)
-            return batch, self.task.gold(batch.prompts, batch.responses)
+            return batch, None if self.task is None else self.task.gold(batch.prompts, batch.responses)
         seeds = seed + np.arange(self.num_envs) if prompt_index is None else np.asarray(prompt_index)
         batch = rollout_turns(policy, self.envs, generator, uniforms=uniforms, temperature=temperature, seeds=seeds)
         gold = batch.scores.tolist()  # the env's own return
@@ -102,8 +103,8 @@ def make_episodes(task: str, *, num_envs: int, tokenizer, reward: str | None, re
                                 reward_fn=reward_fn, max_new_tokens=max_new_tokens,
                                 max_prompt_tokens=max_prompt_tokens)
         s = envs.setup
-        return Episodes(envs, False, t, reward_fn, s.max_prompt_tokens, s.max_new_tokens, s.vocab_size,
-                        len(s.prompts))
+        return Episodes(envs, False, t if prompts is None else None, reward_fn, s.max_prompt_tokens, s.max_new_tokens,
+                        s.vocab_size, len(s.prompts))
     for name, value in (("prompts", prompts), ("max_new_tokens", max_new_tokens),
                         ("max_prompt_tokens", max_prompt_tokens)):
         if value is not None:

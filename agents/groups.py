@@ -16,7 +16,7 @@ from accelerate import PartialState
 
 from agents.distributed import gather_rollout, gather_rows, process_device, rank_rows, rollout_uniforms
 from agents.episodes import Episodes, make_episodes
-from agents.policy import chunked, iteration_generator, policy_forward, prompt_budget
+from agents.policy import chunked, gather_gold, iteration_generator, policy_forward, prompt_budget
 from agents.run import distributed_state
 from agents.sampler import Rollout
 from textenv.models import load_causal_lm
@@ -78,7 +78,7 @@ class GroupBatch:
     """A rollout of groups, gathered over the processes, as the update reads it (all on the training device)."""
 
     batch: Rollout  # the whole batch
-    gold: list[float]  # (B,) each episode's gold score
+    gold: list[float] | None  # (B,) each episode's gold score; None on a user's own prompts
     P: int  # prompt columns of this batch (multi-turn: its longest opening)
     input_ids: torch.Tensor  # (B, P+T)
     attention_mask: torch.Tensor  # (B, P+T)
@@ -111,7 +111,7 @@ def sample_groups(policy, ref_policy, episodes: Episodes, *, num_prompts: int, k
                                rows, local.input_ids.to(device), local.attention_mask.to(device))  # (b, T)
         ref_logp = gather_rows(dist, ref_logp)[0]  # (B, T)
     batch = gather_rollout(dist, local)
-    gold = gather_rows(dist, torch.tensor(local_gold, dtype=torch.float64))[0].tolist()
+    gold = gather_gold(dist, local_gold)
     scores = batch.scores.to(device)  # (B,) each episode's return
     if missing_eos_penalty is not None:  # the EOS trick: a truncated episode gets a fixed penalty instead
         scores = torch.where(batch.terminated.to(device), scores, torch.full_like(scores, missing_eos_penalty))

@@ -16,14 +16,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from agents.core import clipped_policy_loss, grpo_advantages, kl_estimate, masked_mean
 from agents.distributed import rank_rows
 from agents.groups import sample_groups, setup_groups
-from agents.policy import check_finite, iteration_generator, minibatch_step, policy_forward, write_samples
+from agents.policy import (
+    check_finite,
+    gold_metrics,
+    iteration_generator,
+    minibatch_step,
+    policy_forward,
+    progress,
+    write_samples,
+)
 from agents.run import RunLogger, cli, finish_run, load_checkpoint, save_checkpoint, start_run
 from textenv.models.tokens import check_temperature
 
@@ -183,7 +190,7 @@ def grpo(cfg: GRPOConfig) -> Path:
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),
-            "objective/gold": float(np.mean(gold)),
+            **gold_metrics(gold),
             "objective/entropy": -logp.sum(1).mean().item(),  # Monte-Carlo, nats per response
             # groups whose k scores are all equal: advantage 0, no learning signal from that prompt
             "objective/frac_reward_zero_std": (scores.view(-1, k).std(1) == 0).float().mean().item(),
@@ -205,7 +212,7 @@ def grpo(cfg: GRPOConfig) -> Path:
             metrics["objective/kl"] = torch.where(mask.bool(), kl_estimate(logp, ref_logp), 0.0).sum(1).mean().item()
         metrics["time/iteration_s"] = time.perf_counter() - t0
         logger.log(iteration + 1, metrics)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}")
+        bar.set_postfix(progress(metrics))
         done = iteration + 1 == cfg.iterations
         if ((iteration + 1) % cfg.sample_every == 0 or done) and dist.is_main_process:
             write_samples(out_dir / "samples.jsonl", iteration + 1, batch, gold, n=8)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from agents.core import logprobs_and_entropy
-from agents.distributed import sum_gradients, sum_over_processes
+from agents.distributed import gather_rows, sum_gradients, sum_over_processes
 from agents.sampler import Rollout
 from textenv.models.gpt2 import lean_forward
 from textenv.models.tokens import position_ids_from_mask, scale_logits
@@ -110,13 +111,31 @@ def minibatch_step(dist, params: list, optimizer, max_grad_norm: float, iteratio
     return torch.cat([mb_stats, grad_norm.detach()[None]])
 
 
-def write_samples(path: Path, iteration: int, batch: Rollout, gold: list[float], n: int) -> None:
-    """Append the first n responses of `batch`, with their scores and gold scores, to samples.jsonl (a multi-turn
-    episode's conversation too, as "messages")."""
+def gather_gold(dist, local_gold: list[float] | None) -> list[float] | None:
+    """Every process's episodes' gold scores, in rank order (None stays None: no gold applies)."""
+    if local_gold is None:
+        return None
+    return gather_rows(dist, torch.tensor(local_gold, dtype=torch.float64))[0].tolist()
+
+
+def gold_metrics(gold: list[float] | None) -> dict:
+    """`objective/gold`, the mean gold score, where a gold applies (None: a user's own prompts; nothing logged)."""
+    return {} if gold is None else {"objective/gold": float(np.mean(gold))}
+
+
+def progress(metrics: dict) -> dict:
+    """The progress bar's figures: the proxy score, the gold where there is one, the KL where there is one."""
+    names = (("score", "objective/scores"), ("gold", "objective/gold"), ("kl", "objective/kl"))
+    return {short: f"{metrics[key]:.2f}" for short, key in names if key in metrics}
+
+
+def write_samples(path: Path, iteration: int, batch: Rollout, gold: list[float] | None, n: int) -> None:
+    """Append the first n responses of `batch`, with their scores and gold scores (where a gold applies), to
+    samples.jsonl (a multi-turn episode's conversation too, as "messages")."""
     with path.open("a") as f:
         for i in range(min(n, len(batch.prompts))):
             row = {"iteration": iteration, "prompt": batch.prompts[i], "response": batch.responses[i],
-                   "score": batch.scores[i].item(), "gold": gold[i]}
+                   "score": batch.scores[i].item(), **({} if gold is None else {"gold": gold[i]})}
             if batch.messages is not None:
                 row["messages"] = batch.messages[i]
             f.write(json.dumps(row) + "\n")

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -53,9 +52,12 @@ from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user cat
     NonFiniteError,
     check_finite,
     chunked,
+    gather_gold,
+    gold_metrics,
     iteration_generator,
     minibatch_step,
     policy_forward,
+    progress,
     prompt_budget,
     value_forward,
     write_samples,
@@ -390,11 +392,11 @@ def ppo(cfg: PPOConfig) -> Path:
 
         # ---- 5. log, sample, checkpoint ----
         pg, cf, akl, ent, vf, vcf, gn = torch.stack(stats).mean(0).tolist()
-        gold = gather_rows(dist, torch.tensor(local_gold, dtype=torch.float64))[0].tolist()
+        gold = gather_gold(dist, local_gold)
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),
-            "objective/gold": float(np.mean(gold)),
+            **gold_metrics(gold),
             "objective/kl": kl.mean().item(),
             "objective/entropy": -(logp * mask).sum(1).mean().item(),  # Monte-Carlo, nats per response
             "objective/non_score_reward": (non_score_reward * mask).sum(1).mean().item(),
@@ -418,8 +420,7 @@ def ppo(cfg: PPOConfig) -> Path:
         }
         metrics["time/iteration_s"] = time.perf_counter() - t0  # rollout + update + scoring and metrics
         logger.log(iteration + 1, metrics)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}",
-                        kl=f"{metrics['objective/kl']:.2f}")
+        bar.set_postfix(progress(metrics))
         done = iteration + 1 == cfg.iterations
         if ((iteration + 1) % cfg.sample_every == 0 or done) and dist.is_main_process:
             write_samples(out_dir / "samples.jsonl", iteration + 1, batch, gold, n=8)

@@ -18,14 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from agents.core import clipped_policy_loss, group_advantages, kl_estimate
 from agents.distributed import rank_rows
 from agents.groups import sample_groups, setup_groups
-from agents.policy import check_finite, iteration_generator, minibatch_step, policy_forward, write_samples
+from agents.policy import (
+    check_finite,
+    gold_metrics,
+    iteration_generator,
+    minibatch_step,
+    policy_forward,
+    progress,
+    write_samples,
+)
 from agents.run import RunLogger, cli, finish_run, load_checkpoint, save_checkpoint, start_run
 from textenv.models.tokens import check_temperature
 
@@ -194,7 +201,7 @@ def rloo(cfg: RLOOConfig) -> Path:
         n_tokens = int(mask.sum())
         metrics = {
             "objective/scores": batch.scores.mean().item(),
-            "objective/gold": float(np.mean(gold)),
+            **gold_metrics(gold),
             "objective/entropy": -logp.sum(1).mean().item(),  # Monte-Carlo, nats per response
             "objective/rlhf_reward": rlhf_reward.mean().item(),
             "losses/policy_loss": pg,
@@ -215,7 +222,7 @@ def rloo(cfg: RLOOConfig) -> Path:
             metrics["objective/non_score_reward"] = -cfg.kl_coef * kl.mean().item()
         metrics["time/iteration_s"] = time.perf_counter() - t0
         logger.log(iteration + 1, metrics)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", gold=f"{metrics['objective/gold']:.2f}")
+        bar.set_postfix(progress(metrics))
         done = iteration + 1 == cfg.iterations
         if ((iteration + 1) % cfg.sample_every == 0 or done) and dist.is_main_process:
             write_samples(out_dir / "samples.jsonl", iteration + 1, batch, gold, n=8)

@@ -279,3 +279,8 @@ def test_user_prompts_longer_than_the_tasks_budget_are_not_cut(policy_folder, tm
     ppo(tiny_config(policy_folder, tmp_path / "cut", prompts=str(path), iterations=1, max_prompt_tokens=8))
     seen = {json.loads(line)["prompt"] for line in (tmp_path / "cut" / "samples.jsonl").read_text().splitlines()}
     assert long_prompt not in seen and any(long_prompt.endswith(s) for s in seen)
+    # the sentiment task's gold scorer does not apply to a user's prompts: no gold is claimed, in metrics or samples
+    for run in ("run", "cut"):
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            rows = [json.loads(line) for line in (tmp_path / run / name).read_text().splitlines()]
+            assert rows and not any("objective/gold" in r or "gold" in r for r in rows), (run, name)
