@@ -5,6 +5,7 @@ our learned reward models included (they are such folders).
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +14,12 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from textenv.models import load_sequence_classifier
 from textenv.models.gpt2 import lean_forward
 from textenv.models.tokens import pad_rows
+
+# A forked child of a process whose torch has run multi-threaded deadlocks in its first multi-threaded op (the
+# OpenMP pool does not survive fork: https://github.com/pytorch/pytorch/issues/17199). Gymnasium's AsyncVectorEnv
+# forks by default on Linux, so a learned reward scored in the parent first (a single env, a first rollout) hung
+# every worker at its first score. A forked child scores on one thread, as PyTorch's own DataLoader workers run.
+os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
 
 
 def reward_model_text(prompt: str, completion: str) -> str:
