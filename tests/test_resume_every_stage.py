@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -70,6 +72,30 @@ def test_sigkill_then_rerun_equals_the_uninterrupted_run(tiny_run, tmp_path, sta
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for name in ("metrics.jsonl", "samples.jsonl"):
         assert rows(killed / name) == rows(straight / name), name
+
+
+def test_collect_killed_in_mid_sampling_then_rerun_writes_the_same_comparisons(tiny_run, tmp_path):
+    """Collection keeps no checkpoint: a killed run has written nothing but its config (the comparisons are written
+    atomically at the end), and the rerun starts over to the uninterrupted run's rows, byte for byte. The killed run
+    is a process of its own; the rerun and the uninterrupted run are this one's (the same code, no second import)."""
+    from agents.comparisons import CollectConfig, collect_comparisons
+
+    args = dict(policy=str(tiny_run / "sft" / "model"), num_prompts=64, k=4, prompts_per_batch=4)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "agents.comparisons", *flags, "--out-dir", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, deadline = b"", time.time() + 120
+    while time.time() < deadline and b"sampling:" not in seen and proc.poll() is None:  # its progress bar is up
+        seen += os.read(proc.stderr.fileno(), 1 << 12)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "config.json").exists(), "the run was killed before it started"
+    assert not (killed / "summary.json").exists() and not (killed / "comparisons.jsonl").exists()
+    collect_comparisons(CollectConfig(**args, out_dir=str(killed)))
+    collect_comparisons(CollectConfig(**args, out_dir=str(straight)))
+    assert (killed / "comparisons.jsonl").read_bytes() == (straight / "comparisons.jsonl").read_bytes()
 
 
 def test_a_missing_comparisons_folder_is_named_not_sent_to_the_hub(tmp_path):
