@@ -43,6 +43,19 @@ def stage_args(stage: str, run, tmp_path) -> list[str]:
     }[stage]
 
 
+def run_here(stage: str, argv: list[str]) -> None:
+    """The stage's `python -m agents.<stage>` entry point, run in this process."""
+    import importlib
+
+    from agents.run import cli
+
+    module = importlib.import_module(f"agents.{stage}")
+    config, fn = {"pretrain": ("PretrainConfig", "pretrain"), "sft": ("SFTConfig", "sft"),
+                  "reward_model": ("RMConfig", "train_reward_model"), "dpo": ("DPOConfig", "dpo"),
+                  "grpo": ("GRPOConfig", "grpo"), "rloo": ("RLOOConfig", "rloo")}[stage]
+    getattr(module, fn)(cli(getattr(module, config), argv))
+
+
 def small_corpus(tmp_path):
     from textenv.data.corpus import generate_corpus
 
@@ -61,10 +74,10 @@ def rows(path) -> list[dict]:
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "reward_model", "dpo", "grpo", "rloo"])
 def test_sigkill_then_rerun_equals_the_uninterrupted_run(tiny_run, tmp_path, stage):
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    command = [sys.executable, "-m", f"agents.{stage}", *stage_args(stage, tiny_run, tmp_path)]
+    args = stage_args(stage, tiny_run, tmp_path)
+    command = [sys.executable, "-m", f"agents.{stage}", *args]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run([*command, "--out-dir", str(straight)], check=True, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    run_here(stage, [*args, "--out-dir", str(straight)])  # in this process: the same code, one import fewer
     kill_after_checkpoint([*command, "--out-dir", str(killed)], killed)
     subprocess.run([*command, "--out-dir", str(killed)], check=True, env=env, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
