@@ -6,7 +6,12 @@ reward model and (PPO) a separate value model, all randomly initialised; 32 comp
 fp32, 1 minibatch, 1 and 4 update epochs, each minibatch in one forward/backward pass (TRL's
 per_device_train_batch_size is the batch, with no gradient accumulation; ours runs with micro_batch_size None;
 `--micro-batch 8`, our trainers' default, measures ours with less memory). Each run is its own process (so peak
-RSS is its own); the runs are interleaved ours/TRL so drift on a noisy VM hits both alike. TRL runs through the
+RSS is its own); the runs are interleaved ours/TRL so drift on a noisy VM hits both alike. Both sides run with the
+same malloc settings: `GLIBC_TUNABLES` in their environment, the `textenv` command's own (keep freed memory,
+`textenv.models.runtime.KEEP_FREED_TUNABLES`) unless you set yours, which both then get. The rollout time means the
+same on both sides: generation, reference, reward and value forwards (TRL's PPO: up to its first forward with
+gradients; ours counts the first minibatch's value forward, which keeps its graph for the update, in the rollout).
+Each worker's temporary folder (models, run folder) is deleted when it ends. TRL runs through the
 anchor's `bench_trl.py` (shared/anchors/trl_baseline): PPO needs TRL 1.12.0 (the last with PPO), GRPO/RLOO a current
 TRL (1.16.0).
 
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,17 +43,28 @@ from pathlib import Path
 
 def worker(args) -> dict:
     import torch
+
+    from textenv.models import keep_freed_memory
+
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the `textenv` command does; a no-op under the GLIBC_TUNABLES main() sets
+    work = Path(tempfile.mkdtemp(prefix="trl_speed_"))
+    try:
+        return run_worker(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_worker(args, work: Path) -> dict:
+    import torch
     from transformers import GPT2ForSequenceClassification
 
     from benchmarks.env_throughput import fixed_length_prompts
     from textenv.embedded import default_tokenizer
-    from textenv.models import build_model, keep_freed_memory, preset_config
+    from textenv.models import build_model, preset_config
     from textenv.tasks import get_task
 
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the `textenv` command does before it trains
     tok = default_tokenizer()
-    work = Path(tempfile.mkdtemp(prefix="trl_speed_"))
     build_model("small", tok, seed=0).save_pretrained(work / "policy")
     tok.save_pretrained(work / "policy")
     torch.manual_seed(1)
@@ -132,6 +149,12 @@ def main() -> None:
     trl_paths = dict(item.split("=", 1) for item in args.trl_pythonpath)
     import torch
 
+    from textenv.models.runtime import KEEP_FREED_TUNABLES
+
+    tunables = os.environ.get("GLIBC_TUNABLES") or KEEP_FREED_TUNABLES
+    malloc_env = {"GLIBC_TUNABLES": tunables}  # the same allocator on both sides
+    print(f"both sides run with GLIBC_TUNABLES={tunables}", flush=True)
+
     from benchmarks.gemm_floor import Setting, floor_seconds, iteration_gemms
     from textenv.embedded import default_tokenizer
     from textenv.models import preset_config
@@ -153,9 +176,9 @@ def main() -> None:
                 # re-timed each repeat, in the machine's state of the moment
                 floors.append(floor_seconds(iteration_gemms(algo, setting, epochs))["total"])
                 ours.append(run_json([sys.executable, "-m", "benchmarks.trl_speed", "--worker", "--algo", algo,
-                                      "--epochs", str(epochs), *common, *ours_only]))
+                                      "--epochs", str(epochs), *common, *ours_only], malloc_env))
                 if args.trl_script:
-                    env = {"PYTHONPATH": trl_paths.get(algo, ""), "TRL_EXPERIMENTAL_SILENCE": "1"}
+                    env = {**malloc_env, "PYTHONPATH": trl_paths.get(algo, ""), "TRL_EXPERIMENTAL_SILENCE": "1"}
                     out = run_json([sys.executable, args.trl_script, "--trainer", algo, "--ppo-epochs", str(epochs),
                                     *common], env)
                     trl.append({"side": "trl", "algo": algo, "epochs": epochs,

@@ -19,6 +19,12 @@ def bf16_is_fast() -> bool:
     return torch.cpu._is_amx_tile_supported()  # the test inductor uses to pick its AMX kernels
 
 
+# keep_freed_memory()'s two settings as glibc tunables, for a process that should run with them from its start
+# (benchmarks/trl_speed.py gives them to both sides); glibc's tunables set the same fields mallopt does, the dynamic
+# mmap threshold switched off as well
+KEEP_FREED_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS; process-wide, so the
     `textenv` command calls it once at startup (a script that calls the trainers directly may too).
