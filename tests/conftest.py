@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from textenv.models import build_model
@@ -87,3 +88,17 @@ def kill_after_checkpoint(command: list[str], out_dir, at: int = 2) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out_dir / "summary.json").exists(), "the run finished before it could be killed"
+
+
+def step_beside(envs, singles: list, actions) -> None:
+    """Step a vector env and its N single envs with the same actions, (steps, N): each live single env's step equals
+    its row of the vector env's (observation, reward, terminated, truncated). A single env whose episode ended is
+    not stepped again (the vector env autoresets that row on its next step)."""
+    for step in actions:
+        obs, rewards, term, trunc, _ = envs.step(np.asarray(step))
+        for i, env in enumerate(singles):
+            if env._done:
+                continue
+            o, r, te, tr, _ = env.step(int(step[i]))
+            assert np.array_equal(o["input_ids"], obs["input_ids"][i])
+            assert (r, te, tr) == (rewards[i], term[i], trunc[i])

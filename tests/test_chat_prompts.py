@@ -12,6 +12,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
+from tests.conftest import step_beside
 from tests.test_multiturn import CHATML, LLAMA3, with_template
 from textenv import TextGenEnv, TextGenVectorEnv
 from textenv.embedded import default_tokenizer
@@ -63,17 +64,9 @@ def test_vector_env_equals_single_envs_and_both_checkers_pass():
     obs, _ = envs.reset(options={"prompt_index": np.array([0, 1])})
     for i, e in enumerate(singles):
         assert np.array_equal(e.reset(options={"prompt_index": i})[0]["input_ids"], obs["input_ids"][i])
-    rng = np.random.default_rng(0)
-    for _ in range(6):
-        actions = rng.integers(2, len(tok), size=2)
-        actions[0] = tok.eos_token_id if _ == 3 else actions[0]
-        obs, rewards, term, trunc, _ = envs.step(actions)
-        for i, e in enumerate(singles):
-            if e._done:
-                continue
-            o, r, te, tr, _ = e.step(int(actions[i]))
-            assert np.array_equal(o["input_ids"], obs["input_ids"][i])
-            assert (r, te, tr) == (rewards[i], term[i], trunc[i])
+    actions = np.random.default_rng(0).integers(2, len(tok), size=(6, 2))
+    actions[3, 0] = tok.eos_token_id  # row 0 ends at step 4, row 1 at the length limit
+    step_beside(envs, singles, actions)
 
 
 def test_a_jsonl_column_of_message_lists(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import textenv  # noqa: F401  (registers the ids)
+from tests.conftest import step_beside
 from tests.test_multiturn import say
 
 EXTRAS = [pytest.param("textenv/TextArena-v0", "textarena", id="textarena"),
@@ -81,15 +82,7 @@ def test_textarena_vector_env_equals_single_envs():
         e.reset(seed=s)
     chat = singles[0].chat
     plans = [[*chat.encode(text), chat.end_of_turn] * 4 for text in ("[10]", "my guess is [3]", "[15]")]
-    for t in range(min(len(p) for p in plans)):
-        actions = np.array([plan[t] for plan in plans])
-        obs, rewards, term, trunc, _ = envs.step(actions)
-        for i, e in enumerate(singles):
-            if e._done:
-                continue
-            o, r, te, tr, _ = e.step(int(actions[i]))
-            assert np.array_equal(o["input_ids"], obs["input_ids"][i])
-            assert (r, te, tr) == (rewards[i], term[i], trunc[i])
+    step_beside(envs, singles, np.array([plan[: min(map(len, plans))] for plan in plans]).T)
 
 
 def test_reasoning_gym_scores_with_the_datasets_own_verifier():

@@ -13,6 +13,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import textenv  # noqa: F401  (registers the ids)
+from tests.conftest import step_beside
 from textenv.chat import ChatFormat
 from textenv.multiturn import MultiTurnEnv, TurnError
 from textenv.turns import Calculator, GuessNumber, _evaluate
@@ -88,14 +89,7 @@ def test_vector_env_equals_single_envs_with_turns_of_different_lengths():
     chat = singles[0].chat
     # each sub-env gets guesses of different token lengths, so their turns end on different steps
     plans = [[*chat.encode(text), chat.end_of_turn] * 6 for text in ("8", "12 maybe", "3")]
-    for t in range(min(len(p) for p in plans)):
-        actions = np.array([plan[t] for plan in plans])
-        obs, rewards, term, trunc, _ = envs.step(actions)
-        for i, e in enumerate(singles):
-            if e._done:  # the vector env autoresets it on the next step; compare live episodes only
-                continue
-            o, r, te, tr, _ = e.step(int(actions[i]))
-            assert np.array_equal(o["input_ids"], obs["input_ids"][i]) and r == rewards[i] and te == term[i]
+    step_beside(envs, singles, np.array([plan[: min(map(len, plans))] for plan in plans]).T)
 
 
 @pytest.mark.parametrize("template", ["embedded", "chatml", "llama3"])
