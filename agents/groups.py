@@ -20,7 +20,7 @@ from agents.policy import chunked, gather_gold, iteration_generator, policy_forw
 from agents.run import distributed_state
 from agents.sampler import Rollout
 from textenv.models import load_causal_lm
-from textenv.models.gpt2 import frozen_forward
+from textenv.models.lean import frozen_forward
 from textenv.tokenizer import load_tokenizer
 
 
@@ -92,7 +92,7 @@ def sample_groups(policy, ref_policy, episodes: Episodes, *, num_prompts: int, k
                   temperature: float, missing_eos_penalty: float | None, rows: int, mine: slice, dist,
                   device: torch.device) -> GroupBatch:
     """Play one iteration's groups; `rows` chunks the reference forward, `mine` are this process's global rows.
-    `ref_policy`: the frozen reference (a causal LM or a `GPT2Forward` of one), or None. A group's k episodes
+    `ref_policy`: the frozen reference (a causal LM or a `LeanForward` of one), or None. A group's k episodes
     share a prompt (multi-turn: an env seed, so the same opening)."""
     B, V = num_prompts * k, episodes.V
     policy.eval()

@@ -156,7 +156,7 @@ def grpo(cfg: GRPOConfig) -> Path:
             order = torch.randperm(B, generator=order_rng)
             for start_i in range(0, B, mb_size):
                 # in row order, a group's rows fall in the same micro-batches, where their prompt runs once
-                # (GPT2Forward.response_hidden); the minibatch's gradient is the same sum up to rounding
+                # (LeanForward.response_hidden); the minibatch's gradient is the same sum up to rounding
                 mb = order[start_i : start_i + mb_size].sort().values.to(device)
                 mb_tokens = mask[mb].sum()
                 optimizer.zero_grad(set_to_none=True)

@@ -51,12 +51,15 @@ class PipelineConfig:
     (textenv/Calculator-v0: tool use; textenv/GuessNumber-v0; a user's 'module:Id')."""
     preset: str = "small"
     """Model size for the pretrained model (and so for SFT, RM and PPO): tiny, small or medium."""
+    arch: str = "gpt2"
+    """Architecture of the pretrained model (and so of SFT, RM and PPO): gpt2, or llama (RoPE, RMSNorm, SwiGLU,
+    grouped-query attention) of the same size."""
     seed: int = 0
     """Seed of every stage."""
     overwrite: bool = False
     """Delete a run with another configuration in --out-dir instead of refusing."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    """Stage 1 settings (out_dir, preset and seed are set by the pipeline)."""
+    """Stage 1 settings (out_dir, preset, arch and seed are set by the pipeline)."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Stage 2 settings (out_dir, model, task and seed are set by the pipeline)."""
     collect: CollectConfig = field(default_factory=CollectConfig)
@@ -78,7 +81,8 @@ def stage_configs(cfg: PipelineConfig) -> dict:
     r = dataclasses.replace
 
     # A preset's budget applies where the user left a field at its default.
-    pre = r(cfg.pretrain, out_dir=str(stage_dir(out, "pretrain")), preset=cfg.preset, seed=cfg.seed)
+    pre = r(cfg.pretrain, out_dir=str(stage_dir(out, "pretrain")), preset=cfg.preset, arch=cfg.arch,
+            seed=cfg.seed)
     if budget["pretrain_steps"] and cfg.pretrain.max_steps == PretrainConfig.max_steps:
         pre = r(pre, max_steps=budget["pretrain_steps"], eval_every=10, save_every=10, warmup_steps=5)
     sft_cfg = r(cfg.sft, out_dir=str(stage_dir(out, "sft")), model=str(stage_model(out, "pretrain")), task=cfg.task,
@@ -126,7 +130,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     out = Path(cfg.out_dir)
     check_out_dir(out)
     configs = stage_configs(cfg)
-    pinned = {"task": cfg.task, "preset": cfg.preset, "seed": cfg.seed,
+    pinned = {"task": cfg.task, "preset": cfg.preset, "arch": cfg.arch, "seed": cfg.seed,
               **{name: json.loads(json.dumps(dataclasses.asdict(c), default=str)) for name, c in configs.items()}}
     check_run_dir(out, pinned, cfg.overwrite)  # refuses a foreign folder or another configuration
     runners = {"pretrain": pretrain, "sft": sft, "collect": collect_comparisons, "rm": train_reward_model, "ppo": ppo}

@@ -1,8 +1,8 @@
 """What the RL trainers (PPO, GRPO, RLOO) share around their loops: the forwards of the policy, the reference and
 the value model over a rollout's rows, their RNG streams, the finiteness check, the samples table.
 
-A GPT-2 runs through the lean forward (`textenv.models.gpt2.GPT2Forward`), which computes only the response
-positions in its last block; any other model runs its HF forward.
+A GPT-2 or Llama-family model runs through the lean forward (`textenv.models.lean.LeanForward`), which computes
+only the response positions in its last block; any other model runs its HF forward.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from agents.core import logprobs_and_entropy
 from agents.distributed import gather_rows, sum_gradients, sum_over_processes
 from agents.sampler import Rollout
-from textenv.models.gpt2 import lean_forward
+from textenv.models.lean import lean_forward
 from textenv.models.tokens import position_ids_from_mask, scale_logits
 
 
@@ -29,9 +29,10 @@ def policy_forward(policy, input_ids, attention_mask, P: int, temperature: float
     """Temperature-scaled log-probs, entropies (None unless `entropy`) and last hidden states (None unless
     `hidden`) of the response tokens.
 
-    `policy`: a causal LM, or a `GPT2Forward` of one (a frozen reference's, with packed weights). The logits at
-    position P-1+t predict response token t; only those T positions go through the LM head, and a GPT-2 runs
-    through the lean forward (textenv/models/gpt2.py), which computes only them in its last block.
+    `policy`: a causal LM, or a `LeanForward` of one (a frozen reference's, with packed weights). The logits at
+    position P-1+t predict response token t; only those T positions go through the LM head, and a GPT-2 or
+    Llama-family model runs through the lean forward (textenv/models/lean.py), which computes only them in its last
+    block.
     `vocab_size`: the env's number of actions. A model whose embedding is padded past its tokenizer (Pythia,
     Qwen) has more logits than actions; the sampler drops the extra ones, so the loss must too, or the ratio
     and the KL are off by the probability mass on tokens that can never be sampled.

@@ -65,7 +65,7 @@ from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user cat
 from agents.run import RunLogger, cli, distributed_state, finish_run, load_checkpoint, save_checkpoint, start_run
 from rewards.hf import SequenceClassifierReward
 from textenv.models import load_causal_lm, load_sequence_classifier
-from textenv.models.gpt2 import frozen_forward
+from textenv.models.lean import frozen_forward
 from textenv.models.tokens import check_temperature
 from textenv.tokenizer import load_tokenizer
 

@@ -40,7 +40,7 @@ from agents.run import (
     start_run,
 )
 from textenv.embedded import default_tokenizer
-from textenv.models import PRESETS, bf16_is_fast, build_model, load_causal_lm
+from textenv.models import ARCHS, PRESETS, bf16_is_fast, build_model, load_causal_lm
 from textenv.tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -50,6 +50,9 @@ class PretrainConfig:
     """Run folder: config, metrics.jsonl, tb/, checkpoint/, and the final model/ (model + tokenizer)."""
     preset: str = "small"
     """Model size to build from scratch: one of textenv.models.PRESETS (tiny, small, medium)."""
+    arch: str = "gpt2"
+    """Architecture to build from scratch: gpt2, or llama (RoPE, RMSNorm, SwiGLU, grouped-query attention: the
+    structure of Llama 3.x, Qwen and Mistral) of the same width and depth (textenv.models.ARCHS)."""
     model: str | None = None
     """Hub id or local folder of a causal LM to continue pretraining instead of building `preset`."""
     tokenizer: str | None = None
@@ -93,6 +96,8 @@ class PretrainConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
         if self.model is None and self.seq_len > PRESETS[self.preset]["n_positions"]:
             raise ValueError(f"seq_len={self.seq_len} exceeds the {self.preset} preset's context length")
 
@@ -152,7 +157,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         raise ValueError(f"only {len(train_blocks)} training blocks of {cfg.seq_len + 1} tokens, fewer than "
                          f"batch_size={cfg.batch_size}; give more data or lower seq_len/batch_size")
     if cfg.model is None:
-        model = build_model(cfg.preset, tokenizer, seed=cfg.seed)  # dropout off
+        model = build_model(cfg.preset, tokenizer, seed=cfg.seed, arch=cfg.arch)  # dropout off
     else:
         model = load_causal_lm(cfg.model)  # dropout off
         if model.get_input_embeddings().num_embeddings < len(tokenizer):

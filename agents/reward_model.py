@@ -56,7 +56,7 @@ from agents.run import (
     seed_everything,
     start_run,
 )
-from rewards.hf import SequenceClassifierReward, reward_model_text
+from rewards.hf import SequenceClassifierReward, reward_model_text, reward_shift
 from textenv.models import bf16_is_fast, disable_dropout
 from textenv.models.tokens import pad_rows, position_ids_from_mask
 from textenv.tokenizer import load_tokenizer
@@ -157,6 +157,7 @@ def score_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
 
 
 # Models whose score head has no bias: the LayerNorm that feeds the head directly, whose bias can carry the shift.
+# (The Llama family's RMSNorm has no bias: its shift is kept in the config, see `fold_normalization`.)
 FINAL_LAYER_NORM = {"gpt2": "transformer.ln_f", "gpt_neo": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm"}
 
 
@@ -174,8 +175,11 @@ def fold_normalization(model: PreTrainedModel, mean: float, std: float = 1.0) ->
     """Edit `model` IN PLACE so that it scores (r - mean) / std, where r is its current score.
 
     The gain 1/std multiplies the head (weight and bias). The shift goes into the head's bias if it has one; else
-    into the bias of the final LayerNorm h = LN(x) that feeds the head: adding delta * w / ||w||^2 to it adds
-    exactly delta to w.h. ValueError for a model with neither.
+    into the bias of the final LayerNorm h = LN(x) that feeds the head (GPT-2, GPT-Neo, GPT-NeoX): adding
+    delta * w / ||w||^2 to it adds exactly delta to w.h. Either way plain transformers scores the normalised reward.
+    A model with neither (the Llama family: a bias-free head after an RMSNorm) keeps the shift in its config, as
+    `reward_shift`, which textenv's reward adapter adds (`rewards.hf.reward_shift`); plain transformers reads its
+    score without it.
     """
     if not std > 0:
         raise ValueError(f"std must be > 0, got {std}")
@@ -183,15 +187,12 @@ def fold_normalization(model: PreTrainedModel, mean: float, std: float = 1.0) ->
     head.weight.mul_(1 / std)
     if head.bias is not None:
         head.bias.mul_(1 / std).add_(delta)
-        return
-    model_type = model.config.model_type
-    if model_type not in FINAL_LAYER_NORM:
-        raise ValueError(f"cannot fold the reward shift into a {model_type!r} model: its score head has no bias and "
-                         f"no final LayerNorm with a bias is known for it (known: {sorted(FINAL_LAYER_NORM)})")
-    norm = model.get_submodule(FINAL_LAYER_NORM[model_type])
-    w = head.weight[0]  # (H,)
-    norm.bias.add_(delta * w / w.dot(w))
-
+    elif model.config.model_type in FINAL_LAYER_NORM:
+        norm = model.get_submodule(FINAL_LAYER_NORM[model.config.model_type])
+        w = head.weight[0]  # (H,)
+        norm.bias.add_(delta * w / w.dot(w))
+    else:  # score = gain * r + shift: the old shift is scaled with the rest
+        model.config.reward_shift = reward_shift(model.config) / std + delta
 
 
 @torch.no_grad()

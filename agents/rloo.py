@@ -169,7 +169,7 @@ def rloo(cfg: RLOOConfig) -> Path:
             order = torch.randperm(B, generator=order_rng)
             for start_i in range(0, B, mb_size):
                 # in row order, a group's rows fall in the same micro-batches, where their prompt runs once
-                # (GPT2Forward.response_hidden); the minibatch's gradient is the same sum up to rounding
+                # (LeanForward.response_hidden); the minibatch's gradient is the same sum up to rounding
                 mb = order[start_i : start_i + mb_size].sort().values.to(device)
                 optimizer.zero_grad(set_to_none=True)
                 mb_stats = torch.zeros(4, device=device)

@@ -6,6 +6,7 @@ the median of `--repeats` timed runs after a warm-up. Also measures the single T
 with no model at all (random actions).
 
     python -m benchmarks.env_throughput            # defaults: small preset, batch 32, prompt 16, 48 new tokens
+    python -m benchmarks.env_throughput --arch llama   # the Llama preset of the same size
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def fixed_length_prompts(tokenizer, texts: list[str], length: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -45,7 +47,7 @@ def main() -> None:
 
     tokenizer = default_tokenizer()
     task = get_task("sentiment")
-    model = build_model(args.preset, tokenizer, seed=0).eval()
+    model = build_model(args.preset, tokenizer, seed=0, arch=args.arch).eval()
     prompts = fixed_length_prompts(tokenizer, task.prompts("train"), args.prompt_len)
     envs = TextGenVectorEnv(
         num_envs=args.batch, prompts=prompts, tokenizer=tokenizer, reward_fn=task.gold,

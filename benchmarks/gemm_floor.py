@@ -13,7 +13,8 @@ bounds the speed-up any other such trainer could have:
     python -m benchmarks.gemm_floor                        # the anchor setting, PPO, GRPO and RLOO
     python -m benchmarks.gemm_floor --epochs 4 --threads 2
 
-The GEMMs are a GPT-2's four linears per block and its tied LM head. The attention products (about 4% of the
+The GEMMs are a block's four linears (GPT-2: qkv, attention out, fc, mlp out; Llama, `--arch llama`: the fused qkv
+with half the heads as key/value heads, attention out, the fused gate/up, down) and the tied LM head. The attention products (about 4% of the
 FLOPs here) are left out too, which keeps the floor a lower bound whatever attention kernel one uses.
 Generation runs the LM head on one position per row and step, the scoring forwards on the T response positions
 only (as `agents.policy.policy_forward` does). Token counts assume every response runs the full T tokens.
@@ -42,6 +43,19 @@ class Setting:
     batch: int = 32
     prompt_len: int = 16
     response_len: int = 48
+    arch: str = "gpt2"
+    n_kv_head: int | None = None  # llama: key/value heads (None: n_head)
+    intermediate: int | None = None  # llama: the SwiGLU MLP's width (None: 4 x n_embd)
+
+    @classmethod
+    def of(cls, config, **shapes) -> Setting:
+        """The setting of a preset's config (GPT-2 or Llama) at these batch shapes."""
+        if config.model_type == "llama":
+            return cls(n_layer=config.num_hidden_layers, n_embd=config.hidden_size,
+                       n_head=config.num_attention_heads, vocab=config.vocab_size, arch="llama",
+                       n_kv_head=config.num_key_value_heads, intermediate=config.intermediate_size, **shapes)
+        return cls(n_layer=config.n_layer, n_embd=config.n_embd, n_head=config.n_head, vocab=config.vocab_size,
+                   **shapes)
 
 
 class Gemm(NamedTuple):
@@ -59,7 +73,11 @@ class Gemm(NamedTuple):
 def trunk(M: int, s: Setting, phase: str, backward: bool = False) -> list[Gemm]:
     """The transformer blocks' four linears over M tokens (and, for a backward pass, their two products each)."""
     E = s.n_embd
-    linears = [(E, 3 * E), (E, E), (E, 4 * E), (4 * E, E)]  # c_attn, attn c_proj, c_fc, mlp c_proj
+    if s.arch == "llama":
+        kv, inner = 2 * (s.n_kv_head or s.n_head) * (E // s.n_head), s.intermediate or 4 * E
+        linears = [(E, E + kv), (E, E), (E, 2 * inner), (inner, E)]  # q/k/v, o, gate/up, down
+    else:
+        linears = [(E, 3 * E), (E, E), (E, 4 * E), (4 * E, E)]  # c_attn, attn c_proj, c_fc, mlp c_proj
     out = [Gemm(phase, M, k, n, s.n_layer, "m") for k, n in linears]
     if backward:  # d input = dY W^T (the first block's feeds the embeddings' gradient), d weight = X^T dY
         out += [Gemm(phase, M, n, k, s.n_layer, "m") for k, n in linears]
@@ -144,9 +162,13 @@ def main() -> None:
     parser.add_argument("--algos", nargs="+", default=["ppo", "grpo", "rloo"], choices=["ppo", "grpo", "rloo"])
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2", help="the small preset's architecture")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    s, cache, results = Setting(), {}, []
+    from textenv.embedded import default_tokenizer
+    from textenv.models import preset_config
+
+    s, cache, results = Setting.of(preset_config("small", default_tokenizer(), args.arch)), {}, []
     for algo in args.algos:
         for epochs in args.epochs:
             gemms = iteration_gemms(algo, s, epochs)

@@ -1,7 +1,8 @@
 """Our PPO, GRPO and RLOO side by side with Hugging Face TRL's trainers, in the anchor setting.
 
-Setting (both sides): GPT-2 with 4 layers, width 256, 4 heads, vocab 4096 for the policy, the reference, the
-reward model and (PPO) a separate value model, all randomly initialised; 32 completions per iteration
+Setting (both sides): GPT-2 with 4 layers, width 256, 4 heads, vocab 4096 (`--arch llama`: the Llama preset of the
+same width and depth, as the anchor's `--arch llama` builds it) for the policy, the reference, the reward model and
+(PPO) a separate value model, all randomly initialised; 32 completions per iteration
 (GRPO/RLOO: 8 prompts x 4), 16-token prompts, 48-token responses, temperature 1, KL coefficient 0.05, lr 1e-5,
 fp32, 1 minibatch, 1 and 4 update epochs, each minibatch in one forward/backward pass (TRL's
 per_device_train_batch_size is the batch, with no gradient accumulation; ours runs with micro_batch_size None;
@@ -16,6 +17,7 @@ anchor's `bench_trl.py` (shared/anchors/trl_baseline): PPO needs TRL 1.12.0 (the
 TRL (1.16.0).
 
     python -m benchmarks.trl_speed --algos ppo grpo rloo                        # ours only
+    python -m benchmarks.trl_speed --arch llama                                 # the Llama preset
     pip install --no-deps --target .trl112 trl==1.12.0; pip install --no-deps --target .trl116 trl==1.16.0
     python -m benchmarks.trl_speed --trl-script ../shared/anchors/trl_baseline/bench_trl.py \\
         --trl-pythonpath ppo=.trl112 grpo=.trl116 rloo=.trl116
@@ -57,7 +59,7 @@ def worker(args) -> dict:
 
 def run_worker(args, work: Path) -> dict:
     import torch
-    from transformers import GPT2ForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     from benchmarks.env_throughput import fixed_length_prompts
     from textenv.embedded import default_tokenizer
@@ -65,12 +67,12 @@ def run_worker(args, work: Path) -> dict:
     from textenv.tasks import get_task
 
     tok = default_tokenizer()
-    build_model("small", tok, seed=0).save_pretrained(work / "policy")
+    build_model("small", tok, seed=0, arch=args.arch).save_pretrained(work / "policy")
     tok.save_pretrained(work / "policy")
     torch.manual_seed(1)
-    rm_config = preset_config("small", tok)
+    rm_config = preset_config("small", tok, args.arch)
     rm_config.num_labels = 1
-    GPT2ForSequenceClassification(rm_config).save_pretrained(work / "rm")
+    AutoModelForSequenceClassification.from_config(rm_config).save_pretrained(work / "rm")
     tok.save_pretrained(work / "rm")
     prompts = fixed_length_prompts(tok, get_task("sentiment").prompts("train"), args.prompt_len)
     (work / "prompts.txt").write_text("\n".join(prompts))
@@ -136,6 +138,7 @@ def main() -> None:
                         help="our rows per forward/backward pass (default: the whole minibatch, as TRL runs it)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="interleaved ours/TRL pairs per setting (medians reported)")
+    parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2", help="the small preset's architecture")
     parser.add_argument("--trl-script", default=None, help="path to the anchor's bench_trl.py (runs TRL side by side)")
     parser.add_argument("--trl-pythonpath", nargs="*", default=[], metavar="ALGO=DIR",
                         help="where each algorithm's TRL lives, e.g. ppo=.trl112 grpo=.trl116 rloo=.trl116")
@@ -160,10 +163,9 @@ def main() -> None:
     from textenv.models import preset_config
 
     torch.set_num_threads(args.threads)
-    c = preset_config("small", default_tokenizer())  # the models the workers build
-    setting = Setting(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, vocab=c.vocab_size, batch=args.batch,
-                      prompt_len=args.prompt_len, response_len=args.response_len)
-    common = ["--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
+    c = preset_config("small", default_tokenizer(), args.arch)  # the models the workers build
+    setting = Setting.of(c, batch=args.batch, prompt_len=args.prompt_len, response_len=args.response_len)
+    common = ["--arch", args.arch, "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
               "--response-len", str(args.response_len), "--iterations", str(args.iterations),
               "--warmup", str(args.warmup), "--threads", str(args.threads),
               "--beta", str(args.beta), "--num-generations", str(args.num_generations)]

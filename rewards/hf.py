@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.models import load_sequence_classifier
-from textenv.models.gpt2 import lean_forward
+from textenv.models.lean import lean_forward
 from textenv.models.tokens import pad_rows
 
 # A forked child of a process whose torch has run multi-threaded deadlocks in its first multi-threaded op (the
@@ -20,6 +20,13 @@ from textenv.models.tokens import pad_rows
 # forks by default on Linux, so a learned reward scored in the parent first (a single env, a first rollout) hung
 # every worker at its first score. A forked child scores on one thread, as PyTorch's own DataLoader workers run.
 os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+
+
+def reward_shift(config) -> float:
+    """The constant a reward model's score gets on top of its head's output: what `fold_normalization`
+    (agents/reward_model.py) could not fold into weights (a bias-free head after an RMSNorm, the Llama family) and
+    so kept in the config. 0 for every other model."""
+    return float(getattr(config, "reward_shift", 0.0))
 
 
 def reward_model_text(prompt: str, completion: str) -> str:
@@ -70,8 +77,8 @@ class SequenceClassifierReward:
         self.batch_size = batch_size
         self.max_length = max_length or min(tokenizer.model_max_length, self.model.config.max_position_embeddings)
         self.label_index = self._resolve_label(label)
-        # A GPT-2 scores through the lean forward, which computes only the scored token in its last block
-        # (textenv/models/gpt2.py; `_lean`).
+        # A GPT-2 or Llama-family model scores through the lean forward, which computes only the scored token in
+        # its last block (textenv/models/lean.py; `_lean`).
         self._frozen = owned
         self._left = None  # the tokenizer's left-truncating copy, made for the first over-long input
         self._packed = None  # built on the first call; a cache, so it is dropped on pickling (see __getstate__)
@@ -100,6 +107,9 @@ class SequenceClassifierReward:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         texts = [reward_model_text(p, c) for p, c in zip(prompts, completions)]
+        # a scalar model's shift that its weights could not carry, read at each call (a model handed in may be
+        # normalised after this adapter was made)
+        shift = reward_shift(self.model.config) if self.model.config.num_labels == 1 else 0.0
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start : start + self.batch_size]
@@ -110,7 +120,7 @@ class SequenceClassifierReward:
             batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
             lean = self._lean()
             logits = self.model(**batch).logits if lean is None else lean.scores(**batch)  # (B, num_labels)
-            scores.extend(logits[:, self.label_index].float().tolist())
+            scores.extend((logits[:, self.label_index].float() + shift).tolist())
         return scores
 
     def _keep_end(self, text: str) -> list[int]:

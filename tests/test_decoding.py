@@ -1,4 +1,5 @@
-"""Incremental decoders: the lean GPT-2 path and the HF path give the logits of a plain, unpadded HF forward."""
+"""Incremental decoders: the lean path (GPT-2 and Llama trunks) and the HF path give the logits of a plain, unpadded HF
+forward."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from textenv.models.decoding import HFDecoder, make_decoder
-from textenv.models.gpt2 import GPT2Decoder, gpt2_fast_path
+from textenv.models.gpt2 import gpt2_fast_path
+from textenv.models.lean import LeanDecoder
 
 
 def left_padded(rows: list[list[int]], P: int, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,11 +28,15 @@ def gpt2(**kw) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
-def llama() -> LlamaForCausalLM:
+def llama(**kw) -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=32)
+                      num_key_value_heads=2, max_position_embeddings=32, **kw)
     return LlamaForCausalLM(cfg).eval()
+
+
+def llama_gelu() -> LlamaForCausalLM:
+    return llama(hidden_act="gelu")  # no lean trunk: the HF decoder
 
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13]]  # left-padded to P = 6: three different pad widths
@@ -42,12 +48,12 @@ GROUPED = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1]]
 GROUPED_STEPS = [[20, 21, 22], [30, 31, 32], [50, 51, 52], [40, 41, 42], [60, 61, 62]]
 
 
-@pytest.mark.parametrize("make", [gpt2, llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("make", [gpt2, llama, llama_gelu], ids=["gpt2", "llama", "hf"])
 @pytest.mark.parametrize("prompts,steps", [(PROMPTS, STEPS), (GROUPED, GROUPED_STEPS)], ids=["distinct", "grouped"])
 def test_decoder_logits_equal_unpadded_hf_forward(make, prompts, steps):
     model = make()
     decoder = make_decoder(model, batch_size=len(prompts), max_len=6 + 3)
-    assert isinstance(decoder, GPT2Decoder if make is gpt2 else HFDecoder)
+    assert isinstance(decoder, HFDecoder if make is llama_gelu else LeanDecoder)
     ids, mask = left_padded(prompts, 6)
     with torch.no_grad():
         got = [decoder.prefill(ids, mask)]
@@ -62,7 +68,7 @@ def test_decoder_logits_equal_unpadded_hf_forward(make, prompts, steps):
 def test_gpt2_decoder_equals_hf_decoder():
     model = gpt2(activation_function="gelu_new")
     ids, mask = left_padded(PROMPTS, 6)
-    lean, hf = GPT2Decoder(model, 3, 9), HFDecoder(model, 3, 9)
+    lean, hf = LeanDecoder(model, 3, 9), HFDecoder(model, 3, 9)
     with torch.no_grad():
         torch.testing.assert_close(lean.prefill(ids, mask), hf.prefill(ids, mask), atol=1e-5, rtol=1e-5)
         for t in range(3):
@@ -81,8 +87,8 @@ def test_fast_path_only_where_exact():
     swapped = gpt2()
     swapped.transformer.h[0].attn.c_attn = torch.nn.Identity()  # e.g. an adapter layer swapped in
     assert not gpt2_fast_path(swapped)
-    with pytest.raises(ValueError, match="not supported by GPT2Decoder"):
-        GPT2Decoder(gpt2(activation_function="relu"), 1, 4)
+    with pytest.raises(ValueError, match="not supported by LeanDecoder"):
+        LeanDecoder(gpt2(activation_function="relu"), 1, 4)
 
 
 def test_packed_linear_is_x_at_w_plus_b():

@@ -1,4 +1,4 @@
-"""The lean GPT-2 forward (textenv/models/gpt2.py) against HF's: logits, scores and gradients at the real positions."""
+"""The lean GPT-2 forward (textenv/models/lean.py over gpt2.py's trunk) against HF's: logits, scores and gradients at the real positions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from rewards.hf import SequenceClassifierReward
-from textenv.models.gpt2 import GPT2Forward, lean_forward
+from textenv.models.lean import LeanForward, lean_forward
 from textenv.models.tokens import position_ids_from_mask
 
 PAD = 0
@@ -63,7 +63,7 @@ def test_logits_and_gradients_equal_hf_at_real_positions(activation):
     model, ids, mask = lm(activation_function=activation), *batch()
     keep = slice(3, 9)  # the last block computes only these positions
     real = mask[:, keep].bool()  # (B, K)
-    ours = GPT2Forward(model).logits(ids, mask, keep)  # (B, K, V)
+    ours = LeanForward(model).logits(ids, mask, keep)  # (B, K, V)
     want = hf_logits(model, ids, mask)[:, keep]
     torch.testing.assert_close(ours[real], want[real], atol=1e-5, rtol=1e-5)
 
@@ -74,9 +74,9 @@ def test_one_position_per_row_and_no_padding():
     model = lm()
     ids = torch.randint(3, 97, (3, 8), generator=torch.Generator().manual_seed(3))
     want = model(input_ids=ids).logits  # (3, 8, V): no mask at all takes the causal-only path
-    torch.testing.assert_close(GPT2Forward(model).logits(ids, None, slice(0, 8)), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(LeanForward(model).logits(ids, None, slice(0, 8)), want, atol=1e-5, rtol=1e-5)
     pos = torch.tensor([7, 0, 4])
-    got = GPT2Forward(model).logits(ids, torch.ones_like(ids), pos)  # (3, 1, V)
+    got = LeanForward(model).logits(ids, torch.ones_like(ids), pos)  # (3, 1, V)
     torch.testing.assert_close(got[:, 0], want[torch.arange(3), pos], atol=1e-5, rtol=1e-5)
 
 
@@ -84,7 +84,7 @@ def test_one_position_per_row_and_no_padding():
 def test_packed_weights_equal_and_refuse_gradients(activation):
     model, ids, mask = lm(activation_function=activation).requires_grad_(False), *batch()
     real = mask[:, 2:].bool()
-    packed = GPT2Forward(model, pack_rows=40)
+    packed = LeanForward(model, pack_rows=40)
     with torch.no_grad():
         torch.testing.assert_close(packed.logits(ids, mask, slice(2, 10))[real],
                                    hf_logits(model, ids, mask)[:, 2:][real], atol=1e-5, rtol=1e-5)
@@ -96,18 +96,18 @@ def test_packed_weights_equal_and_refuse_gradients(activation):
 def test_scores_equal_sequence_classifier(num_labels):
     model, (ids, mask) = classifier(num_labels), batch()
     # HF reads the rightmost non-PAD token; rows 2 and 3 end early, so it is not the last position for them
-    torch.testing.assert_close(GPT2Forward(model).scores(ids, mask), hf_logits(model, ids, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(LeanForward(model).scores(ids, mask), hf_logits(model, ids, mask), atol=1e-5, rtol=1e-5)
     # right padding only (what the reward adapter feeds): HF's default positions are the same ones
-    torch.testing.assert_close(GPT2Forward(model).scores(ids[[0, 2]], mask[[0, 2]]),
+    torch.testing.assert_close(LeanForward(model).scores(ids[[0, 2]], mask[[0, 2]]),
                                model(input_ids=ids[[0, 2]], attention_mask=mask[[0, 2]]).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_scores_without_pad_id_as_hf():
     model = classifier(pad_token_id=None)
     ids = torch.randint(3, 97, (1, 6))
-    torch.testing.assert_close(GPT2Forward(model).scores(ids, None), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(LeanForward(model).scores(ids, None), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="batch sizes > 1"):
-        GPT2Forward(model).scores(torch.randint(3, 97, (2, 6)), None)
+        LeanForward(model).scores(torch.randint(3, 97, (2, 6)), None)
 
 
 def test_only_plain_gpt2_takes_the_lean_path():
@@ -116,8 +116,8 @@ def test_only_plain_gpt2_takes_the_lean_path():
     hooked = lm()
     hooked.transformer.h[1].mlp.register_forward_hook(lambda m, args, out: out * 2)
     assert lean_forward(hooked) is None
-    with pytest.raises(ValueError, match="not supported by GPT2Forward"):
-        GPT2Forward(hooked)
+    with pytest.raises(ValueError, match="not supported by LeanForward"):
+        LeanForward(hooked)
 
 
 def test_reward_adapter_scores_as_hf(tmp_path):
@@ -161,12 +161,12 @@ def grouped_batch(P: int = 5, T: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
 def test_shared_prompts_run_once_with_the_same_numbers():
     model, (ids, mask), P = lm(), grouped_batch(), 5
     real = mask[:, P - 1 : -1].bool()  # (B, T) the real tokens among the positions returned
-    plain = GPT2Forward(model).hidden(ids, mask, slice(P - 1, ids.shape[1] - 1))  # every row runs its prompt
-    shared = GPT2Forward(model).response_hidden(ids, mask, P)  # each of the 3 prompts runs once
+    plain = LeanForward(model).hidden(ids, mask, slice(P - 1, ids.shape[1] - 1))  # every row runs its prompt
+    shared = LeanForward(model).response_hidden(ids, mask, P)  # each of the 3 prompts runs once
     torch.testing.assert_close(shared[real], plain[real], atol=1e-5, rtol=1e-5)
     assert_same_gradients(model, shared, plain, real)
     with torch.no_grad():
-        packed = GPT2Forward(model.requires_grad_(False), pack_rows=20).response_hidden(ids, mask, P)
+        packed = LeanForward(model.requires_grad_(False), pack_rows=20).response_hidden(ids, mask, P)
     torch.testing.assert_close(packed[real], plain.detach()[real], atol=1e-5, rtol=1e-5)
 
 
@@ -174,7 +174,7 @@ def test_response_hidden_is_hf_at_real_positions_without_shared_prompts():
     model, (ids, mask), P = lm(), batch(), 4  # four distinct prompts: the plain forward
     real = mask[:, P - 1 : -1].bool()
     want = hf_logits(model, ids, mask)[:, P - 1 : -1]
-    lean = GPT2Forward(model)
+    lean = LeanForward(model)
     torch.testing.assert_close(lean.apply_head(lean.response_hidden(ids, mask, P))[real], want[real],
                                atol=1e-5, rtol=1e-5)
 
@@ -200,7 +200,7 @@ def test_onednn_affine_equals_addmm_with_gradients():
 
 
 def test_only_left_padding_needs_a_mask():
-    from textenv.models.gpt2 import left_padded, padded_causal_mask
+    from textenv.models.lean import left_padded, padded_causal_mask
 
     assert not left_padded(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool())  # after EOS: plain causal
     assert left_padded(torch.tensor([[0, 1, 1], [1, 1, 0]]).bool())

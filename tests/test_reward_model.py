@@ -117,11 +117,26 @@ def test_normalisation_goes_into_the_head_bias_when_there_is_one(tokenizer):
     assert after.mean().item() == pytest.approx(0.0, abs=1e-5) and after.std().item() == pytest.approx(1.0, rel=1e-4)
 
 
-def test_normalisation_without_any_bias_is_a_clear_error(tokenizer):
+def test_normalisation_without_any_bias_keeps_the_shift_in_the_config(tokenizer, tmp_path):
+    """A Llama reward model (bias-free head after an RMSNorm) folds the gain into its head and keeps the shift in its
+    config; the reward adapter, handed the model or its saved folder, scores the normalised reward."""
+    from rewards.hf import SequenceClassifierReward
+
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    with pytest.raises(ValueError, match="'llama'"):
-        fold_normalization(LlamaForSequenceClassification(config), 1.0)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config).eval()
+    prompts = ["the film was", "a", "the show was", "the book was"]
+    before = torch.tensor(SequenceClassifierReward(model, tokenizer)(prompts, TEXTS))
+    for mean, std in [(before.mean().item(), before.std().item()), (0.5, 2.0)]:  # twice: the shifts compose
+        fold_normalization(model, mean, std)
+    after = torch.tensor(SequenceClassifierReward(model, tokenizer)(prompts, TEXTS))
+    want = ((before - before.mean()) / before.std() - 0.5) / 2.0
+    torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    torch.testing.assert_close(torch.tensor(SequenceClassifierReward(str(tmp_path))(prompts, TEXTS)), want,
+                               atol=1e-5, rtol=1e-5)
 
 
 def write_jsonl(path, rows):

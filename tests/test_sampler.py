@@ -108,10 +108,11 @@ class Chatty:
         return {"message": {"role": "user", "content": "go on" + " and on" * self.k}, "reward": float(self.k)}
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "hf"])
 def test_multiturn_rollout_logits_equal_an_uncached_forward_over_the_final_stream(arch):
     """Replies enter the KV cache as batched chunks (masked slots for rows without one); every agent token's
-    log-prob equals the uncached forward's over that row's final stream (GPT-2: the lean decoder; Llama: HF's)."""
+    log-prob equals the uncached forward's over that row's final stream (GPT-2 and Llama: the lean decoder; a
+    Llama with GELU has no lean trunk: HF's decoder)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from agents.sampler import rollout_turns
@@ -126,7 +127,8 @@ def test_multiturn_rollout_logits_equal_an_uncached_forward_over_the_final_strea
     else:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=256, pad_token_id=tok.pad_token_id)).eval()
+                                             max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                                             hidden_act="gelu" if arch == "hf" else "silu")).eval()
     envs = [MultiTurnEnv(Chatty, max_turns=4, max_turn_tokens=3, max_tokens=128) for _ in range(4)]
     r = rollout_turns(model, envs, torch.Generator().manual_seed(0), temperature=0.8, seeds=range(7, 11))
     turns = [sum(m["role"] == "assistant" for m in msgs) for msgs in r.messages]

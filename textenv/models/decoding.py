@@ -2,8 +2,9 @@
 
 `make_decoder(model, ...)` picks one of two implementations with the same interface:
 
-- `gpt2.GPT2Decoder`, for GPT-2 models (the default and anchor models): the lean block over the model's own
-  weights, oneDNN-prepacked, keys and values in buffers allocated once (see `textenv.models.gpt2`).
+- `lean.LeanDecoder`, for GPT-2 models (the default and anchor models) and the Llama family (Llama, Qwen2/3,
+  Mistral): the lean block over the model's own weights, oneDNN-prepacked, keys and values in buffers allocated
+  once (see `textenv.models.lean`).
 - `HFDecoder`, for every other causal LM: the model's own forward with its KV cache.
 
 Both see the same tokens and positions: positions count real tokens only, so a left-padded prompt is encoded
@@ -13,9 +14,9 @@ as if unpadded. Dropout is not applied (rollouts are sampled with dropout off, a
 from __future__ import annotations
 
 import torch
-from transformers import GPT2LMHeadModel, PreTrainedModel
+from transformers import PreTrainedModel
 
-from textenv.models.gpt2 import GPT2Decoder, gpt2_fast_path
+from textenv.models.lean import LeanDecoder, fast_path
 from textenv.models.tokens import position_ids_from_mask
 
 
@@ -46,7 +47,7 @@ class HFDecoder:
                                                 value=1)
 
     def extend(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Append a chunk of (B, S) tokens, each row's real ones (mask 1) first; see `GPT2Decoder.extend`."""
+        """Append a chunk of (B, S) tokens, each row's real ones (mask 1) first; see `LeanDecoder.extend`."""
         B, S = tokens.shape
         start = self.length
         self._reserve(start + S)
@@ -69,7 +70,8 @@ class HFDecoder:
         return out.logits[:, -1]
 
 
-def make_decoder(model: PreTrainedModel, batch_size: int, max_len: int) -> GPT2Decoder | HFDecoder:
+def make_decoder(model: PreTrainedModel, batch_size: int, max_len: int) -> LeanDecoder | HFDecoder:
     """The fastest decoder that is exact for `model` (see the module docstring)."""
-    cls = GPT2Decoder if type(model) is GPT2LMHeadModel and gpt2_fast_path(model) else HFDecoder
+    trunk = fast_path(model)
+    cls = LeanDecoder if trunk is not None and trunk.is_causal_lm(model) else HFDecoder
     return cls(model, batch_size, max_len)

@@ -1,4 +1,4 @@
-"""GPT-2-family model presets and loaders for causal LMs and reward models.
+"""Model presets (GPT-2 or Llama architecture, three sizes) and loaders for causal LMs and reward models.
 
 Our models are plain `transformers` models built from a config, saved with `save_pretrained` (safetensors), so
 anything we write loads with `AutoModelForCausalLM.from_pretrained` and anything on the hub loads here.
@@ -14,6 +14,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -27,29 +29,41 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_config(preset: str, tokenizer: PreTrainedTokenizerBase) -> GPT2Config:
-    """A GPT-2 config for `preset`, sized to the tokenizer, with dropout off (RLHF needs reproducible log-probs)."""
+ARCHS = ("gpt2", "llama")
+"""Architectures a preset builds: GPT-2 (learned positions, LayerNorm, GELU MLP) or Llama (RoPE, RMSNorm, SwiGLU,
+grouped-query attention with half the heads as key/value heads, tied embeddings), the structure Llama 3.x, Qwen
+and Mistral share."""
+
+
+def preset_config(preset: str, tokenizer: PreTrainedTokenizerBase, arch: str = "gpt2") -> GPT2Config | LlamaConfig:
+    """The config for `preset` in `arch`, sized to the tokenizer, with dropout off (RLHF needs reproducible
+    log-probs). A Llama preset has the GPT-2 preset's width, depth, heads and context, an MLP of 8/3 x width
+    rounded to 64 (about GPT-2's parameters per block), as `--arch llama` in the TRL anchor builds it."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return GPT2Config(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        summary_first_dropout=0.0,
-        **PRESETS[preset],
-    )
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
+    special = dict(bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    dims = PRESETS[preset]
+    if arch == "llama":
+        width, heads = dims["n_embd"], dims["n_head"]
+        return LlamaConfig(vocab_size=len(tokenizer), hidden_size=width,
+                           intermediate_size=max(64, round(8 * width / 3 / 64) * 64),
+                           num_hidden_layers=dims["n_layer"], num_attention_heads=heads,
+                           num_key_value_heads=max(1, heads // 2), max_position_embeddings=dims["n_positions"],
+                           rms_norm_eps=1e-5, tie_word_embeddings=True, attention_dropout=0.0, **special)
+    return GPT2Config(vocab_size=len(tokenizer), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      summary_first_dropout=0.0, **special, **dims)
 
 
-def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2 causal LM for `preset` (deterministic given `seed`)."""
-    config = preset_config(preset, tokenizer)
+def build_model(preset: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+                arch: str = "gpt2") -> GPT2LMHeadModel | LlamaForCausalLM:
+    """A freshly initialised causal LM for `preset` in `arch` (deterministic given `seed`)."""
+    config = preset_config(preset, tokenizer, arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
+        model = (LlamaForCausalLM if arch == "llama" else GPT2LMHeadModel)(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return fuse_gelu(model)
 
