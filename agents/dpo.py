@@ -20,7 +20,7 @@ holds batch_size / N of them, so DDP's average of the gradients is the global ba
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from agents.core import IGNORE, check_dpo_args, dpo_loss, logprobs_from_logits
 from agents.data import batch_indices, encode_pair
+from agents.lora import LoRAConfig, with_lora
 from agents.preferences import load_preferences
 from agents.run import (
     RunLogger,
@@ -96,6 +97,8 @@ class DPOConfig:
     """Log the loss, implicit rewards, lr and tokens/s (averaged since the last log) every this many steps."""
     save_every: int = 100
     """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapter (--lora.rank 8, ...): train an adapter instead of every weight; rank 0 (the default) trains all."""
     seed: int = 0
     """Seed for the data order."""
     overwrite: bool = False
@@ -195,7 +198,8 @@ def dpo(cfg: DPOConfig) -> Path:
     max_steps = cfg.max_steps or max(1, round(cfg.epochs * (len(triples) // cfg.batch_size)))
     ref_logps = reference_logps(cfg.policy, triples, cfg, tokenizer.pad_token_id, accelerator)  # (N, 2)
 
-    model = load_causal_lm(cfg.policy)  # dropout off: log-probs must be deterministic
+    # dropout off: log-probs must be deterministic. With LoRA the reference above is this base with the adapter off
+    model = with_lora(load_causal_lm(cfg.policy), cfg.lora, "CAUSAL_LM")
     optimizer = adamw(model, cfg.lr, 0.0, fused=accelerator.device.type in ("cpu", "cuda"))
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps, min_lr_ratio=1.0)  # warmup, then constant
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours (see pretrain.py)
@@ -255,7 +259,8 @@ def dpo(cfg: DPOConfig) -> Path:
 
     return finish_run(out_dir, model, tokenizer, {
         "stage": "dpo", "wall_time_s": elapsed_before + time.time() - t_start, "steps": max_steps,
-        "pairs": len(triples), "layout": prefs.layout, "skipped_rows": prefs.skipped, **last_metrics})
+        "pairs": len(triples), "layout": prefs.layout, "skipped_rows": prefs.skipped, **last_metrics},
+        merge=cfg.lora.merge)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from accelerate import PartialState
 
 from agents.distributed import gather_rollout, gather_rows, process_device, rank_rows, rollout_uniforms
 from agents.episodes import Episodes, make_episodes
+from agents.lora import AdapterOff, is_adapted, with_lora
 from agents.policy import chunked, gather_gold, iteration_generator, policy_forward, prompt_budget
 from agents.run import distributed_state
 from agents.sampler import Rollout
@@ -54,8 +55,11 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
                          f"rows does not split evenly over {dist.num_processes} processes")
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.policy)
-    policy = load_causal_lm(cfg.policy).to(device)  # dropout off: log-probs are reproducible
-    ref_policy = load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False) if reference else None
+    policy = with_lora(load_causal_lm(cfg.policy), cfg.lora, "CAUSAL_LM").to(device)  # dropout off
+    ref_policy = None  # with LoRA the policy with its adapter off (the base never trains), else a frozen copy
+    if reference:
+        ref_policy = (AdapterOff(policy) if is_adapted(policy)
+                      else load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False))
     mine = rank_rows(B, dist)
     episodes = make_episodes(cfg.task, num_envs=mine.stop - mine.start, tokenizer=tokenizer, reward=cfg.reward,
                              reward_label=cfg.reward_label, device=device, prompts=cfg.prompts,
@@ -65,7 +69,7 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
     rows = cfg.micro_batch_size or mb_size
     # speed: the frozen reference through the lean forward (GPT-2), its weights packed once for the run
     ref_forward = None if ref_policy is None else frozen_forward(ref_policy, pack_rows=rows * (P + T))
-    params = list(policy.parameters())
+    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for the whole step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal

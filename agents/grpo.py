@@ -13,7 +13,7 @@ TRL's GRPOTrainer. The advantage is tested in `agents/core.py::grpo_advantages`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from agents.core import clipped_policy_loss, grpo_advantages, kl_estimate, masked_mean
 from agents.distributed import rank_rows
 from agents.groups import sample_groups, setup_groups
+from agents.lora import LoRAConfig
 from agents.policy import (
     check_finite,
     gold_metrics,
@@ -92,6 +93,9 @@ class GRPOConfig:
     """Write a table of sample responses to samples.jsonl every this many iterations (and at the end)."""
     save_every: int = 10
     """Checkpoint every this many iterations; a rerun with the same config resumes from the last one."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapter on the policy; the reference is then the policy with its adapter disabled (no second copy). Rank 0
+    (the default) trains every weight."""
     seed: int = 0
     """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
     device: str | None = None
@@ -220,7 +224,7 @@ def grpo(cfg: GRPOConfig) -> Path:
             save_checkpoint(out_dir / "checkpoint", models, optimizer, scheduler, {"iteration": iteration + 1})
     logger.close()
 
-    return finish_run(out_dir, policy, tokenizer, {"iterations": cfg.iterations})
+    return finish_run(out_dir, policy, tokenizer, {"iterations": cfg.iterations}, merge=cfg.lora.merge)
 
 
 def main() -> None:

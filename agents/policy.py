@@ -15,6 +15,7 @@ import torch
 
 from agents.core import logprobs_and_entropy
 from agents.distributed import gather_rows, sum_gradients, sum_over_processes
+from agents.lora import is_adapted
 from agents.sampler import Rollout
 from textenv.models.lean import lean_forward
 from textenv.models.tokens import position_ids_from_mask, scale_logits
@@ -62,10 +63,11 @@ def value_forward(value_model, input_ids, attention_mask, P: int) -> torch.Tenso
     lean = lean_forward(value_model)
     if lean is not None:  # the lean forward computes only the T positions in its last block
         return lean.apply_head(lean.response_hidden(input_ids, attention_mask, P)).squeeze(-1)  # (B, T)
-    hidden = value_model.base_model(
+    model = value_model.get_base_model() if is_adapted(value_model) else value_model  # LoRA: the adapted classifier
+    hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     ).last_hidden_state  # (B, L, H)
-    return value_model.score(hidden[:, P - 1 : -1]).squeeze(-1)  # (B, T)
+    return model.score(hidden[:, P - 1 : -1]).squeeze(-1)  # (B, T)
 
 
 def chunked(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ with the same seed, up to float rounding (agents/distributed.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ from agents.distributed import (
     sum_over_processes,
 )
 from agents.episodes import make_episodes
+from agents.lora import AdapterOff, LoRAConfig, is_adapted, with_lora
 from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user catches, importable from here)
     NonFiniteError,
     check_finite,
@@ -151,6 +152,9 @@ class PPOConfig:
     """Write a table of sample responses to samples.jsonl every this many iterations (and at the end)."""
     save_every: int = 10
     """Checkpoint every this many iterations; a rerun with the same config resumes from the last one."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters on the policy and the value model; the reference is then the policy with its adapter disabled (no
+    second copy). Rank 0 (the default) trains every weight."""
     seed: int = 0
     """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
     device: str | None = None
@@ -243,8 +247,10 @@ def ppo(cfg: PPOConfig) -> Path:
 
     # --- models: policy (trained), reference (frozen SFT), value (trained), reward (with the envs) ---
     tokenizer = load_tokenizer(cfg.policy)
-    policy = load_causal_lm(cfg.policy).to(device)  # dropout off: log-probs are reproducible
-    ref_policy = load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False)
+    policy = with_lora(load_causal_lm(cfg.policy), cfg.lora, "CAUSAL_LM").to(device)  # dropout off
+    # the reference: with LoRA the policy with its adapter off (the base never trains), else a frozen second copy
+    ref_policy = (AdapterOff(policy) if is_adapted(policy)
+                  else load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False))
     B = cfg.num_envs
     mine = rank_rows(B, dist)  # N processes: this process's episodes, global rows [mine.start, mine.stop)
     # the embedded task's envs with the reward inside, or a multi-turn env id's; model kwargs reach only a model
@@ -258,8 +264,9 @@ def ppo(cfg: PPOConfig) -> Path:
         value_init = cfg.value_model or default_value_init(cfg, episodes.reward_fn, tokenizer)
         if dist.is_main_process:
             print(f"ppo: value model initialised from {value_init}")
-        value_model = load_sequence_classifier(value_init, num_labels=1).to(device)  # new head on a causal LM
+        value_model = load_sequence_classifier(value_init, num_labels=1)  # new head on a causal LM
         value_model.config.pad_token_id = tokenizer.pad_token_id
+        value_model = with_lora(value_model, cfg.lora, "SEQ_CLS").to(device)  # its head trains in full
     P, T, V = episodes.P, episodes.T, episodes.V  # prompt columns and steps at most (multi-turn: the stream's)
     mb_size = B // cfg.num_minibatches
     my_mb = rank_rows(mb_size, dist)  # N processes: this process's rows of every minibatch
@@ -268,7 +275,7 @@ def ppo(cfg: PPOConfig) -> Path:
     ref_forward = frozen_forward(ref_policy, pack_rows=rows * (P + T))
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 
-    params = list(policy.parameters()) + list(value_model.parameters())
+    params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for the whole step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal
@@ -430,7 +437,7 @@ def ppo(cfg: PPOConfig) -> Path:
     logger.close()
     # the value model is kept beside the policy: a further PPO run can start from it (--value-model)
     return finish_run(out_dir, policy, tokenizer, {"iterations": cfg.iterations, "final_kl_coef": kl_ctl.value},
-                      extra_models={"value_model": value_model})
+                      extra_models={"value_model": value_model}, merge=cfg.lora.merge)
 
 
 def load_ptx_blocks(cfg: PPOConfig, tokenizer) -> torch.Tensor:

@@ -41,6 +41,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from agents.core import ranking_loss, ranking_pairs
 from agents.data import batch_indices
 from agents.episodes import episode_prompts
+from agents.lora import LoRAConfig, is_adapted, merged_copy, with_lora
 from agents.preferences import load_preferences, sample_responses
 from agents.run import (
     RunLogger,
@@ -57,7 +58,8 @@ from agents.run import (
     start_run,
 )
 from rewards.hf import SequenceClassifierReward, reward_model_text, reward_shift
-from textenv.models import bf16_is_fast, disable_dropout
+from textenv.models import bf16_is_fast, disable_dropout, load_sequence_classifier
+from textenv.models.loading import is_adapter_folder
 from textenv.models.tokens import pad_rows, position_ids_from_mask
 from textenv.tokenizer import load_tokenizer
 
@@ -113,6 +115,8 @@ class RMConfig:
     """Held-out loss and accuracy every this many steps (and at the end)."""
     save_every: int = 100
     """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapter on the reward model's trunk (its score head trains in full); rank 0 (the default) trains all."""
     seed: int = 0
     """Seed for the head's initialisation, the held-out split, the data order and the fresh samples."""
     overwrite: bool = False
@@ -255,7 +259,12 @@ def split_rows(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[
 
 
 def load_rm_init(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """`name_or_path` with a scalar head (a fresh one unless it already is a 1-label classifier), dropout off."""
+    """`name_or_path` with a scalar head (a fresh one unless it already is a 1-label classifier), dropout off. A
+    PEFT adapter folder (a LoRA SFT run's model/) is its base with the adapter merged in."""
+    if is_adapter_folder(name_or_path):
+        model = load_sequence_classifier(name_or_path, num_labels=1)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
     model = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     return disable_dropout(model)
@@ -278,7 +287,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
     prefs = load_preferences(cfg.data)
     train_rows, eval_rows = split_rows(prefs.rows, cfg.eval_fraction, cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    model = load_rm_init(cfg.model, tokenizer)
+    model = with_lora(load_rm_init(cfg.model, tokenizer), cfg.lora, "SEQ_CLS")  # rank 0: the model itself
     model.train()
     max_length = cfg.max_length or min(tokenizer.model_max_length, model.config.max_position_embeddings)
     # tokenized once: row b's responses, each a token-id list
@@ -348,6 +357,11 @@ def train_reward_model(cfg: RMConfig) -> Path:
     logger.close()
     train_time += time.time() - t_loop - eval_time
     model = accelerator.unwrap_model(model)
+    # a LoRA RM is merged before its normalisation is folded in: model/ is the plain, normalised model the RL stages
+    # read, adapter/ the trained adapter (its base's head unnormalised)
+    adapter = model if is_adapted(model) else None
+    if adapter is not None:
+        model = merged_copy(adapter)
 
     # Normalise on reference responses: the SFT samples the comparisons were made of. Each process scores every
     # num_processes-th of them; all processes get all the scores (in process order: the same everywhere).
@@ -376,7 +390,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
                                       cfg.score_batch_size)
             summary.update({f"fresh_{k}": v for k, v in fresh.items()})
         summary.update(wall_time_s=time.time() - t_start)
-    final = finish_run(out_dir, model, tokenizer, summary)
+    final = finish_run(out_dir, model, tokenizer, summary, extra_models={"adapter": adapter} if adapter else None)
     if is_main:
         print(json.dumps({**summary, "model": str(final)}))
     return final

@@ -44,6 +44,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedModel
 
+from agents.lora import is_adapted, merged_copy
+
 
 def multi_cpu() -> bool:
     """True when this is one of several processes (torchrun and accelerate launch set WORLD_SIZE) and there is no CUDA
@@ -90,15 +92,20 @@ def start_run(cfg, stage: str, result: str = "model") -> tuple[Path, bool]:
     return out_dir, complete
 
 
-def finish_run(out_dir: Path, model, tokenizer, summary: dict, extra_models: dict | None = None) -> Path:
-    """Every stage's last call: `model` and `tokenizer` as out_dir/model (a save_pretrained folder), each of
+def finish_run(out_dir: Path, model, tokenizer, summary: dict, extra_models: dict | None = None,
+               merge: bool = False) -> Path:
+    """Every stage's last call: `model` and `tokenizer` as out_dir/model (a save_pretrained folder; a LoRA model's is
+    its PEFT adapter folder, and with `merge` out_dir/merged holds the base with the adapter merged in), each of
     `extra_models` {name: module} as out_dir/name, then summary.json, then the checkpoint is deleted. Every process
     calls it; the main one writes. Returns out_dir/model."""
     final = save_model_folder(model, tokenizer, out_dir / "model")
     dist = distributed_state()
     if dist.is_main_process:
+        if merge and is_adapted(extract_model_from_parallel(model)):
+            merged = merged_copy(extract_model_from_parallel(model))
+            _replace_folder(out_dir / "merged", lambda tmp: (_save_model(merged, tmp), tokenizer.save_pretrained(tmp)))
         for name, extra in (extra_models or {}).items():
-            _replace_folder(out_dir / name, lambda tmp, m=extra: _save_model(m, tmp))
+            _replace_folder(out_dir / name, lambda tmp, m=extra: _save_model(m, tmp, final=True))
         _write_json_atomic(out_dir / "summary.json", {**summary, "model": str(final)})
         shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
     dist.wait_for_everyone()  # the model and summary are on disk when a stage returns, in every process
@@ -235,7 +242,7 @@ def save_model_folder(model, tokenizer, folder: str | Path) -> Path:
     process writes; returns the folder."""
     folder = Path(folder)
     if distributed_state().is_main_process:
-        _replace_folder(folder, lambda tmp: (_save_model(model, tmp), tokenizer.save_pretrained(tmp)))
+        _replace_folder(folder, lambda tmp: (_save_model(model, tmp, final=True), tokenizer.save_pretrained(tmp)))
     return folder
 
 
@@ -354,11 +361,11 @@ def _set_rng_state(rng: dict) -> None:
             torch.cuda.set_rng_state(torch.tensor(state, dtype=torch.uint8), i)
 
 
-def _save_model(model, folder: Path) -> None:
+def _save_model(model, folder: Path, final: bool = False) -> None:
     model = extract_model_from_parallel(model)
-    if isinstance(model, PreTrainedModel):
-        model.save_pretrained(folder)  # safetensors + config: plain transformers can load it
-    else:  # a bare module, e.g. PPO's value head on the policy trunk
+    if isinstance(model, PreTrainedModel) or (final and is_adapted(model)):
+        model.save_pretrained(folder)  # safetensors + config (a LoRA model: its adapter): transformers/peft load it
+    else:  # a bare module, e.g. PPO's value head on the policy trunk; a LoRA model's checkpoint (base + adapter)
         folder.mkdir(parents=True, exist_ok=True)
         save_model(model, str(folder / "model.safetensors"))
 

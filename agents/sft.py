@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from agents.core import IGNORE, sft_loss
 from agents.data import batch_indices, collate, encode_conversation, encode_pair, load_pairs
 from agents.episodes import is_multi_turn, turn_demonstrations
+from agents.lora import LoRAConfig, with_lora
 from agents.run import (
     RunLogger,
     adamw,
@@ -107,6 +108,8 @@ class SFTConfig:
     """Validation batches per periodic evaluation."""
     save_every: int = 100
     """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapter (--lora.rank 8, ...): train an adapter instead of every weight; rank 0 (the default) trains all."""
     seed: int = 0
     """Seed for the data order."""
     overwrite: bool = False
@@ -189,7 +192,7 @@ def sft(cfg: SFTConfig) -> Path:
         raise ValueError(f"only {len(train)} training demonstrations, fewer than batch_size={cfg.batch_size}")
     max_steps = cfg.max_steps or max(1, round(cfg.epochs * (len(train) // cfg.batch_size)))
 
-    model = load_causal_lm(cfg.model)  # dropout off
+    model = with_lora(load_causal_lm(cfg.model), cfg.lora, "CAUSAL_LM")  # dropout off; rank 0: the model itself
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, fused=accelerator.device.type in ("cpu", "cuda"))
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours (see pretrain.py)
@@ -264,7 +267,7 @@ def sft(cfg: SFTConfig) -> Path:
         "train_demonstrations": len(train),
         "valid_loss": valid_loss,
         "valid_perplexity": math.exp(valid_loss),
-    })
+    }, merge=cfg.lora.merge)
 
 
 if __name__ == "__main__":

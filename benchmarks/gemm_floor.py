@@ -14,8 +14,9 @@ bounds the speed-up any other such trainer could have:
     python -m benchmarks.gemm_floor --epochs 4 --threads 2
 
 The GEMMs are a block's four linears (GPT-2: qkv, attention out, fc, mlp out; Llama, `--arch llama`: the fused qkv
-with half the heads as key/value heads, attention out, the fused gate/up, down) and the tied LM head. The attention products (about 4% of the
-FLOPs here) are left out too, which keeps the floor a lower bound whatever attention kernel one uses.
+with half the heads as key/value heads, attention out, the fused gate/up, down) and the tied LM head. The
+attention products (about 4% of the FLOPs here) are left out too, which keeps the floor a lower bound whatever
+attention kernel one uses.
 Generation runs the LM head on one position per row and step, the scoring forwards on the T response positions
 only (as `agents.policy.policy_forward` does). Token counts assume every response runs the full T tokens.
 Other kernels can beat `torch.mm` at some shapes: oneDNN's prepacked linear, which our decoder uses

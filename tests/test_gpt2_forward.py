@@ -1,4 +1,5 @@
-"""The lean GPT-2 forward (textenv/models/lean.py over gpt2.py's trunk) against HF's: logits, scores and gradients at the real positions."""
+"""The lean forward over GPT-2's trunk (textenv/models/lean.py, gpt2.py) against HF's: logits, scores and gradients
+at the real positions."""
 
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("textenv", "rewards", "agents", "benchmarks")
 TRAINERS = {"agents.pretrain", "agents.sft", "agents.comparisons", "agents.reward_model", "agents.ppo", "agents.grpo",
             "agents.rloo", "agents.dpo", "agents.sb3_lm"}
-SHARED = {"agents", "agents.core", "agents.run", "agents.data", "agents.sampler", "agents.distributed", "agents.policy",
-          "agents.preferences", "agents.groups", "agents.best_of_n", "agents.report", "agents.evaluate",
-          "agents.episodes"}
+SHARED = {"agents", "agents.core", "agents.lora", "agents.run", "agents.data", "agents.sampler", "agents.distributed",
+          "agents.policy", "agents.preferences", "agents.groups", "agents.best_of_n", "agents.report",
+          "agents.evaluate", "agents.episodes"}
 TOP = {"agents.pipeline", "agents.cli"}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_gpt2_forward import PAD, assert_same_gradients, batch, grouped_batch, hf_logits
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -26,8 +27,6 @@ from textenv.models.decoding import HFDecoder, make_decoder
 from textenv.models.lean import LeanDecoder, LeanForward, fast_path, lean_forward
 from textenv.models.llama import LlamaTrunk
 from textenv.models.tokens import position_ids_from_mask
-
-from test_gpt2_forward import PAD, assert_same_gradients, batch, grouped_batch, hf_logits
 
 SIZE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)

@@ -90,3 +90,21 @@ def test_a_pipeline_killed_in_sft_and_rerun_evaluates_as_the_uninterrupted_one(r
     main(command[3:])  # the rerun: the same command, in this process
     resumed = (out / "eval.json").read_text().replace(str(out), "RUN")
     assert resumed == (run / "eval.json").read_text().replace(str(run), "RUN")
+
+
+def test_the_tiny_pipeline_on_a_llama_model_with_lora_stages(tmp_path):
+    """`--arch llama` runs the whole recipe on a Llama-style model built from config (the RM keeps the shift its
+    bias-free head cannot carry in its config), and a stage's LoRA settings pass through: SFT and PPO write PEFT
+    adapter folders that the next stages and the evaluation read."""
+    from rewards.hf import reward_shift
+
+    out = tmp_path / "run"
+    main(["pipeline", "--preset", "tiny", "--arch", "llama", "--out-dir", str(out), "--sft.lora.rank", "4",
+          "--ppo.lora.rank", "4"])
+    assert AutoModelForCausalLM.from_pretrained(out / "pretrain" / "model").config.model_type == "llama"
+    for stage in ("sft", "ppo"):
+        assert (out / stage / "model" / "adapter_config.json").exists(), stage
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "rm" / "model")
+    assert rm.config.model_type == "llama" and reward_shift(rm.config) != 0.0
+    evals = json.loads((out / "eval.json").read_text())
+    assert set(evals) == {"pretrained (few-shot)", "SFT", "PPO"}

@@ -54,7 +54,7 @@ def run_here(stage: str, argv: list[str]) -> None:
     module = importlib.import_module(f"agents.{stage}")
     config, fn = {"pretrain": ("PretrainConfig", "pretrain"), "sft": ("SFTConfig", "sft"),
                   "reward_model": ("RMConfig", "train_reward_model"), "dpo": ("DPOConfig", "dpo"),
-                  "grpo": ("GRPOConfig", "grpo"), "rloo": ("RLOOConfig", "rloo")}[stage]
+                  "grpo": ("GRPOConfig", "grpo"), "rloo": ("RLOOConfig", "rloo"), "ppo": ("PPOConfig", "ppo")}[stage]
     getattr(module, fn)(cli(getattr(module, config), argv))
 
 
@@ -81,9 +81,11 @@ def rows(path) -> list[dict]:
             for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward_model", "dpo", "grpo", "rloo"])
-def test_sigkill_then_rerun_equals_the_uninterrupted_run(tiny_run, tmp_path, stage):
-    args = stage_args(stage, tiny_run, tmp_path)
+@pytest.mark.parametrize("stage,lora", [("pretrain", False), ("sft", False), ("reward_model", False), ("dpo", False),
+                                        ("grpo", False), ("rloo", False), ("sft", True), ("grpo", True)])
+def test_sigkill_then_rerun_equals_the_uninterrupted_run(tiny_run, tmp_path, stage, lora):
+    """With LoRA (rank 4) too: the checkpoint holds the adapter and its optimizer state, model/ the adapter."""
+    args = stage_args(stage, tiny_run, tmp_path) + (["--lora.rank", "4"] if lora else [])
     command = [sys.executable, "-m", f"agents.{stage}", *args]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     # the killed run is a process of its own; the uninterrupted run and the rerun are this one's, as in
@@ -91,7 +93,8 @@ def test_sigkill_then_rerun_equals_the_uninterrupted_run(tiny_run, tmp_path, sta
     run_here(stage, [*args, "--out-dir", str(straight)])
     kill_after_checkpoint([*command, "--out-dir", str(killed)], killed)
     run_here(stage, [*args, "--out-dir", str(killed)])
-    a, b = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = load_file(straight / "model" / weights), load_file(killed / "model" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for name in ("metrics.jsonl", "samples.jsonl"):
         assert rows(killed / name) == rows(straight / name), name

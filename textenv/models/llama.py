@@ -96,7 +96,8 @@ class Layer:
         a, m = block.self_attn, block.mlp
         self.ln_1, self.ln_2 = block.input_layernorm.weight, block.post_attention_layernorm.weight
         self.eps = block.input_layernorm.variance_epsilon
-        self.n_head, self.n_kv_head, self.head_dim = a.config.num_attention_heads, a.config.num_key_value_heads, a.head_dim
+        self.n_head, self.n_kv_head = a.config.num_attention_heads, a.config.num_key_value_heads
+        self.head_dim = a.head_dim
         self.q_norm, self.k_norm = (a.q_norm.weight, a.k_norm.weight) if qk_norm else (None, None)
         self.fused = fused
         if fused:

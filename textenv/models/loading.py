@@ -6,6 +6,7 @@ anything we write loads with `AutoModelForCausalLM.from_pretrained` and anything
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,8 +44,8 @@ def preset_config(preset: str, tokenizer: PreTrainedTokenizerBase, arch: str = "
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
-    special = dict(bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    special = dict(bos_token_id=bos, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     dims = PRESETS[preset]
     if arch == "llama":
         width, heads = dims["n_embd"], dims["n_head"]
@@ -103,13 +104,40 @@ def check_source(name_or_path: str | Path, what: str) -> str:
     return text
 
 
+def is_adapter_folder(source: str) -> bool:
+    """Whether `source` is a local PEFT adapter folder (adapter_config.json, naming its base model)."""
+    return (Path(source) / "adapter_config.json").is_file()
+
+
+def load_merged(source: str, auto_class, **kwargs) -> PreTrainedModel:
+    """A PEFT adapter folder's base, loaded as `auto_class` (`AutoModelForCausalLM`, or
+    `AutoModelForSequenceClassification` with `num_labels`), with the adapter merged in: a plain model. A causal
+    LM's adapter merges into its base's trunk under a new scalar head too (a LoRA SFT policy as the reward model's
+    or value model's start); a classifier's adapter brings its trained head."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(source)
+    model = auto_class.from_pretrained(check_source(config.base_model_name_or_path,
+                                                    f"the base model of adapter {source!r}"), **kwargs)
+    if config.task_type == "CAUSAL_LM" and auto_class is not AutoModelForCausalLM:
+        config.task_type = None  # only the trunk's adapter is merged; the task-specific wrapper would want an LM head
+    with warnings.catch_warnings():  # peft asks transformers a deprecated property (is_gradient_checkpointing)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        merged = PeftModel.from_pretrained(model, source, config=config).merge_and_unload()
+    return merged.requires_grad_(True)  # peft froze the base for inference; a loaded model trains like any other
+
+
 def load_causal_lm(
     name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> PreTrainedModel:
-    """Any Hugging Face causal LM, by hub id or local folder, with dropout off."""
-    model = AutoModelForCausalLM.from_pretrained(
-        check_source(name_or_path, "causal LM"), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
-    )
+    """Any Hugging Face causal LM, by hub id or local folder, with dropout off. A PEFT adapter folder (a LoRA run's
+    model/) loads as its base with the adapter merged in: a plain model, as if saved merged."""
+    source = check_source(name_or_path, "causal LM")
+    if is_adapter_folder(source):
+        model = load_merged(source, AutoModelForCausalLM, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None)
     return fuse_gelu(disable_dropout(model))
 
 
@@ -122,10 +150,15 @@ def load_sequence_classifier(
 ) -> PreTrainedModel:
     """Any Hugging Face sequence-classification model (a reward model), by hub id or local folder, dropout off.
 
-    `num_labels=1` turns a causal LM folder into a scalar model with a new head (a reward or value model).
+    `num_labels=1` turns a causal LM folder into a scalar model with a new head (a reward or value model). A PEFT
+    adapter folder loads merged, as in `load_causal_lm`.
     """
     extra = {} if num_labels is None else {"num_labels": num_labels}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        check_source(name_or_path, "sequence classifier"), dtype=dtype, trust_remote_code=trust_remote_code, **extra
-    )
+    source = check_source(name_or_path, "sequence classifier")
+    if is_adapter_folder(source):
+        model = load_merged(source, AutoModelForSequenceClassification, dtype=dtype,
+                            trust_remote_code=trust_remote_code, **extra)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype,
+                                                                   trust_remote_code=trust_remote_code, **extra)
     return fuse_gelu(disable_dropout(model))

@@ -1,0 +1,129 @@
+"""LoRA through peft in the trainers (agents/lora.py): a PEFT policy's log-probs are its merged model's and with the
+adapter off the base's; the adapter starts at zero, so the first rollout's KL to the reference is 0; training
+changes every adapter parameter (and a classifier's head) and no base parameter; the adapter folder loads with
+plain peft and equals the merged folder; bad settings are named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from agents.lora import AdapterOff, LoRAConfig, merged_copy, with_lora
+from agents.policy import policy_forward
+from textenv.models import build_model, load_causal_lm, load_sequence_classifier
+from textenv.models.tokens import pad_rows
+
+# a tiny random policy rarely ends with EOS: without the missing-EOS penalty the length reward varies in a group
+RL = ["--reward", "tests.conftest:length_reward", "--max-new-tokens", "6", "--iterations", "2", "--device", "cpu",
+      "--missing-eos-penalty", "None", "--lora.rank", "4", "--lora.merge"]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def base_folder(request, tmp_path_factory):
+    from textenv.embedded import default_tokenizer
+
+    folder = tmp_path_factory.mktemp(request.param)
+    tok = default_tokenizer()
+    build_model("tiny", tok, seed=0, arch=request.param).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def trained_adapter(folder):
+    """A LoRA policy on `folder` whose adapter is not zero, as after training."""
+    model = with_lora(load_causal_lm(folder), LoRAConfig(rank=4), "CAUSAL_LM")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def test_peft_logprobs_are_the_merged_models_and_adapter_off_is_the_base(base_folder):
+    ids, mask = pad_rows([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16]], 0, side="left")  # (2, 7), one left-padded
+    P = 3
+    real = mask[:, P:].bool()
+    lora = trained_adapter(base_folder)
+    with torch.no_grad():
+        got = policy_forward(lora, ids, mask, P, 0.7)[0]  # the HF forward through peft's layers
+        merged = policy_forward(merged_copy(lora), ids, mask, P, 0.7)[0]  # a plain model: the lean forward
+        off = policy_forward(AdapterOff(lora), ids, mask, P, 0.7)[0]
+        base = policy_forward(load_causal_lm(base_folder), ids, mask, P, 0.7)[0]
+    torch.testing.assert_close(got[real], merged[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(off[real], base[real], atol=1e-5, rtol=1e-5)
+    assert (got[real] - base[real]).abs().max() > 1e-3  # the adapter changes the policy
+
+
+def test_an_adapter_folder_loads_merged_everywhere(base_folder, tmp_path):
+    """`load_causal_lm` reads a LoRA run's model/ as its merged model; `load_sequence_classifier` puts the merged
+    trunk under a new scalar head (a LoRA SFT policy as the RM's start)."""
+    lora = trained_adapter(base_folder)
+    lora.save_pretrained(tmp_path)
+    ids = torch.randint(3, 90, (2, 6))
+    loaded = load_causal_lm(tmp_path)
+    assert all(p.requires_grad for p in loaded.parameters())  # trainable, as a model from from_pretrained
+    with torch.no_grad():
+        want = merged_copy(lora)(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        classifier = load_sequence_classifier(tmp_path, num_labels=1)
+        trunk = classifier.base_model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(trunk, merged_copy(lora).base_model(input_ids=ids).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")  # plain peft's, loading model/ below
+@pytest.mark.parametrize("trainer", ["ppo", "grpo"])
+def test_rl_with_lora_starts_at_the_reference_and_trains_only_the_adapter(policy_folder, tmp_path, monkeypatch,
+                                                                         trainer):
+    """PPO (policy and value model) and GRPO with LoRA: the first rollout's KL is 0; every adapter parameter and the
+    value model's head change, no base parameter does; model/ loads with plain peft and equals merged/."""
+    import importlib
+
+    from peft import AutoPeftModelForCausalLM
+
+    from tests.test_resume_every_stage import run_here
+
+    module = importlib.import_module("agents.ppo" if trainer == "ppo" else "agents.groups")
+    made, real = [], module.with_lora
+
+    def recording(model, cfg, task_type):  # what the trainer builds, and its parameters as built
+        model = real(model, cfg, task_type)
+        made.append((task_type, model, {n: p.detach().clone() for n, p in model.named_parameters()}))
+        return model
+
+    monkeypatch.setattr(module, "with_lora", recording)
+    sizes = ["--num-envs", "8"] if trainer == "ppo" else ["--num-prompts", "2", "--num-generations", "4",
+                                                          "--update-epochs", "2"]
+    out = tmp_path / "run"
+    run_here(trainer, ["--policy", str(policy_folder), *RL, *sizes, "--out-dir", str(out)])
+    assert [t for t, _, _ in made] == (["CAUSAL_LM", "SEQ_CLS"] if trainer == "ppo" else ["CAUSAL_LM"])
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["objective/kl"]) < 1e-5  # B = 0 at the start: the policy is the reference
+    for task_type, model, before in made:
+        adapter = [n for n, _ in model.named_parameters() if "lora_" in n or "modules_to_save" in n]
+        assert adapter and all(before[n].shape for n in adapter)
+        for name, p in model.named_parameters():
+            if name in adapter:
+                assert not torch.equal(p, before[name]), f"{task_type} {name} did not train"
+            else:
+                assert torch.equal(p, before[name]), f"{task_type} base parameter {name} changed"
+    ids = torch.randint(3, 90, (2, 6))
+    with torch.no_grad():
+        plain_peft = AutoPeftModelForCausalLM.from_pretrained(out / "model")(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged")(input_ids=ids).logits
+    torch.testing.assert_close(plain_peft, merged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(rank=-1), "rank"), (dict(rank=2.5), "rank"), (dict(alpha=0), "alpha"),
+                                       (dict(dropout=1.0), "dropout"), (dict(target_modules=[]), "target_modules")])
+def test_bad_lora_settings_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        LoRAConfig(**bad)
+
+
+def test_a_target_module_the_model_lacks_is_named(policy_folder):
+    with pytest.raises(ValueError, match="q_proj"):
+        with_lora(load_causal_lm(policy_folder), LoRAConfig(rank=2, target_modules=["q_proj"]), "CAUSAL_LM")
