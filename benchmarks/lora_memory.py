@@ -6,8 +6,9 @@ adapters on the policy and the value model; the reference is the policy with its
 copies and the adapters' small state. The gap shows where the weights dominate the process, so the model here is a
 Llama of width 1024 and 8 layers (97M parameters, 388 MB in fp32; `--width`, `--layers`), randomly initialised
 (built once, in the parent process), in the anchor's batch shapes (32 episodes, 16-token prompts, 48-token
-responses, 1 epoch, 1 minibatch, micro-batches of 8). Each run is its own process, so peak RSS is its own; the runs
-alternate full, LoRA, full, ... so drift on a noisy VM hits both alike.
+responses, 1 epoch), with PPO's default 4 minibatches and micro-batches of 8 (`--num-minibatches 1` for the anchor's
+one). Each run is its own process, so peak RSS is its own; the runs alternate full, LoRA, full, ... so drift on a
+noisy VM hits both alike.
 
     python -m benchmarks.lora_memory                   # rank 8, 2 measured iterations after 1 warm-up
     python -m benchmarks.lora_memory --rank 16 --repeats 2
@@ -67,7 +68,8 @@ def worker(args) -> dict:
     try:
         iterations = 1 + args.iterations
         ppo(PPOConfig(policy=str(work / "policy"), reward=str(work / "rm"), out_dir=str(run),
-                      prompts=str(work / "prompts.txt"), num_envs=32, num_minibatches=1, update_epochs=1,
+                      prompts=str(work / "prompts.txt"), num_envs=32, num_minibatches=args.num_minibatches,
+                      update_epochs=1,
                       micro_batch_size=8, max_new_tokens=48, temperature=1.0, missing_eos_penalty=None,
                       iterations=iterations, save_every=iterations, sample_every=iterations, device="cpu",
                       lora=LoRAConfig(rank=args.rank)))
@@ -84,6 +86,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=2, help="measured iterations, after one warm-up")
+    parser.add_argument("--num-minibatches", type=int, default=4,
+                        help="PPO's default; 1 is the anchor's speed setting, where the first minibatch's value "
+                             "forward, kept with its graph for the update, spans the whole batch")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -99,7 +104,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for side, rank in (("full", 0), ("lora", args.rank)):
                 cmd = [sys.executable, "-m", "benchmarks.lora_memory", "--worker", "--work", str(work),
-                       "--rank", str(rank), "--iterations", str(args.iterations), "--threads", str(args.threads)]
+                       "--rank", str(rank), "--iterations", str(args.iterations), "--threads", str(args.threads),
+                       "--num-minibatches", str(args.num_minibatches)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
