@@ -67,7 +67,8 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
     P, T = episodes.P, episodes.T
     mb_size = B // cfg.num_minibatches
     rows = cfg.micro_batch_size or mb_size
-    # speed: the frozen reference through the lean forward (GPT-2), its weights packed once for the run
+    # speed: the frozen reference through the lean forward (GPT-2, the Llama family), its weights packed once for
+    # the run (a LoRA policy's adapter-off reference runs its HF forward)
     ref_forward = None if ref_policy is None else frozen_forward(ref_policy, pack_rows=rows * (P + T))
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,

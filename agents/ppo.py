@@ -271,7 +271,8 @@ def ppo(cfg: PPOConfig) -> Path:
     mb_size = B // cfg.num_minibatches
     my_mb = rank_rows(mb_size, dist)  # N processes: this process's rows of every minibatch
     rows = cfg.micro_batch_size or B
-    # speed: the frozen reference through the lean forward (GPT-2) on weights packed once for the run
+    # speed: the frozen reference through the lean forward (GPT-2, the Llama family) on weights packed once for the
+    # run (a LoRA policy's adapter-off reference runs its HF forward)
     ref_forward = frozen_forward(ref_policy, pack_rows=rows * (P + T))
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 
