@@ -17,9 +17,11 @@ that moment would (the report then says "stopped": true).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
+import typing
 from pathlib import Path
 
 import torch
@@ -68,6 +70,13 @@ def optimizer_sha256(optimizer) -> str:
     return h.hexdigest()
 
 
+def nested(config_cls, config: dict) -> dict:
+    """`config` (a config's `dataclasses.asdict`, through JSON) with its nested configs (`lora`) rebuilt."""
+    hints = typing.get_type_hints(config_cls)
+    return {k: hints[k](**v) if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) else v
+            for k, v in config.items()}
+
+
 def run_job(stage: str, config: dict, report_dir: str, stop_after_save: bool) -> None:
     module, config_cls, run, step_key = STAGES[stage]
     seen = {}
@@ -85,7 +94,7 @@ def run_job(stage: str, config: dict, report_dir: str, stop_after_save: bool) ->
     module.load_checkpoint = spy_load
     module.save_checkpoint = save_then_stop if stop_after_save else real_save
     try:
-        run(config_cls(**config))
+        run(config_cls(**nested(config_cls, config)))
         stopped = False
     except Stop:
         stopped = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,6 +16,7 @@ from agents.lora import AdapterOff, LoRAConfig, merged_copy, with_lora
 from agents.policy import policy_forward
 from textenv.models import build_model, load_causal_lm, load_sequence_classifier
 from textenv.models.tokens import pad_rows
+from textenv.tokenizer import load_tokenizer
 
 # a tiny random policy rarely ends with EOS: without the missing-EOS penalty the length reward varies in a group
 RL = ["--reward", "tests.conftest:length_reward", "--max-new-tokens", "6", "--iterations", "2", "--device", "cpu",
@@ -127,3 +129,30 @@ def test_bad_lora_settings_are_named(bad, match):
 def test_a_target_module_the_model_lacks_is_named(policy_folder):
     with pytest.raises(ValueError, match="q_proj"):
         with_lora(load_causal_lm(policy_folder), LoRAConfig(rank=2, target_modules=["q_proj"]), "CAUSAL_LM")
+
+
+def test_a_lora_reward_model_writes_its_merged_normalised_model_and_its_adapter(tiny_run, tmp_path):
+    """The RM's model/ is the plain model the RL stages read (the adapter merged, then the normalisation folded in:
+    mean 0 on the reference responses); adapter/ is the trained adapter, which plain peft loads."""
+    from peft import PeftModel
+
+    from agents.preferences import load_preferences
+    from agents.reward_model import score_texts
+    from tests.test_resume_every_stage import run_here
+
+    out = tmp_path / "rm"
+    run_here("reward_model", ["--data", str(tiny_run / "comparisons"), "--model", str(tiny_run / "sft" / "model"),
+                              "--batch-size", "4", "--n-eval-samples", "4", "--n-reference", "64", "--lora.rank", "4",
+                              "--out-dir", str(out)])
+    assert (out / "model" / "model.safetensors").exists() and (out / "adapter" / "adapter_config.json").exists()
+    model = load_sequence_classifier(out / "model")
+    summary = json.loads((out / "summary.json").read_text())
+    rows = load_preferences(tiny_run / "comparisons").rows  # as the stage reads them
+    pairs = [(r["prompt"], x) for r in rows for x in r["responses"]]
+    pick = np.random.default_rng(0).permutation(len(pairs))[:64]  # the stage's reference responses (seed 0)
+    tok = load_tokenizer(out / "model")
+    scores = score_texts(model, tok, [pairs[i][0] for i in pick], [pairs[i][1] for i in pick], batch_size=16,
+                         max_length=256)
+    assert abs(scores.mean().item()) < 1e-4 and summary["normalization"]["mean"] != 0.0
+    base = load_sequence_classifier(tiny_run / "sft" / "model", num_labels=1)
+    assert isinstance(PeftModel.from_pretrained(base, out / "adapter"), PeftModel)
