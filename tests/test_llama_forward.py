@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_gpt2_forward import PAD, assert_same_gradients, batch, grouped_batch, hf_logits
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -23,6 +22,7 @@ from transformers import (
     Qwen3ForSequenceClassification,
 )
 
+from tests.test_gpt2_forward import PAD, assert_same_gradients, batch, grouped_batch, hf_logits
 from textenv.models.decoding import HFDecoder, make_decoder
 from textenv.models.lean import LeanDecoder, LeanForward, fast_path, lean_forward
 from textenv.models.llama import LlamaTrunk

@@ -42,8 +42,6 @@ from textenv.models.llama import LlamaTrunk, llama_fast_path
 from textenv.models.onednn import Affine, PackedLinear
 from textenv.models.tokens import position_ids_from_mask
 
-Trunk = GPT2Trunk | LlamaTrunk
-
 
 def fast_path(model: PreTrainedModel) -> type[GPT2Trunk] | type[LlamaTrunk] | None:
     """The trunk that computes exactly what this model's HF forward computes, or None (use the HF forward)."""
