@@ -16,7 +16,7 @@ from accelerate import PartialState
 
 from agents.distributed import gather_rollout, gather_rows, process_device, rank_rows, rollout_uniforms
 from agents.episodes import Episodes, make_episodes
-from agents.lora import AdapterOff, is_adapted, with_lora
+from agents.lora import reference_policy, with_lora
 from agents.policy import chunked, gather_gold, iteration_generator, policy_forward, prompt_budget
 from agents.run import distributed_state
 from agents.sampler import Rollout
@@ -56,10 +56,7 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.policy)
     policy = with_lora(load_causal_lm(cfg.policy), cfg.lora, "CAUSAL_LM").to(device)  # dropout off
-    ref_policy = None  # with LoRA the policy with its adapter off (the base never trains), else a frozen copy
-    if reference:
-        ref_policy = (AdapterOff(policy) if is_adapted(policy)
-                      else load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False))
+    ref_policy = reference_policy(policy, cfg.policy, device) if reference else None  # LoRA: adapter off
     mine = rank_rows(B, dist)
     episodes = make_episodes(cfg.task, num_envs=mine.stop - mine.start, tokenizer=tokenizer, reward=cfg.reward,
                              reward_label=cfg.reward_label, device=device, prompts=cfg.prompts,

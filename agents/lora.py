@@ -13,12 +13,14 @@ adapter_model.safetensors, the tokenizer) that `peft.AutoPeftModelForCausalLM` l
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
+
+from textenv.models import load_causal_lm
+from textenv.models.loading import quiet_peft
 
 
 @dataclass
@@ -60,8 +62,7 @@ def with_lora(model: PreTrainedModel, cfg: LoRAConfig, task_type: str):
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       task_type=task_type, fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D
     try:
-        with warnings.catch_warnings():  # peft asks transformers a deprecated property (is_gradient_checkpointing)
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with quiet_peft():
             return get_peft_model(model, lora)
     except ValueError as exc:  # e.g. a target module the model does not have
         raise ValueError(f"lora target_modules={cfg.target_modules!r} do not fit {type(model).__name__}: "
@@ -88,6 +89,14 @@ class AdapterOff:
     def __call__(self, **kwargs):
         with torch.no_grad(), self.model.disable_adapter():
             return self.model(**kwargs)
+
+
+def reference_policy(policy, source: str, device):
+    """The frozen reference for the KL: a LoRA policy with its adapter off (the base never trains), else a second
+    copy of `source` (the policy's folder), frozen."""
+    if is_adapted(policy):
+        return AdapterOff(policy)
+    return load_causal_lm(source).to(device).eval().requires_grad_(False)
 
 
 def merged_copy(model) -> PreTrainedModel:

@@ -48,7 +48,7 @@ from agents.distributed import (
     sum_over_processes,
 )
 from agents.episodes import make_episodes
-from agents.lora import AdapterOff, LoRAConfig, is_adapted, with_lora
+from agents.lora import LoRAConfig, reference_policy, with_lora
 from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user catches, importable from here)
     NonFiniteError,
     check_finite,
@@ -248,9 +248,7 @@ def ppo(cfg: PPOConfig) -> Path:
     # --- models: policy (trained), reference (frozen SFT), value (trained), reward (with the envs) ---
     tokenizer = load_tokenizer(cfg.policy)
     policy = with_lora(load_causal_lm(cfg.policy), cfg.lora, "CAUSAL_LM").to(device)  # dropout off
-    # the reference: with LoRA the policy with its adapter off (the base never trains), else a frozen second copy
-    ref_policy = (AdapterOff(policy) if is_adapted(policy)
-                  else load_causal_lm(cfg.policy).to(device).eval().requires_grad_(False))
+    ref_policy = reference_policy(policy, cfg.policy, device)  # LoRA: the policy with its adapter off
     B = cfg.num_envs
     mine = rank_rows(B, dist)  # N processes: this process's episodes, global rows [mine.start, mine.stop)
     # the embedded task's envs with the reward inside, or a multi-turn env id's; model kwargs reach only a model

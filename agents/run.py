@@ -101,8 +101,9 @@ def finish_run(out_dir: Path, model, tokenizer, summary: dict, extra_models: dic
     final = save_model_folder(model, tokenizer, out_dir / "model")
     dist = distributed_state()
     if dist.is_main_process:
-        if merge and is_adapted(extract_model_from_parallel(model)):
-            merged = merged_copy(extract_model_from_parallel(model))
+        trained = extract_model_from_parallel(model)
+        if merge and is_adapted(trained):
+            merged = merged_copy(trained)
             _replace_folder(out_dir / "merged", lambda tmp: (_save_model(merged, tmp), tokenizer.save_pretrained(tmp)))
         for name, extra in (extra_models or {}).items():
             _replace_folder(out_dir / name, lambda tmp, m=extra: _save_model(m, tmp, final=True))

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import agents.groups
 import agents.grpo
+import agents.lora
 import agents.rloo
 from agents.core import group_advantages, grpo_advantages, kl_estimate
 from agents.grpo import GRPOConfig, grpo
@@ -137,8 +138,9 @@ def test_grpo_smoke_run(policy_folder, tmp_path):
 
 def test_grpo_beta_zero_loads_no_reference(policy_folder, tmp_path, monkeypatch):
     loaded = []
-    real = agents.groups.load_causal_lm  # GRPO's and RLOO's setup loads the models
-    monkeypatch.setattr(agents.groups, "load_causal_lm", lambda path: loaded.append(path) or real(path))
+    real = agents.groups.load_causal_lm  # GRPO's and RLOO's setup loads the policy, agents.lora the reference
+    for module in (agents.groups, agents.lora):
+        monkeypatch.setattr(module, "load_causal_lm", lambda path: loaded.append(path) or real(path))
     grpo(tiny(GRPOConfig, policy_folder, tmp_path / "run", beta=0.0, iterations=1))
     assert loaded == [str(policy_folder)]  # the policy only
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())

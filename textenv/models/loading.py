@@ -6,6 +6,7 @@ anything we write loads with `AutoModelForCausalLM.from_pretrained` and anything
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -109,6 +110,15 @@ def is_adapter_folder(source: str) -> bool:
     return (Path(source) / "adapter_config.json").is_file()
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence the FutureWarning peft triggers by reading a deprecated transformers property
+    (`is_gradient_checkpointing`) whenever it wraps a model: the user can do nothing about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def load_merged(source: str, auto_class, **kwargs) -> PreTrainedModel:
     """A PEFT adapter folder's base, loaded as `auto_class` (`AutoModelForCausalLM`, or
     `AutoModelForSequenceClassification` with `num_labels`), with the adapter merged in: a plain model. A causal
@@ -121,8 +131,7 @@ def load_merged(source: str, auto_class, **kwargs) -> PreTrainedModel:
                                                     f"the base model of adapter {source!r}"), **kwargs)
     if config.task_type == "CAUSAL_LM" and auto_class is not AutoModelForCausalLM:
         config.task_type = None  # only the trunk's adapter is merged; the task-specific wrapper would want an LM head
-    with warnings.catch_warnings():  # peft asks transformers a deprecated property (is_gradient_checkpointing)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft():
         merged = PeftModel.from_pretrained(model, source, config=config).merge_and_unload()
     return merged.requires_grad_(True)  # peft froze the base for inference; a loaded model trains like any other
 
