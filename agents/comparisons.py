@@ -31,6 +31,7 @@ import numpy as np
 from agents.episodes import episode_prompts
 from agents.preferences import sample_responses
 from agents.run import cli, start_run, write_summary
+from textenv.chat import check_prompt_format
 
 
 @dataclass
@@ -55,6 +56,10 @@ class CollectConfig:
     """Policy sampling temperature."""
     prompts_per_batch: int = 16
     """Prompts per rollout; the vector env has prompts_per_batch * k sub-envs."""
+    prompt_format: str = "auto"
+    """How a str prompt reaches the policy: "chat" (a user message through its tokenizer's chat template, the episode
+    ending at the template's end-of-turn token), "text" (as it is), or "auto" ("chat" for an instruct checkpoint: a
+    chat template other than textenv's embedded one)."""
     seed: int = 0
     """Seeds the prompts, the sampling and the annotator."""
     device: str | None = None
@@ -63,6 +68,7 @@ class CollectConfig:
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
     def __post_init__(self):
+        check_prompt_format(self.prompt_format)
         for name in ("num_prompts", "prompts_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -112,7 +118,7 @@ def collect_comparisons(cfg: CollectConfig) -> Path:
     t_start = time.time()
     prompts = episode_prompts(cfg.task, "train", cfg.num_prompts, cfg.seed)  # multi-turn: episode seeds
     samples = sample_responses(cfg.policy, cfg.task, prompts, cfg.k, cfg.prompts_per_batch, cfg.temperature, cfg.seed,
-                               cfg.device)
+                               cfg.device, cfg.prompt_format)
     rng = np.random.default_rng(cfg.seed)  # the annotator's own stream
     rows, skipped = [], Counter()
     for prompt_index, (prompt, responses, gold) in enumerate(samples):

@@ -12,6 +12,7 @@ from agents.core import IGNORE
 from textenv.models.tokens import pad_rows
 from textenv.records import load_pairs, load_text_source  # noqa: F401  (the trainers' readers, re-exported)
 
+DEFAULT_PROMPT_TOKENS = 64  # SFT's prompt budget unless told, as the env's default (textenv.envsetup)
 VALID_EVERY_NTH_BLOCK = 100  # pretraining: 1% of the blocks, spread over the whole corpus
 
 
@@ -41,12 +42,33 @@ def pack_blocks(tokenizer, docs: list[str], seq_len: int) -> tuple[torch.Tensor,
     return blocks[~is_valid], blocks[is_valid]
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_prompt_tokens: int, max_response_tokens: int):
-    """(input ids, labels) of one demonstration: labels are IGNORE on the prompt, the response ids + EOS after."""
+def encode_pair(tokenizer, prompt: str, response: str, max_prompt_tokens: int, max_response_tokens: int,
+                end_token: int | None = None):
+    """(input ids, labels) of one demonstration: labels are IGNORE on the prompt, the response ids and the token that
+    ends the response after (`end_token`: the chat template's end-of-turn token for a rendered chat prompt, EOS
+    otherwise). `prompt` is the text the env shows the policy, tokenized as the env does."""
+    end_token = tokenizer.eos_token_id if end_token is None else end_token
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [end_token]
     response_ids = response_ids[:max_response_tokens]
     return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
+
+
+def encode_pairs(tokenizer, pairs: list[dict], max_prompt_tokens: int | None, max_response_tokens: int,
+                 prompt_format: str = "auto") -> list[tuple[list[int], list[int]]]:
+    """`encode_pair` of each {"prompt", "response"} record, the prompts rendered as the env renders them
+    (`textenv.prompts.render_prompts`: an instruct checkpoint's template wraps them, per `prompt_format`).
+    `max_prompt_tokens` None: the env's default rule, 64 grown to fit the template's renderings
+    (`textenv.prompts.fitted_budget`)."""
+    from textenv.prompts import fitted_budget, render_prompts
+
+    prompts = [d["prompt"] for d in pairs]
+    texts, end_token = render_prompts(prompts, tokenizer, prompt_format)
+    if max_prompt_tokens is None:
+        templated = end_token is not None and all(isinstance(p, str) for p in prompts)
+        max_prompt_tokens = fitted_budget(texts, tokenizer, DEFAULT_PROMPT_TOKENS, templated)
+    return [encode_pair(tokenizer, text, d["response"], max_prompt_tokens, max_response_tokens, end_token)
+            for text, d in zip(texts, pairs)]
 
 
 def encode_conversation(chat, messages: list[dict]) -> tuple[list[int], list[int]]:

@@ -87,11 +87,12 @@ def episode_prompts(task: str, split: str, n: int, seed: int = 0) -> list:
 
 
 def make_episodes(task: str, *, num_envs: int, tokenizer, reward: str | None, reward_label: str | None = None,
-                  device=None, prompts: str | None = None, max_new_tokens: int | None = None,
-                  max_prompt_tokens: int | None = None) -> Episodes:
+                  device=None, prompts: str | None = None, prompt_format: str = "auto",
+                  max_new_tokens: int | None = None, max_prompt_tokens: int | None = None) -> Episodes:
     """`num_envs` envs of `task` (an embedded task or a multi-turn env id) for `tokenizer`'s policy. `reward`: a
     reward `rewards.as_reward_fn` takes, "gold" for the task's gold scorer (multi-turn: the env's own rewards), or
-    None for no reward at all (single-turn scores 0; multi-turn: the env's own)."""
+    None for no reward at all (single-turn scores 0; multi-turn: the env's own). `prompt_format`: how str prompts
+    reach the policy (`textenv.TextGenEnv`'s argument)."""
     spec = multiturn_spec(task)
     proxy = None
     if reward is not None and reward != "gold":
@@ -101,7 +102,7 @@ def make_episodes(task: str, *, num_envs: int, tokenizer, reward: str | None, re
         reward_fn = t.gold if reward == "gold" else proxy or (lambda p, c: [0.0] * len(c))
         envs = TextGenVectorEnv(num_envs=num_envs, task=task, prompts=prompts, tokenizer=tokenizer,
                                 reward_fn=reward_fn, max_new_tokens=max_new_tokens,
-                                max_prompt_tokens=max_prompt_tokens)
+                                max_prompt_tokens=max_prompt_tokens, prompt_format=prompt_format)
         s = envs.setup
         return Episodes(envs, False, t if prompts is None else None, reward_fn, s.max_prompt_tokens, s.max_new_tokens,
                         s.vocab_size, len(s.prompts))
@@ -110,6 +111,9 @@ def make_episodes(task: str, *, num_envs: int, tokenizer, reward: str | None, re
         if value is not None:
             raise ValueError(f"{name}={value!r} applies to single-turn tasks; the multi-turn env {task!r} takes its "
                              "openings and limits (max_turns, max_turn_tokens, max_tokens) from its registration")
+    if prompt_format == "text":
+        raise ValueError(f"prompt_format='text' applies to single-turn tasks; the multi-turn env {task!r} speaks "
+                         "through the chat template")
     envs = [gym.make(task, tokenizer=tokenizer).unwrapped for _ in range(num_envs)]
     L = envs[0].max_tokens
     return Episodes(envs, True, None, proxy, L, L, envs[0].vocab_size, POOL)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from agents.core import IGNORE, kl_estimate, sft_loss
-from agents.data import collate, encode_pair
+from agents.data import collate, encode_pairs
 from agents.episodes import episode_prompts, is_multi_turn, make_episodes, turn_demonstrations
 from agents.policy import policy_forward
 from agents.sampler import rollout
@@ -38,6 +38,10 @@ class EvalConfig:
     few_shot: bool = False
     """Prompt with the task's few-shot document (for a pretrained-only model) and cut the answer at a newline. A
     multi-turn env has no such document: the model plays through the chat template as is (a zero-shot row)."""
+    prompt_format: str = "auto"
+    """How a str prompt reaches the policy: "chat" (a user message through its tokenizer's chat template), "text" (as
+    it is), or "auto" ("chat" for an instruct checkpoint: a chat template other than textenv's embedded one). The
+    few-shot document is always text."""
     split: str = "test"
     """Which prompts: train, valid or test."""
     num_prompts: int = 128
@@ -63,12 +67,12 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, examples: list, batch_size: int = 32) -> float:
+def perplexity(model, tokenizer, examples: list, batch_size: int = 32, prompt_format: str = "auto") -> float:
     """exp(mean NLL) of the demonstrations' trained tokens, encoded as SFT encodes them: (prompt, response) dicts
-    (the response's tokens and EOS, given the prompt), or (ids, labels) pairs (a multi-turn stream's agent tokens)."""
+    (the response's tokens and its end token, given the prompt as the env shows it: `agents.data.encode_pairs`), or
+    (ids, labels) pairs (a multi-turn stream's agent tokens)."""
     limit = model.config.max_position_embeddings
-    rows = [encode_pair(tokenizer, p["prompt"], p["response"], limit, limit) if isinstance(p, dict) else p
-            for p in examples]
+    rows = encode_pairs(tokenizer, examples, limit, limit, prompt_format) if isinstance(examples[0], dict) else examples
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
@@ -147,11 +151,12 @@ def evaluate_prompts(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> di
     T = cfg.max_new_tokens or task.max_new_tokens
     # few-shot documents are long: give them the model's whole context but the response budget
     P = (min(max(len(tokenizer(s)["input_ids"]) for s in shown), policy.config.max_position_embeddings - T)
-         if cfg.few_shot else task.max_prompt_tokens)
+         if cfg.few_shot else None)  # None: the task's, grown to fit a chat template's rendering
     B = min(cfg.batch_size, len(prompts))
     envs = TextGenVectorEnv(
-        num_envs=B, prompts=shown, tokenizer=tokenizer, reward_fn=lambda p, c: [0.0] * len(c),
-        max_prompt_tokens=P, max_new_tokens=T,
+        num_envs=B, task=None if cfg.few_shot else cfg.task, prompts=shown, tokenizer=tokenizer,
+        reward_fn=lambda p, c: [0.0] * len(c), max_prompt_tokens=P, max_new_tokens=T,
+        prompt_format="text" if cfg.few_shot else cfg.prompt_format,
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     responses, kls, eos = [], [], []
@@ -174,11 +179,13 @@ def evaluate_prompts(cfg: EvalConfig, policy, reference, proxy, tokenizer) -> di
         "gold_mean": float(np.mean(gold)),
         "gold_std": float(np.std(gold)),
         "eos_rate": float(np.mean(eos)),
-        "perplexity": perplexity(policy, tokenizer, task.demonstrations(cfg.split, n=min(256, cfg.num_prompts * 2))),
+        "perplexity": perplexity(policy, tokenizer, task.demonstrations(cfg.split, n=min(256, cfg.num_prompts * 2)),
+                                 prompt_format=cfg.prompt_format),
         "distinct_1": distinct_n(responses, 1),
         "distinct_2": distinct_n(responses, 2),
     }
-    return with_samples(result, proxy, prompts, responses, gold, kls)
+    seen = prompts if cfg.few_shot else envs.setup.prompts  # a proxy reads the prompt as PPO's env shows it
+    return with_samples(result, proxy, seen, responses, gold, kls)
 
 
 def with_samples(result: dict, proxy, prompts: list[str], responses: list[str], gold: list[float], kls: list[float],

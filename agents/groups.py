@@ -60,7 +60,8 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
     mine = rank_rows(B, dist)
     episodes = make_episodes(cfg.task, num_envs=mine.stop - mine.start, tokenizer=tokenizer, reward=cfg.reward,
                              reward_label=cfg.reward_label, device=device, prompts=cfg.prompts,
-                             max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=prompt_budget(cfg, tokenizer))
+                             prompt_format=cfg.prompt_format, max_new_tokens=cfg.max_new_tokens,
+                             max_prompt_tokens=prompt_budget(cfg, tokenizer))
     P, T = episodes.P, episodes.T
     mb_size = B // cfg.num_minibatches
     rows = cfg.micro_batch_size or mb_size

@@ -33,6 +33,7 @@ from agents.policy import (
     write_samples,
 )
 from agents.run import RunLogger, cli, finish_run, load_checkpoint, save_checkpoint, start_run
+from textenv.chat import check_prompt_format
 from textenv.models.tokens import check_temperature
 
 
@@ -50,6 +51,10 @@ class GRPOConfig:
     multi-turn env id (textenv/Calculator-v0, a user's 'module:Id'), whose own return is the gold."""
     prompts: str | None = None
     """Other prompts (a .jsonl/.csv/.parquet/.txt file or hub id) instead of the task's."""
+    prompt_format: str = "auto"
+    """How a str prompt reaches the policy: "chat" (a user message through its tokenizer's chat template, the episode
+    ending at the template's end-of-turn token), "text" (as it is), or "auto" ("chat" for an instruct checkpoint: a
+    chat template other than textenv's embedded one)."""
     reward_label: str | None = None
     """For a classifier reward with several labels: the label whose logit is the reward (e.g. POSITIVE)."""
     num_prompts: int = 16
@@ -104,6 +109,7 @@ class GRPOConfig:
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
     def __post_init__(self):
+        check_prompt_format(self.prompt_format)
         for name in ("num_prompts", "iterations", "update_epochs", "num_minibatches", "save_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

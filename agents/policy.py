@@ -91,12 +91,13 @@ def check_finite(iteration: int, **values: torch.Tensor) -> None:
 
 def prompt_budget(cfg, tokenizer) -> int | None:
     """The prompt budget of an RL run: `cfg.max_prompt_tokens` if set; else, with a user's `cfg.prompts`, the
-    longest of those prompts in tokens, so that none is cut; else None (the embedded task's budget)."""
+    longest of those prompts in tokens as the policy sees them (`cfg.prompt_format`), so that none is cut; else None
+    (the embedded task's budget, grown to fit a chat template's rendering)."""
     if cfg.max_prompt_tokens is not None or cfg.prompts is None:
         return cfg.max_prompt_tokens
     from textenv.prompts import load_prompts, render_prompts
 
-    texts, _ = render_prompts(load_prompts(cfg.prompts), tokenizer)
+    texts, _ = render_prompts(load_prompts(cfg.prompts), tokenizer, cfg.prompt_format)
     return max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in texts)
 
 

@@ -65,6 +65,7 @@ from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user cat
 )
 from agents.run import RunLogger, cli, distributed_state, finish_run, load_checkpoint, save_checkpoint, start_run
 from rewards.hf import SequenceClassifierReward
+from textenv.chat import check_prompt_format
 from textenv.models import load_causal_lm, load_sequence_classifier
 from textenv.models.lean import frozen_forward
 from textenv.models.tokens import check_temperature
@@ -85,6 +86,10 @@ class PPOConfig:
     multi-turn env id (textenv/Calculator-v0, a user's 'module:Id'), whose own return is the gold."""
     prompts: str | None = None
     """Other prompts (a .jsonl/.csv/.parquet/.txt file or hub id) instead of the task's."""
+    prompt_format: str = "auto"
+    """How a str prompt reaches the policy: "chat" (a user message through its tokenizer's chat template, the episode
+    ending at the template's end-of-turn token), "text" (as it is), or "auto" ("chat" for an instruct checkpoint: a
+    chat template other than textenv's embedded one)."""
     reward_label: str | None = None
     """For a classifier reward with several labels: the label whose logit is the reward (e.g. POSITIVE)."""
     value_model: str | None = None
@@ -163,6 +168,7 @@ class PPOConfig:
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
     def __post_init__(self):
+        check_prompt_format(self.prompt_format)
         for name in ("num_envs", "iterations", "update_epochs", "num_minibatches", "save_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -255,7 +261,8 @@ def ppo(cfg: PPOConfig) -> Path:
     # adapter, a 'module:attr' callable ignores them
     episodes = make_episodes(cfg.task, num_envs=mine.stop - mine.start, tokenizer=tokenizer, reward=cfg.reward,
                              reward_label=cfg.reward_label, device=device, prompts=cfg.prompts,
-                             max_new_tokens=cfg.max_new_tokens, max_prompt_tokens=prompt_budget(cfg, tokenizer))
+                             prompt_format=cfg.prompt_format, max_new_tokens=cfg.max_new_tokens,
+                             max_prompt_tokens=prompt_budget(cfg, tokenizer))
     if cfg.shared_value_head:
         value_model = ValueHead(policy.config.hidden_size).to(device)
     else:

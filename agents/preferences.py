@@ -24,8 +24,8 @@ from textenv.tokenizer import load_tokenizer
 
 
 def sample_responses(policy_path: str, task_name: str, prompts: list, k: int, prompts_per_batch: int,
-                     temperature: float, seed: int,
-                     device: str | None = None) -> list[tuple[str, list[str], list[float]]]:
+                     temperature: float, seed: int, device: str | None = None,
+                     prompt_format: str = "auto") -> list[tuple[str, list[str], list[float]]]:
     """(prompt as the policy saw it, K responses, their K gold scores) for each prompt, sampled in envs whose
     reward is the gold (so the env's scores ARE the gold scores, batched). `prompts`: an embedded task's prompt
     strings, or a multi-turn env id's episode seeds (`agents.episodes.episode_prompts`); a multi-turn episode's
@@ -34,7 +34,8 @@ def sample_responses(policy_path: str, task_name: str, prompts: list, k: int, pr
     policy = load_causal_lm(policy_path).to(device).eval()
     multi_turn = is_multi_turn(task_name)
     episodes = make_episodes(task_name, num_envs=min(prompts_per_batch, len(prompts)) * k, reward="gold",
-                             tokenizer=load_tokenizer(policy_path), prompts=None if multi_turn else prompts)
+                             tokenizer=load_tokenizer(policy_path), prompts=None if multi_turn else prompts,
+                             prompt_format=prompt_format)
     per_batch, generator, out = episodes.num_envs // k, torch.Generator().manual_seed(seed), []
     for batch, start in enumerate(tqdm(range(0, len(prompts), per_batch), desc="sampling", unit="batch")):
         index = np.arange(start, min(start + per_batch, len(prompts)))  # (b,)

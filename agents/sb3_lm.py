@@ -191,7 +191,7 @@ class SB3PPOConfig:
 
 def sb3_ppo(cfg: SB3PPOConfig) -> Path:
     """Train cfg.policy with plain SB3 PPO in cfg.env_id; return the folder of the final LM."""
-    task_name = gym.spec(cfg.env_id).kwargs.get("task")  # TextGen-v0 has no task, hence no gold score
+    task_name = gym.spec(cfg.env_id).kwargs.get("task")  # TextGen-v1 has no task, hence no gold score
     if task_name is None:
         raise ValueError(f"env_id {cfg.env_id!r} is not an embedded-task env; "
                          f"choose one of {[k for k, v in textenv.ENV_IDS.items() if 'task' in v]}")

@@ -3,7 +3,9 @@
 The loss is next-token cross-entropy on the response tokens only (Ouyang et al. 2022): prompt and response are
 tokenized separately (the prompt exactly as the RL environment tokenizes it: no special tokens, long prompts
 keep their end), their ids concatenated, EOS appended to the response as a trained target -- the policy must learn
-to stop -- and labels are -100 on the prompt and the padding.
+to stop -- and labels are -100 on the prompt and the padding. An instruct checkpoint (a tokenizer with its own chat
+template) sees each prompt as the env shows it, a user message through the template (`--prompt-format`), and learns
+to end with the template's end-of-turn token instead.
 
 Multi-turn: a conversation (a multi-turn env id's expert demonstrations, or a user's `--messages-column`) is
 encoded as the env streams it (`textenv.chat.ChatFormat.stream`: the opening and each env reply through the chat
@@ -31,7 +33,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from agents.core import IGNORE, sft_loss
-from agents.data import batch_indices, collate, encode_conversation, encode_pair, load_pairs
+from agents.data import batch_indices, collate, encode_conversation, encode_pairs, load_pairs
 from agents.episodes import is_multi_turn, turn_demonstrations
 from agents.lora import LoRAConfig, with_lora
 from agents.run import (
@@ -47,7 +49,7 @@ from agents.run import (
     seed_everything,
     start_run,
 )
-from textenv.chat import ChatFormat
+from textenv.chat import ChatFormat, check_prompt_format
 from textenv.models import bf16_is_fast, load_causal_lm
 from textenv.records import load_conversations
 from textenv.tasks.base import POOL_SIZES
@@ -77,8 +79,13 @@ class SFTConfig:
     """Train on conversations instead: the column of `data` whose every record is a list of {"role", "content"}
     messages, rendered through the model's tokenizer's chat template as a multi-turn env streams them, the loss on
     the assistant's tokens only."""
-    max_prompt_tokens: int = 64
-    """Longer prompts keep their last tokens (the end is what the response continues)."""
+    prompt_format: str = "auto"
+    """How a demonstration's str prompt reaches the model, as the RL env shows it: "chat" (a user message through the
+    tokenizer's chat template, the response closed by its end-of-turn token), "text" (as it is, closed by EOS), or
+    "auto" ("chat" for an instruct checkpoint: a chat template other than textenv's embedded one)."""
+    max_prompt_tokens: int | None = None
+    """Longer prompts keep their last tokens (the end is what the response continues). Default: 64, grown to the
+    longest rendering when an instruct template wraps the prompts (the RL env's default rule)."""
     max_response_tokens: int = 64
     """Responses are cut to this many tokens, EOS included (a cut response loses its EOS: it did not end there)."""
     batch_size: int = 16
@@ -116,7 +123,8 @@ class SFTConfig:
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
     def __post_init__(self):
-        if self.max_prompt_tokens < 1 or self.max_response_tokens < 1:
+        check_prompt_format(self.prompt_format)
+        if (self.max_prompt_tokens is not None and self.max_prompt_tokens < 1) or self.max_response_tokens < 1:
             raise ValueError("max_prompt_tokens and max_response_tokens must be >= 1")
         if self.data is None:
             is_multi_turn(self.task)  # ValueError naming the unknown task and the known ones
@@ -150,8 +158,8 @@ def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list, list]:
         if len(pairs) < 2:
             raise ValueError(f"{cfg.data} has {len(pairs)} demonstration(s); need at least 2 (train and valid)")
         train, valid = hold_out(pairs)
-    return tuple([encode_pair(tokenizer, d["prompt"], d["response"], cfg.max_prompt_tokens, cfg.max_response_tokens)
-                  for d in ds] for ds in (train, valid))
+    return tuple(encode_pairs(tokenizer, ds, cfg.max_prompt_tokens, cfg.max_response_tokens, cfg.prompt_format)
+                 for ds in (train, valid))
 
 
 @torch.no_grad()

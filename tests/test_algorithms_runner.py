@@ -72,7 +72,7 @@ def test_a_user_registered_env_id(runs, monkeypatch):
 
 @pytest.mark.parametrize("name, message", [
     ("CartPole-v1", "needs a TextGenEnv"),
-    ("textenv/TextGen-v0", "has task=None; the runner needs an embedded task"),
+    ("textenv/TextGen-v1", "has task=None; the runner needs an embedded task"),
     ("TestLab/NoSuchEnv-v0", "neither an embedded task"),
     ("tests.user_envs:TestLab/LongPrompts-v0", r"sets \['max_prompt_tokens'\]"),
     ("tests.user_envs:TestLab/CallableReward-v0", "reward_fn is a function; register it as a string"),

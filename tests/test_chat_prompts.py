@@ -58,7 +58,7 @@ def test_vector_env_equals_single_envs_and_both_checkers_pass():
     kwargs = dict(prompts=CHATS, tokenizer=tok, reward_fn=seen, max_new_tokens=6, max_prompt_tokens=48)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_env(gym.make("textenv/TextGen-v0", **kwargs).unwrapped, skip_render_check=False)
+        check_env(gym.make("textenv/TextGen-v1", **kwargs).unwrapped, skip_render_check=False)
         sb3_check_env(TextGenEnv(**kwargs), warn=True)
     envs, singles = TextGenVectorEnv(num_envs=2, **kwargs), [TextGenEnv(**kwargs) for _ in range(2)]
     obs, _ = envs.reset(options={"prompt_index": np.array([0, 1])})
@@ -72,7 +72,7 @@ def test_vector_env_equals_single_envs_and_both_checkers_pass():
 def test_a_jsonl_column_of_message_lists(tmp_path):
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps({"prompt": m}) + "\n" for m in CHATS))
-    env = gym.make("textenv/TextGen-v0", prompts=str(path), tokenizer=default_tokenizer(), reward_fn=seen).unwrapped
+    env = gym.make("textenv/TextGen-v1", prompts=str(path), tokenizer=default_tokenizer(), reward_fn=seen).unwrapped
     assert env.setup.prompts[1] == "user:\nSay yes.<|endoftext|>\nassistant:\n"
 
 

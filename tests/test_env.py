@@ -19,7 +19,7 @@ from textenv import TextGenEnv, TextGenVectorEnv
 
 
 def make_env(env_id, tokenizer, **kwargs):
-    if env_id == "textenv/TextGen-v0":
+    if "task" not in textenv.ENV_IDS[env_id]:  # the generic ids
         kwargs = dict(prompts=PROMPTS, tokenizer=tokenizer, reward_fn=length_reward, **kwargs)
     return gym.make(env_id, **kwargs)
 
@@ -76,7 +76,7 @@ def test_same_seed_same_episode_and_pickle(env_id, tokenizer):
 
 
 def test_rgb_array_render_and_sb3_make_vec_env(env_kwargs, tokenizer):
-    env = gym.make("textenv/TextGen-v0", **env_kwargs, render_mode="rgb_array").unwrapped
+    env = gym.make("textenv/TextGen-v1", **env_kwargs, render_mode="rgb_array").unwrapped
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gym_check_env(env, skip_render_check=False)  # through gym.make, so the checker also tries "ansi"
@@ -92,7 +92,7 @@ def test_rgb_array_render_and_sb3_make_vec_env(env_kwargs, tokenizer):
     # SB3's make_vec_env asks a string id for render_mode="rgb_array" (and only retries without it on TypeError)
     from stable_baselines3.common.env_util import make_vec_env
 
-    venv = make_vec_env("textenv/TextGen-v0", n_envs=2, env_kwargs={**env_kwargs})
+    venv = make_vec_env("textenv/TextGen-v1", n_envs=2, env_kwargs={**env_kwargs})
     assert venv.reset().keys() == {"input_ids", "attention_mask"}
     venv.close()
 

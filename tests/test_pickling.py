@@ -109,7 +109,7 @@ def check_copies_and_workers(make, seeds=(0, 1)):
 @pytest.mark.parametrize("kind", list(REWARDS))
 def test_the_generic_id_with_every_reward_kind(kind, reward_folders, tokenizer):
     kwargs = dict(prompts=PROMPTS, tokenizer=tokenizer, max_new_tokens=STEPS + 2, **REWARDS[kind](reward_folders))
-    check_copies_and_workers(lambda: gym.make("textenv/TextGen-v0", **kwargs))
+    check_copies_and_workers(lambda: gym.make("textenv/TextGen-v1", **kwargs))
 
 
 EXTRA_PACKAGES = {"textenv/TextArena-v0": "textarena", "textenv/ReasoningGym-v0": "reasoning_gym"}
@@ -119,6 +119,6 @@ EXTRA_PACKAGES = {"textenv/TextArena-v0": "textarena", "textenv/ReasoningGym-v0"
 def test_every_registered_id(env_id, tokenizer):
     if env_id in EXTRA_PACKAGES and importlib.util.find_spec(EXTRA_PACKAGES[env_id]) is None:
         pytest.skip(f"{EXTRA_PACKAGES[env_id]} is not installed")
-    kwargs = dict(prompts=PROMPTS, tokenizer=tokenizer, reward_fn=length_reward) if env_id == "textenv/TextGen-v0" \
-        else {}
+    kwargs = dict(prompts=PROMPTS, tokenizer=tokenizer, reward_fn=length_reward) if \
+        "task" not in textenv.ENV_IDS.get(env_id, {"task": None}) else {}
     check_copies_and_workers(lambda: gym.make(env_id, **kwargs))

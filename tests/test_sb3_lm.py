@@ -70,7 +70,7 @@ def test_policy_starts_as_the_lm(lm_folder, tokenizer, tiny_model):
 
 
 def test_plain_sb3_ppo_trains_the_lm(lm_folder, env_kwargs):
-    env = gym.make("textenv/TextGen-v0", **env_kwargs)
+    env = gym.make("textenv/TextGen-v1", **env_kwargs)
     model = PPO(LMActorCriticPolicy, env, n_steps=64, batch_size=32, n_epochs=2, learning_rate=1e-3, seed=0,
                 device="cpu", policy_kwargs=dict(features_extractor_kwargs=dict(model=str(lm_folder))))
     lm = model.policy.features_extractor.lm
@@ -85,7 +85,7 @@ def test_plain_sb3_ppo_trains_the_lm(lm_folder, env_kwargs):
 
 
 def test_truncation_is_reported_as_termination(env_kwargs, tokenizer):
-    env = TruncationIsTermination(gym.make("textenv/TextGen-v0", **env_kwargs))
+    env = TruncationIsTermination(gym.make("textenv/TextGen-v1", **env_kwargs))
     env.reset(seed=0)
     ends = [env.step(tokenizer.pad_token_id)[2:4] for _ in range(env_kwargs["max_new_tokens"])]  # never EOS
     assert ends == [(False, False)] * 5 + [(True, False)]

@@ -2,7 +2,9 @@
 
 Importing this package registers the environment ids:
 
-- ``textenv/TextGen-v0``: the generic env; bring your own prompts, tokenizer and reward.
+- ``textenv/TextGen-v1``: the generic env; bring your own prompts, tokenizer and reward. An instruct checkpoint's
+  tokenizer (a chat template of its own) gets str prompts through that template (``prompt_format="auto"``).
+- ``textenv/TextGen-v0``: the same with str prompts always as they are (``prompt_format="text"``), as before v1.
 - ``textenv/PositiveReview-v0``, ``textenv/Arithmetic-v0``, ``textenv/CommonGen-v0``: the embedded tasks
   (offline, no downloads); see `textenv.tasks`.
 
@@ -28,7 +30,9 @@ __version__ = "0.1.0"
 
 # (id, kwargs); versioned ids, entry points as "module:Class" strings.
 ENV_IDS = {
-    "textenv/TextGen-v0": {},
+    "textenv/TextGen-v1": {},
+    "textenv/TextGen-v0": {"prompt_format": "text"},  # str prompts as they are, whatever the tokenizer, as before v1
+    # the embedded tokenizer (these ids' default) has the embedded template, which "auto" leaves in plain text
     "textenv/PositiveReview-v0": {"task": "sentiment"},
     "textenv/Arithmetic-v0": {"task": "arithmetic"},
     "textenv/CommonGen-v0": {"task": "commongen"},

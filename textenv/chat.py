@@ -29,6 +29,29 @@ EMBEDDED_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:\n{% endif %}"
 )
 ROLES = ("system", "user", "assistant", "tool")
+PROMPT_FORMATS = ("auto", "text", "chat")
+
+
+def check_prompt_format(prompt_format: str) -> str:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    return prompt_format
+
+
+def prompts_through_template(tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> bool:
+    """Whether a plain str prompt reaches this tokenizer's model as a user message rendered by its chat template
+    (`prompt_format` "chat") or as it is ("text"). "auto": through the template when the tokenizer has one that is
+    not textenv's embedded template (an instruct checkpoint's own; the embedded base model writes plain text and its
+    template exists for the multi-turn envs). A base model whose tokenizer ships a template (some Qwen base models
+    do) takes "text"."""
+    check_prompt_format(prompt_format)
+    template = getattr(tokenizer, "chat_template", None)
+    if prompt_format == "chat" and not template:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"prompt_format='chat' but tokenizer {name!r} has no chat template: use prompt_format="
+                         "'text', or a chat model's tokenizer")
+    return prompt_format == "chat" or (prompt_format == "auto" and bool(template)
+                                       and template != EMBEDDED_CHAT_TEMPLATE)
 
 
 def check_message(message, where: str) -> dict:

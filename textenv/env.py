@@ -59,6 +59,10 @@ class TextGenEnv(gym.Env):
     - `prompts`: list of prompts, a `.jsonl`/`.csv`/`.parquet`/`.txt` path, a `datasets.Dataset` or hub id, a Task.
       A prompt is a str, or a message list `[{"role": ..., "content": ...}, ...]` (a chat prompt: the tokenizer
       needs a chat template; one env takes one kind).
+    - `prompt_format` ("auto"): how a str prompt reaches the model. "chat": as a user message rendered by the
+      tokenizer's chat template, the episode ending at its end-of-turn token, like a message list; "text": as it
+      is; "auto": "chat" for an instruct checkpoint, i.e. a tokenizer with a chat template other than textenv's
+      embedded one (`textenv.chat.prompts_through_template`). Message lists always go through the template.
     - `tokenizer`: a hub id, a folder, or a loaded tokenizer; it must have distinct PAD and EOS tokens (it is
       checked, never modified).
     - `reward_fn`: a callable `(prompts, completions, **kw) -> list[float]`, a `"module:attr"` string, a
@@ -72,7 +76,12 @@ class TextGenEnv(gym.Env):
       which asks for it).
 
     ## Version History
+    - v1 (`textenv/TextGen-v1`): `prompt_format="auto"`, so an instruct checkpoint's tokenizer gets str prompts
+      through its chat template. The class's default.
     - v0: initial release; chat prompts (message lists) added without changing str prompts' episodes.
+      `textenv/TextGen-v0` pins `prompt_format="text"`: str prompts as they are, whatever the tokenizer. The
+      embedded task ids take "auto", which leaves their default tokenizer (the embedded one) in plain text as
+      before; only an instruct tokenizer passed to them changes their episodes.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -88,6 +97,7 @@ class TextGenEnv(gym.Env):
         truncation_side: str | None = "left",
         vocab_size: int | None = None,
         prompt_column: str = "prompt",
+        prompt_format: str = "auto",
         reward_kwargs: dict | None = None,
         trust_remote_code: bool = False,
         render_mode: str | None = None,
@@ -105,6 +115,7 @@ class TextGenEnv(gym.Env):
             truncation_side=truncation_side,
             vocab_size=vocab_size,
             prompt_column=prompt_column,
+            prompt_format=prompt_format,
             reward_kwargs=reward_kwargs,
             trust_remote_code=trust_remote_code,
         )

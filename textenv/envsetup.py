@@ -10,7 +10,7 @@ from gymnasium import spaces
 from transformers import PreTrainedTokenizerBase
 
 from rewards.base import RewardFn, as_reward_fn
-from textenv.prompts import load_prompts, render_prompts, tokenize_prompts
+from textenv.prompts import fitted_budget, load_prompts, render_prompts, tokenize_prompts
 from textenv.tokenizer import load_tokenizer
 
 
@@ -70,11 +70,13 @@ def make_setup(
     truncation_side: str | None,
     vocab_size: int | None,
     prompt_column: str,
+    prompt_format: str,
     reward_kwargs: dict | None,
     trust_remote_code: bool,
 ) -> EnvSetup:
     if not isinstance(prompt_column, str):
         raise TypeError(f"prompt_column must be a column name (a str), got {prompt_column!r}")
+    budget_given = max_prompt_tokens is not None
     if task is not None:
         from textenv.embedded import default_tokenizer
         from textenv.tasks import get_task
@@ -97,7 +99,11 @@ def make_setup(
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
 
-    texts, end_of_turn = render_prompts(load_prompts(prompts, column=prompt_column), tokenizer)
+    sources = load_prompts(prompts, column=prompt_column)
+    texts, end_of_turn = render_prompts(sources, tokenizer, prompt_format)
+    if not budget_given:
+        templated = end_of_turn is not None and all(isinstance(p, str) for p in sources)
+        max_prompt_tokens = min(fitted_budget(texts, tokenizer, max_prompt_tokens, templated), MAX_TOKENS)
     prompt_ids, prompt_mask = tokenize_prompts(texts, tokenizer, max_prompt_tokens, truncation_side)
     lengths = prompt_mask.sum(1)
     for i in np.flatnonzero(lengths == max_prompt_tokens):  # possibly truncated: show the policy's view

@@ -6,7 +6,8 @@ or an embedded task (`textenv.tasks.Task`), whose train prompts are used.
 
 A prompt is a str (the policy continues it) or a message list ``[{"role": ..., "content": ...}, ...]`` (a chat
 prompt, e.g. a .jsonl column of lists), which `render_prompts` renders through the tokenizer's chat template with
-the generation prompt; the policy's reply then ends with the template's end-of-turn token.
+the generation prompt; the policy's reply then ends with the template's end-of-turn token. An instruct checkpoint
+(a tokenizer with its own chat template) gets its str prompts the same way, as user messages (`prompt_format`).
 """
 
 from __future__ import annotations
@@ -73,15 +74,25 @@ def load_prompts(source: Any, *, column: str = "prompt", split: str = "train") -
     return prompts
 
 
-def render_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], int | None]:
-    """(the prompts' texts, the end-of-turn token id): str prompts as they are (None: the episode ends at EOS), or
-    message lists rendered through the tokenizer's chat template with the generation prompt (the template's
-    end-of-turn token; `textenv.chat.ChatFormat`). One env takes one kind: a mix is refused."""
-    from textenv.chat import ChatFormat, check_message
+def render_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase,
+                   prompt_format: str = "auto") -> tuple[list[str], int | None]:
+    """(the prompts' texts, the end-of-turn token id). Message lists are rendered through the tokenizer's chat
+    template with the generation prompt, and the episode ends at the template's end-of-turn token
+    (`textenv.chat.ChatFormat`). A str prompt is a user message rendered the same way when `prompt_format` says the
+    model is prompted through its template (`textenv.chat.prompts_through_template`: "auto" does for an instruct
+    checkpoint's tokenizer), else the text as it is (None: the episode ends at EOS). One env takes one kind of
+    prompt: a mix of str and message lists is refused."""
+    from textenv.chat import ChatFormat, check_message, prompts_through_template
 
     chats = [not isinstance(p, str) for p in prompts]
     if not any(chats):
-        return list(prompts), None
+        if not prompts_through_template(tokenizer, prompt_format):
+            return list(prompts), None
+        prompts, chats = [[{"role": "user", "content": p}] for p in prompts], [True] * len(prompts)
+    elif prompt_format == "text":
+        i = chats.index(True)
+        raise ValueError(f"prompts[{i}] is a message list, which only a chat template renders, but prompt_format="
+                         "'text': use 'auto' or 'chat', or give str prompts")
     if not all(chats):
         i = chats.index(False)
         raise TypeError(f"prompts[{i}] is a str ({prompts[i]!r}) among message lists: give every prompt as a message "
@@ -97,6 +108,15 @@ def render_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase) -> tuple[l
                              "answers (a system/user/tool message)")
         texts.append(chat.render(checked, True))
     return texts, chat.end_of_turn
+
+
+def fitted_budget(texts: list[str], tokenizer: PreTrainedTokenizerBase, default: int, templated: bool) -> int:
+    """A default prompt budget: `default`, grown to the longest of `texts` in tokens when they are str prompts an
+    instruct template wrapped, so that left truncation never cuts the template's own tokens (a system prompt,
+    headers)."""
+    if not templated:
+        return default
+    return max(default, max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]))
 
 
 def _prompts_from_file(path: Path, column: str) -> list[str]:

@@ -51,6 +51,7 @@ class TextGenVectorEnv(VectorEnv):
         truncation_side: str | None = "left",
         vocab_size: int | None = None,
         prompt_column: str = "prompt",
+        prompt_format: str = "auto",
         reward_kwargs: dict | None = None,
         trust_remote_code: bool = False,
         render_mode: str | None = None,
@@ -79,6 +80,7 @@ class TextGenVectorEnv(VectorEnv):
             truncation_side=truncation_side,
             vocab_size=vocab_size,
             prompt_column=prompt_column,
+            prompt_format=prompt_format,
             reward_kwargs=reward_kwargs,
             trust_remote_code=trust_remote_code,
         )
