@@ -44,6 +44,7 @@ from agents.run import (
     seed_everything,
     start_run,
 )
+from agents.sharding import check_parallel, prepare_model
 from textenv.models import load_causal_lm
 from textenv.models.tokens import check_temperature, position_ids_from_mask
 from textenv.tokenizer import load_tokenizer
@@ -99,6 +100,10 @@ class DPOConfig:
     """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapter (--lora.rank 8, ...): train an adapter instead of every weight; rank 0 (the default) trains all."""
+    parallel: str = "ddp"
+    """Under several processes: "ddp" replicates the model and averages gradients; "fsdp" shards every weight,
+    gradient and optimizer state over the processes (PyTorch FSDP2, one unit per transformer block;
+    agents/sharding.py). One process: the plain model either way."""
     seed: int = 0
     """Seed for the data order."""
     overwrite: bool = False
@@ -106,6 +111,7 @@ class DPOConfig:
 
     def __post_init__(self):
         check_dpo_args(self.beta, self.label_smoothing, self.loss_type)
+        check_parallel(self.parallel, self.lora.rank)
         if self.pairs not in PAIRINGS:
             raise ValueError(f"pairs must be one of {PAIRINGS}, got {self.pairs!r}")
         check_temperature(self.temperature)
@@ -200,9 +206,10 @@ def dpo(cfg: DPOConfig) -> Path:
 
     # dropout off: log-probs must be deterministic. With LoRA the reference above is this base with the adapter off
     model = with_lora(load_causal_lm(cfg.policy), cfg.lora, "CAUSAL_LM")
+    model = prepare_model(accelerator, model, cfg.parallel)  # DDP, or FSDP2 shards (agents/sharding.py)
     optimizer = adamw(model, cfg.lr, 0.0, fused=accelerator.device.type in ("cpu", "cuda"))
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps, min_lr_ratio=1.0)  # warmup, then constant
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours (see pretrain.py)
+    optimizer = accelerator.prepare(optimizer)  # the scheduler stays ours (see pretrain.py)
 
     resumed = load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
     start = resumed["step"] if resumed else 0

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import extract_model_from_parallel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
@@ -45,6 +46,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedModel
 
 from agents.lora import is_adapted, merged_copy
+from agents.sharding import full_state_dict, is_sharded, load_full_into_sharded, load_sharded, save_sharded
 
 
 def multi_cpu() -> bool:
@@ -60,6 +62,8 @@ def distributed_state() -> PartialState:
     call first, through `check_run_dir`, so that a later `Accelerator(cpu=multi_cpu())` finds the same group)."""
     return PartialState(cpu=multi_cpu())
 
+
+SHARDED_DIR = "dcp"  # a sharded run's checkpoint: each process's shards of weights and optimizer state (DCP)
 
 # A pipeline run folder: a subfolder per stage (the other algorithms' defaults follow it: runs/default/grpo, ...),
 # each with its result in model/ (collect: comparisons/). One map, so that no caller spells the layout out.
@@ -78,8 +82,10 @@ def stage_model(run: str | Path, stage: str) -> Path:
 
 def run_config(cfg) -> dict:
     """What must match for a rerun to resume: every field but where the run lives, whether to overwrite and (for
-    stages that have one) the device, which may change between a crash and a resume."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite", "device")}
+    stages that have them) the device and how the processes split the model (`parallel`), which may change between
+    a crash and a resume."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("out_dir", "overwrite", "device", "parallel")}
 
 
 def start_run(cfg, stage: str, result: str = "model") -> tuple[Path, bool]:
@@ -242,7 +248,12 @@ def save_model_folder(model, tokenizer, folder: str | Path) -> Path:
     """`model` and `tokenizer` as one save_pretrained folder (safetensors), written atomically. Only the main
     process writes; returns the folder."""
     folder = Path(folder)
-    if distributed_state().is_main_process:
+    if is_sharded(model):  # gathered to full tensors (a collective), written once
+        weights = full_state_dict(model)
+        if distributed_state().is_main_process:
+            _replace_folder(folder, lambda tmp: (model.save_pretrained(tmp, state_dict=weights),
+                                                 tokenizer.save_pretrained(tmp)))
+    elif distributed_state().is_main_process:
         _replace_folder(folder, lambda tmp: (_save_model(model, tmp, final=True), tokenizer.save_pretrained(tmp)))
     return folder
 
@@ -381,12 +392,20 @@ def save_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler, state: d
     falls back to.
     """
     ckpt_dir, dist = Path(ckpt_dir), distributed_state()
+    tmp, old = ckpt_dir.with_name(ckpt_dir.name + ".tmp"), ckpt_dir.with_name(ckpt_dir.name + ".old")
+    sharded = not isinstance(models, dict) and is_sharded(models)
+    if sharded:  # every process writes its shards (agents/sharding.py), into a folder the main process empties first
+        if dist.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.wait_for_everyone()
+        save_sharded(tmp / SHARDED_DIR, models, _torch_optimizer(optimizer))
+        dist.wait_for_everyone()
     if dist.is_main_process:
-        tmp, old = ckpt_dir.with_name(ckpt_dir.name + ".tmp"), ckpt_dir.with_name(ckpt_dir.name + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
-        for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
-            _save_model(model, tmp / name)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not sharded:
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
+            for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
+                _save_model(model, tmp / name)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         _write_json_atomic(tmp / "trainer_state.json", {**state, "rng": _rng_state()})
         if ckpt_dir.exists():
@@ -411,6 +430,27 @@ def _load_weights(model, folder: Path) -> None:
         raise ValueError(f"checkpoint {folder} does not match the model: missing {missing}, unexpected {unexpected}")
 
 
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+
+
+def _full_weights(model, folder: Path) -> dict[str, torch.Tensor]:
+    """A save_pretrained folder's weights by the model's own names, a tied tensor stored once given under each name
+    that shares it (lm_head.weight is wte.weight)."""
+    weights = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    for names in tied.values():
+        stored = [n for n in names if n in weights]
+        for name in names:
+            if stored and name not in weights:
+                weights[name] = weights[stored[0]]
+    return weights
+
+
 def load_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler) -> dict | None:
     """Restore a `save_checkpoint` folder in place (weights, optimizer, scheduler, RNG); return its state dict,
     or None when there is no checkpoint. Only safetensors and `torch.load(weights_only=True)`: no pickle."""
@@ -420,9 +460,15 @@ def load_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler) -> dict 
         if not (ckpt_dir / "trainer_state.json").exists():
             return None
     try:
-        for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
-            _load_weights(model, ckpt_dir / name)
-        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu"))
+        if (ckpt_dir / SHARDED_DIR).is_dir():  # written by a sharded run: DCP reshards it for this one
+            load_sharded(ckpt_dir / SHARDED_DIR, models, _torch_optimizer(optimizer))
+        elif not isinstance(models, dict) and is_sharded(models):  # a replicated run's checkpoint, into shards
+            saved = torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu")
+            load_full_into_sharded(models, _torch_optimizer(optimizer), _full_weights(models, ckpt_dir), saved)
+        else:
+            for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
+                _load_weights(model, ckpt_dir / name)
+            optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu"))
         scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
         state = json.loads((ckpt_dir / "trainer_state.json").read_text())
     except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError, UnicodeDecodeError) as exc:

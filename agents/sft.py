@@ -49,6 +49,7 @@ from agents.run import (
     seed_everything,
     start_run,
 )
+from agents.sharding import check_parallel, is_sharded, pad_share, prepare_model
 from textenv.chat import ChatFormat, check_prompt_format
 from textenv.models import bf16_is_fast, load_causal_lm
 from textenv.records import load_conversations
@@ -117,6 +118,10 @@ class SFTConfig:
     """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapter (--lora.rank 8, ...): train an adapter instead of every weight; rank 0 (the default) trains all."""
+    parallel: str = "ddp"
+    """Under several processes: "ddp" replicates the model and averages gradients; "fsdp" shards every weight,
+    gradient and optimizer state over the processes (PyTorch FSDP2, one unit per transformer block;
+    agents/sharding.py). One process: the plain model either way."""
     seed: int = 0
     """Seed for the data order."""
     overwrite: bool = False
@@ -124,6 +129,7 @@ class SFTConfig:
 
     def __post_init__(self):
         check_prompt_format(self.prompt_format)
+        check_parallel(self.parallel, self.lora.rank)
         if (self.max_prompt_tokens is not None and self.max_prompt_tokens < 1) or self.max_response_tokens < 1:
             raise ValueError("max_prompt_tokens and max_response_tokens must be >= 1")
         if self.data is None:
@@ -165,10 +171,15 @@ def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list, list]:
 @torch.no_grad()
 def evaluate(model, examples: list, batch_size: int, pad_token_id: int, accelerator: Accelerator, bf16: bool) -> float:
     """Mean loss per response token over `examples`; each process takes every num_processes-th example.
-    The unwrapped model: the processes may run different numbers of batches, which DDP's forward must not see."""
+    The unwrapped model: the processes may run different numbers of batches, which DDP's forward must not see; a
+    sharded model's forward is a collective, so there every process runs as many, blank rows (no targets) filling
+    the short ones."""
     model = accelerator.unwrap_model(model)
     model.eval()
     mine = examples[accelerator.process_index :: accelerator.num_processes]
+    if is_sharded(model):
+        blank = (examples[0][0], [IGNORE] * len(examples[0][1]))
+        mine = pad_share(mine, len(examples), accelerator.num_processes, batch_size, blank)
     total = torch.zeros(2, device=accelerator.device)  # (sum of token losses, token count)
     for i in range(0, len(mine), batch_size):
         batch = {k: v.to(accelerator.device) for k, v in collate(mine[i : i + batch_size], pad_token_id).items()}
@@ -201,9 +212,10 @@ def sft(cfg: SFTConfig) -> Path:
     max_steps = cfg.max_steps or max(1, round(cfg.epochs * (len(train) // cfg.batch_size)))
 
     model = with_lora(load_causal_lm(cfg.model), cfg.lora, "CAUSAL_LM")  # dropout off; rank 0: the model itself
+    model = prepare_model(accelerator, model, cfg.parallel)  # DDP, or FSDP2 shards (agents/sharding.py)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, fused=accelerator.device.type in ("cpu", "cuda"))
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays ours (see pretrain.py)
+    optimizer = accelerator.prepare(optimizer)  # the scheduler stays ours (see pretrain.py)
 
     resumed = load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
     start = resumed["step"] if resumed else 0

@@ -9,8 +9,8 @@ starting and importing is paid once): {"stage": "sft" | "rm" | "pretrain" | "dpo
 only hook is a wrapper around the `load_checkpoint` it calls once, right after `accelerator.prepare` (the RL trainers:
 right after building the optimizer), which keeps the model(s) and optimizer objects it is given (the very ones then
 trained) and the step it resumed from. Each process then writes <report_dir>/rank<r>.json: the world size, the
-resumed step, and the sha256 of its model's parameters (PPO: {"policy": ..., "value": ...}) and of its optimizer
-state.
+resumed step, the sha256 of its model's parameters (PPO: {"policy": ..., "value": ...}) and of its optimizer
+state (a sharded model's gathered), and how many weights it held (a sharded model: its shards).
 stop_after_save makes every process leave the run right after the first checkpoint is written, as a run killed at
 that moment would (the report then says "stopped": true).
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import extract_model_from_parallel
+from torch.distributed.tensor import DTensor
 
 import agents.dpo
 import agents.grpo
@@ -52,12 +53,18 @@ class Stop(Exception):
     pass
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's full value: a sharded (FSDP2) one gathered from every process (a collective), else itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def params_sha256(model: torch.nn.Module) -> str:
-    """sha256 of every parameter's bytes, in named_parameters order (a tied weight counted once)."""
+    """sha256 of every parameter's bytes (gathered, if sharded), in named_parameters order (a tied weight counted
+    once)."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(whole(p.detach()).cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -66,7 +73,7 @@ def optimizer_sha256(optimizer) -> str:
     for index, state in sorted(optimizer.state_dict()["state"].items()):
         for key, value in sorted(state.items()):
             h.update(f"{index}.{key}".encode())
-            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+            h.update(whole(value.detach()).cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -104,8 +111,10 @@ def run_job(stage: str, config: dict, report_dir: str, stop_after_save: bool) ->
     models = seen["model"]
     params = ({name: params_sha256(m) for name, m in models.items()} if isinstance(models, dict)
               else params_sha256(extract_model_from_parallel(models)))
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).numel()  # this process's share of the weights
+               for m in (models.values() if isinstance(models, dict) else [models]) for p in m.parameters())
     report = {"world_size": state.num_processes, "resumed_step": seen["resumed_step"], "stopped": stopped,
-              "params": params, "optimizer": optimizer_sha256(seen["optimizer"])}
+              "params": params, "optimizer": optimizer_sha256(seen["optimizer"]), "numel_held": held}
     Path(report_dir).mkdir(parents=True, exist_ok=True)
     Path(report_dir, f"rank{state.process_index}.json").write_text(json.dumps(report))
 

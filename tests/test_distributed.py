@@ -119,9 +119,9 @@ def files(tmp_path_factory):
     return root
 
 
-def sft_config(files: Path, out_dir: Path) -> SFTConfig:
+def sft_config(files: Path, out_dir: Path, **kw) -> SFTConfig:
     return SFTConfig(out_dir=str(out_dir), model=str(files / "base"), data=str(files / "demos.jsonl"), batch_size=8,
-                     max_steps=6, lr=3e-3, warmup_steps=2, log_every=1, eval_every=3, save_every=3, bf16=False)
+                     max_steps=6, lr=3e-3, warmup_steps=2, log_every=1, eval_every=3, save_every=3, bf16=False, **kw)
 
 
 def rm_config(files: Path, out_dir: Path) -> RMConfig:
@@ -138,10 +138,10 @@ def pretrain_config(files: Path, out_dir: Path) -> PretrainConfig:
                           warmup_steps=2, log_every=1, eval_every=3, eval_batches=1, save_every=3, bf16=False)
 
 
-def dpo_config(files: Path, out_dir: Path) -> DPOConfig:
+def dpo_config(files: Path, out_dir: Path, **kw) -> DPOConfig:
     # 40 best-vs-worst pairs, batch 8 (4 per process), 4 steps; lr 1e-3 so that the steps move the weights visibly
     return DPOConfig(out_dir=str(out_dir), policy=str(files / "base"), comparisons=str(files / "prefs.jsonl"),
-                     batch_size=8, max_steps=4, lr=1e-3, warmup_steps=1, log_every=1, save_every=2)
+                     batch_size=8, max_steps=4, lr=1e-3, warmup_steps=1, log_every=1, save_every=2, **kw)
 
 
 # scores: the response's length in characters, or -1 (missing_eos_penalty) for a response cut at 6 tokens
@@ -197,6 +197,7 @@ def launched(files, tmp_path_factory):
     run stopped here after iteration 2), ppo_ptx_two, grpo_two and rloo_two. Returns (root, completed process)."""
     root = tmp_path_factory.mktemp("launch")
     for module, run, cfg in ((agents.sft, sft, sft_config(files, root / "sft_one_to_two")),
+                             (agents.sft, sft, sft_config(files, root / "sft_fsdp_one_to_two")),
                              (agents.ppo, ppo, ppo_config(files, root / "ppo_one_to_two"))):
         real_save = module.save_checkpoint
 
@@ -210,10 +211,14 @@ def launched(files, tmp_path_factory):
     jobs = [("sft", sft_config(files, root / "sft_two"), False),
             ("sft", sft_config(files, root / "sft_two_to_one"), True),
             ("sft", sft_config(files, root / "sft_one_to_two"), False),
+            ("sft", sft_config(files, root / "sft_fsdp_two", parallel="fsdp"), False),
+            ("sft", sft_config(files, root / "sft_fsdp_two_to_one", parallel="fsdp"), True),
+            ("sft", sft_config(files, root / "sft_fsdp_one_to_two", parallel="fsdp"), False),
             ("rm", rm_config(files, root / "rm_two"), False),
             ("pretrain", pretrain_config(files, root / "pretrain_two"), False),
             ("dpo", dpo_config(files, root / "dpo_two"), False),
             ("dpo", dpo_config(files, root / "dpo_two_to_one"), True),
+            ("dpo", dpo_config(files, root / "dpo_fsdp_two", parallel="fsdp"), False),
             ("ppo", ppo_config(files, root / "ppo_two"), False),
             ("ppo", ppo_config(files, root / "ppo_two_to_one"), True),
             ("ppo", ppo_config(files, root / "ppo_one_to_two"), False),
@@ -292,10 +297,10 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
 
 def test_only_the_main_process_prints(launched):
     _, proc = launched
-    # one header line per run: three SFT runs, one RM run, one pretraining run
-    assert proc.stdout.count("demonstrations, 6 steps") == 3
+    # one header line per run: six SFT runs, one RM run, one pretraining run
+    assert proc.stdout.count("demonstrations, 6 steps") == 6
     assert proc.stdout.count("held-out prompts") == 1 and proc.stdout.count("pretrain: ") == 1
-    assert proc.stdout.count("pairs (best_vs_worst)") == 2  # dpo_two and dpo_two_to_one
+    assert proc.stdout.count("pairs (best_vs_worst)") == 3  # dpo_two, dpo_two_to_one and dpo_fsdp_two
 
 
 # ---------------------------------------------------------------- SFT
@@ -340,6 +345,52 @@ def test_sft_checkpoint_of_one_process_resumes_in_two(launched, sft_one):
     assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "sft_one_to_two" / "model"),
                         AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
     assert_same_metrics(read_metrics(root / "sft_one_to_two"), read_metrics(sft_one.parent))
+
+
+# ---------------------------------------------------------------- SFT, sharded (FSDP2)
+
+
+def test_sft_sharded_over_two_processes_trains_the_one_process_model(launched, sft_one):
+    """--parallel fsdp: each process held half of every weight and optimizer state; the gathered model/ is a plain
+    transformers folder with the 1-process run's weights, and the same metrics were logged."""
+    root, _ = launched
+    check_final(root, "sft_fsdp_two", AutoModelForCausalLM.from_pretrained)
+    whole = AutoModelForCausalLM.from_pretrained(root / "sft_fsdp_two" / "model").num_parameters()
+    assert [r["numel_held"] for r in reports(root, "sft_fsdp_two")] == [whole // 2] * 2  # tiny's sizes are even
+    assert [r["numel_held"] for r in reports(root, "sft_two")] == [whole] * 2  # DDP: a whole replica each
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "sft_fsdp_two" / "model"),
+                        AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
+    assert_same_metrics(read_metrics(root / "sft_fsdp_two"), read_metrics(sft_one.parent))
+
+
+def test_sft_sharded_checkpoint_resumes_in_one_process(launched, files, sft_one, monkeypatch):
+    root, _ = launched
+    run = root / "sft_fsdp_two_to_one"
+    assert reports(root, "sft_fsdp_two_to_one")[0]["stopped"]
+    ckpt = run / "checkpoint"
+    assert (ckpt / "dcp" / ".metadata").exists() and not (ckpt / "optimizer.pt").exists()  # each process's shards
+    resumed_from = []
+    real_load = agents.sft.load_checkpoint
+
+    def spy_load(*args):
+        state = real_load(*args)
+        resumed_from.append(state["step"])
+        return state
+
+    monkeypatch.setattr(agents.sft, "load_checkpoint", spy_load)
+    final = sft(sft_config(files, run, parallel="fsdp"))  # 1 process: the plain model, the shards resharded into it
+    assert resumed_from == [3]
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(final),
+                        AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
+    assert_same_metrics(read_metrics(run), read_metrics(sft_one.parent))
+
+
+def test_sft_one_process_checkpoint_resumes_sharded_in_two(launched, sft_one):
+    root, _ = launched
+    check_final(root, "sft_fsdp_one_to_two", AutoModelForCausalLM.from_pretrained, resumed_step=3)
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "sft_fsdp_one_to_two" / "model"),
+                        AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
+    assert_same_metrics(read_metrics(root / "sft_fsdp_one_to_two"), read_metrics(sft_one.parent))
 
 
 # ---------------------------------------------------------------- reward model and pretraining
@@ -387,6 +438,16 @@ def test_dpo_two_processes_train_the_one_process_model(launched, dpo_one):
     assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "dpo_two" / "model"),
                         AutoModelForCausalLM.from_pretrained(dpo_one)) < ATOL
     assert_same_metrics(read_metrics(root / "dpo_two"), read_metrics(dpo_one.parent))
+
+
+def test_dpo_sharded_over_two_processes_trains_the_one_process_model(launched, dpo_one):
+    root, _ = launched
+    check_final(root, "dpo_fsdp_two", AutoModelForCausalLM.from_pretrained)
+    whole = AutoModelForCausalLM.from_pretrained(root / "dpo_fsdp_two" / "model").num_parameters()
+    assert [r["numel_held"] for r in reports(root, "dpo_fsdp_two")] == [whole // 2] * 2
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "dpo_fsdp_two" / "model"),
+                        AutoModelForCausalLM.from_pretrained(dpo_one)) < ATOL
+    assert_same_metrics(read_metrics(root / "dpo_fsdp_two"), read_metrics(dpo_one.parent))
 
 
 def test_dpo_checkpoint_of_two_processes_resumes_in_one(launched, files, dpo_one, monkeypatch):
