@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
+from torch.distributed.tensor import DTensor
 
 from agents.sampler import Rollout
 
@@ -78,12 +79,16 @@ def gather_rollout(state: PartialState, batch: Rollout) -> Rollout:
 
 
 def sum_gradients(state: PartialState, params: list[torch.nn.Parameter]) -> None:
-    """Replace every parameter's gradient by its sum over the processes (one all-reduce of one flat buffer).
+    """Replace every replicated parameter's gradient by its sum over the processes (one all-reduce of one flat
+    buffer); a sharded one's the engine has summed already.
     With each process's loss divided by the global minibatch's token count, the sum is the global gradient, the
     same on every process. A parameter without a gradient on some process must have none on all."""
     if state.num_processes == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    # a sharded parameter's gradient was reduce-scattered (summed) by FSDP2 in the backward (agents/sharding.py)
+    grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if not grads:
+        return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0

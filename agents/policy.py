@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from agents.core import logprobs_and_entropy
 from agents.distributed import gather_rows, sum_gradients, sum_over_processes
@@ -109,7 +110,9 @@ def minibatch_step(dist, params: list, optimizer, max_grad_norm: float, iteratio
     steps. Returns the global statistics with the gradient norm appended, for the iteration's means."""
     sum_gradients(dist, params)
     mb_stats = sum_over_processes(dist, mb_stats)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # sharded parameters: the global norm
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
     check_finite(iteration, loss=mb_stats, grad_norm=grad_norm)
     optimizer.step()
     return torch.cat([mb_stats, grad_norm.detach()[None]])

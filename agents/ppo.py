@@ -18,6 +18,7 @@ with the same seed, up to float rounding (agents/distributed.py).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user cat
     write_samples,
 )
 from agents.run import RunLogger, cli, distributed_state, finish_run, load_checkpoint, save_checkpoint, start_run
+from agents.sharding import check_parallel, shard_blocks, sync_replica
 from rewards.hf import SequenceClassifierReward
 from textenv.chat import check_prompt_format
 from textenv.models import load_causal_lm, load_sequence_classifier
@@ -160,6 +162,11 @@ class PPOConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapters on the policy and the value model; the reference is then the policy with its adapter disabled (no
     second copy). Rank 0 (the default) trains every weight."""
+    parallel: str = "ddp"
+    """Under several processes: "ddp" replicates the policy and the value model and sums gradients; "fsdp" shards
+    their weights, gradients and optimizer state over the processes (PyTorch FSDP2, one unit per transformer block;
+    agents/sharding.py) and samples from a replica synced from the shards each iteration. The frozen reference and
+    reward model are replicated either way. One process: the plain models either way."""
     seed: int = 0
     """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
     device: str | None = None
@@ -169,6 +176,9 @@ class PPOConfig:
 
     def __post_init__(self):
         check_prompt_format(self.prompt_format)
+        if check_parallel(self.parallel, self.lora.rank) == "fsdp" and self.shared_value_head:
+            raise ValueError("parallel='fsdp' with shared_value_head is not supported yet: the head reads the policy's "
+                             "trunk outside its forward; use a separate value model, or parallel='ddp'")
         for name in ("num_envs", "iterations", "update_epochs", "num_minibatches", "save_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -212,10 +222,11 @@ def rollout_values(value_model, policy, cfg: PPOConfig, local_ids, local_mask, m
     head reads the policy's trunk, which the value loss's pass does not run: all its values are computed here.
 
     `first_rows`: the first minibatch's global rows; `first_micro`: this process's micro-batches of them (none with
-    a shared head). The other rows are computed on this process's own rollout rows `mine`, on packed weights."""
+    a shared head, or sharded models: then every row is computed here). The other rows are computed on this
+    process's own rollout rows `mine`, on packed weights."""
     B, T = len(input_ids), input_ids.shape[1] - P
     deferred = torch.zeros(B, dtype=torch.bool)  # (B,) global rows whose values come from the first minibatch
-    deferred[first_rows] = not cfg.shared_value_head
+    deferred[first_rows] = bool(first_micro)  # none with a shared head, or sharded
     here = torch.nonzero(~deferred[mine]).squeeze(1).to(local_ids.device)  # (n,) this process's rows computed now
     values = torch.zeros(len(local_ids), T, device=local_ids.device)  # (b, T), 0 on deferred rows for now
     if len(here):
@@ -281,6 +292,11 @@ def ppo(cfg: PPOConfig) -> Path:
     ref_forward = frozen_forward(ref_policy, pack_rows=rows * (P + T))
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 
+    # N processes with parallel="fsdp": policy and value model sharded; the rollout samples from a synced replica
+    sharded = cfg.parallel == "fsdp" and dist.num_processes > 1
+    sampler_policy = copy.deepcopy(policy) if sharded else policy
+    if sharded:
+        policy, value_model = shard_blocks(policy, gradients="sum"), shard_blocks(value_model, gradients="sum")
     params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for the whole step
@@ -303,8 +319,10 @@ def ppo(cfg: PPOConfig) -> Path:
         # N processes: this process plays global rows `mine` (sub-env i seeded with seed + i, row i's tokens picked
         # by row i of the (B, T) uniforms), so N processes play the episodes one process plays.
         policy.eval()
+        if sharded:
+            sync_replica(sampler_policy, policy)
         uniforms = rollout_uniforms(iteration_generator(cfg.seed, iteration, 0), B, T)  # (B, T)
-        local, local_gold = episodes.play(policy, uniforms=uniforms[mine], temperature=cfg.temperature,
+        local, local_gold = episodes.play(sampler_policy, uniforms=uniforms[mine], temperature=cfg.temperature,
                                           seed=(cfg.seed * 1_000_003 + iteration) * B + mine.start)
         P = local.prompt_ids.shape[1]  # this batch's prompt columns (multi-turn: its longest opening)
         local_ids, local_mask = local.input_ids.to(device), local.attention_mask.to(device)  # (b, P+T)
@@ -331,7 +349,10 @@ def ppo(cfg: PPOConfig) -> Path:
         # ---- 2. values of every response token, by the value model as it was during the rollout ----
         order_rng = iteration_generator(cfg.seed, iteration, 1)
         first_order = torch.randperm(B, generator=order_rng)  # epoch 0's minibatch order
-        first_micro = [] if cfg.shared_value_head else list(first_order[:mb_size].to(device)[my_mb].split(rows))
+        # (sharded: none deferred, since a sharded forward is a collective and the processes' shares of the first
+        # minibatch's rows differ)
+        defer = not cfg.shared_value_head and not sharded
+        first_micro = list(first_order[:mb_size].to(device)[my_mb].split(rows)) if defer else []
         values, first_values = rollout_values(value_model, policy, cfg, local_ids, local_mask, mine, input_ids,
                                               attention_mask, first_order[:mb_size], first_micro, dist, rows, P)
 
@@ -364,7 +385,7 @@ def ppo(cfg: PPOConfig) -> Path:
                 vf_stats = torch.zeros(2, device=device)  # value loss, value clipfrac
                 if not cfg.shared_value_head:  # the value loss, on the value model's own forward
                     for j, mu in enumerate(micro):
-                        if epoch == 0 and start_i == 0:  # speed: the forward `rollout_values` kept for these rows
+                        if epoch == 0 and start_i == 0 and defer:  # speed: the forward `rollout_values` kept
                             new_values = first_values[j]  # (b, T)
                         else:
                             new_values = value_forward(value_model, input_ids[mu], attention_mask[mu], P)  # (b, T)

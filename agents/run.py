@@ -106,13 +106,18 @@ def finish_run(out_dir: Path, model, tokenizer, summary: dict, extra_models: dic
     calls it; the main one writes. Returns out_dir/model."""
     final = save_model_folder(model, tokenizer, out_dir / "model")
     dist = distributed_state()
+    gathered = {name: full_state_dict(m) for name, m in (extra_models or {}).items() if is_sharded(m)}  # collectives
     if dist.is_main_process:
         trained = extract_model_from_parallel(model)
         if merge and is_adapted(trained):
             merged = merged_copy(trained)
             _replace_folder(out_dir / "merged", lambda tmp: (_save_model(merged, tmp), tokenizer.save_pretrained(tmp)))
         for name, extra in (extra_models or {}).items():
-            _replace_folder(out_dir / name, lambda tmp, m=extra: _save_model(m, tmp, final=True))
+            if name in gathered:
+                _replace_folder(out_dir / name,
+                                lambda tmp, m=extra, w=gathered[name]: m.save_pretrained(tmp, state_dict=w))
+            else:
+                _replace_folder(out_dir / name, lambda tmp, m=extra: _save_model(m, tmp, final=True))
         _write_json_atomic(out_dir / "summary.json", {**summary, "model": str(final)})
         shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)  # a complete stage is never resumed
     dist.wait_for_everyone()  # the model and summary are on disk when a stage returns, in every process
@@ -393,12 +398,12 @@ def save_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler, state: d
     """
     ckpt_dir, dist = Path(ckpt_dir), distributed_state()
     tmp, old = ckpt_dir.with_name(ckpt_dir.name + ".tmp"), ckpt_dir.with_name(ckpt_dir.name + ".old")
-    sharded = not isinstance(models, dict) and is_sharded(models)
+    sharded = any(is_sharded(m) for m in _named(models).values())
     if sharded:  # every process writes its shards (agents/sharding.py), into a folder the main process empties first
         if dist.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.wait_for_everyone()
-        save_sharded(tmp / SHARDED_DIR, models, _torch_optimizer(optimizer))
+        save_sharded(tmp / SHARDED_DIR, _as_module(models), _torch_optimizer(optimizer))
         dist.wait_for_everyone()
     if dist.is_main_process:
         if not sharded:
@@ -428,6 +433,16 @@ def _load_weights(model, folder: Path) -> None:
     missing = [name for name in missing if ptrs[name] not in loaded]
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def _named(models) -> dict:
+    """A checkpoint's models by subfolder: {name: model}, or {"": model} for one at the top."""
+    return models if isinstance(models, dict) else {"": models}
+
+
+def _as_module(models) -> torch.nn.Module:
+    """One module whose parameter names are the checkpoint's: several models under their names (a ModuleDict)."""
+    return torch.nn.ModuleDict(models) if isinstance(models, dict) else models
 
 
 def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -461,10 +476,12 @@ def load_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler) -> dict 
             return None
     try:
         if (ckpt_dir / SHARDED_DIR).is_dir():  # written by a sharded run: DCP reshards it for this one
-            load_sharded(ckpt_dir / SHARDED_DIR, models, _torch_optimizer(optimizer))
-        elif not isinstance(models, dict) and is_sharded(models):  # a replicated run's checkpoint, into shards
+            load_sharded(ckpt_dir / SHARDED_DIR, _as_module(models), _torch_optimizer(optimizer))
+        elif any(is_sharded(m) for m in _named(models).values()):  # a replicated run's checkpoint, into shards
             saved = torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu")
-            load_full_into_sharded(models, _torch_optimizer(optimizer), _full_weights(models, ckpt_dir), saved)
+            weights = {(f"{name}." if name else "") + k: v for name, m in _named(models).items()
+                       for k, v in _full_weights(m, ckpt_dir / name).items()}
+            load_full_into_sharded(_as_module(models), _torch_optimizer(optimizer), weights, saved)
         else:
             for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
                 _load_weights(model, ckpt_dir / name)

@@ -49,17 +49,30 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def shard_blocks(model: torch.nn.Module) -> torch.nn.Module:
+def shard_blocks(model: torch.nn.Module, gradients: str = "mean") -> torch.nn.Module:
     """`fully_shard` each transformer block, then the root (what is left: embeddings, final norm, head), in place.
     The blocks are the modules whose class the model names in `_no_split_modules`, the unit HF itself never splits
-    across devices; a model that names none is sharded as one unit."""
-    from torch.distributed.fsdp import fully_shard
+    across devices. A sequence classifier's trunk and `score` head are units of their own, since the RL trainers
+    call them one at a time (`agents.policy.value_forward`); a causal LM's head stays in the root, where a tied
+    one shares the embedding's weight. `gradients`: "mean" over the processes (as DDP), or "sum" (the RL trainers
+    weigh each process's loss by the global minibatch's token count, `agents/distributed.py`)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    if gradients not in ("mean", "sum"):
+        raise ValueError(f"gradients must be 'mean' or 'sum', got {gradients!r}")
     units = set(model._no_split_modules or ())
     for module in model.modules():
         if type(module).__name__ in units:
             fully_shard(module)
+    if not model.can_generate():  # a sequence classifier: trunk, then head, each its own unit
+        fully_shard(model.base_model)
+        fully_shard(model.score)
     fully_shard(model)
+    if gradients == "sum":
+        for module in model.modules():
+            if isinstance(module, FSDPModule):  # a plain SUM reduce-scatter (gloo has no pre-multiplied sum)
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
     return model
 
 
@@ -72,6 +85,16 @@ def prepare_model(accelerator, model: torch.nn.Module, parallel: str) -> torch.n
     return accelerator.prepare(model)
 
 
+def sync_replica(replica: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """`replica` (a plain copy of a sharded `model`, taken before sharding) loaded with the model's current weights,
+    gathered from the shards (a collective). The RL trainers sample from it: decoding runs one step per token until
+    this process's own episodes end, a number of forwards that differs between processes, so the sampling model
+    must not be a collective one; the replica also keeps the lean decoder (as verl's rollout engine gets the FSDP
+    weights synced each iteration). The shards, their gradients and optimizer state stay 1/N per process."""
+    replica.load_state_dict(full_state_dict(model))
+    return replica
+
+
 def pad_share(rows: list, total: int, num_processes: int, batch_size: int, blank) -> list:
     """A process's share of `total` rows padded with `blank` rows to the longest share's whole batches, so that every
     process runs the same number of forwards (a sharded model's forward is a collective)."""
@@ -80,9 +103,9 @@ def pad_share(rows: list, total: int, num_processes: int, batch_size: int, blank
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole state dict on the CPU, gathered from the shards (a collective: every process calls it;
-    every process gets it)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """The model's whole state dict, gathered from the shards onto the model's device (a collective: every process
+    calls it, every process gets it)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
 def save_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:
