@@ -8,6 +8,7 @@ ppo.py; see agents/distributed.py).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from agents.lora import reference_policy, with_lora
 from agents.policy import chunked, gather_gold, iteration_generator, policy_forward, prompt_budget
 from agents.run import distributed_state
 from agents.sampler import Rollout
+from agents.sharding import shard_blocks, sync_replica
 from textenv.models import load_causal_lm
 from textenv.models.lean import frozen_forward
 from textenv.tokenizer import load_tokenizer
@@ -42,6 +44,12 @@ class GroupSetup:
     params: list
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: torch.nn.Module  # what the rollout samples from: the policy, or (sharded) a plain replica of it
+
+    def sampling_policy(self) -> torch.nn.Module:
+        """The model to sample this iteration's rollout from: the policy itself, or under `parallel="fsdp"` its
+        replica with the shards' current weights (`agents.sharding.sync_replica`)."""
+        return self.policy if self.sampler is self.policy else sync_replica(self.sampler, self.policy)
 
 
 def setup_groups(cfg, reference: bool) -> GroupSetup:
@@ -68,12 +76,16 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
     # speed: the frozen reference through the lean forward (GPT-2, the Llama family), its weights packed once for
     # the run (a LoRA policy's adapter-off reference runs its HF forward)
     ref_forward = None if ref_policy is None else frozen_forward(ref_policy, pack_rows=rows * (P + T))
+    # N processes with parallel="fsdp": the policy sharded, the rollout sampling from a synced replica
+    sampler = policy
+    if cfg.parallel == "fsdp" and dist.num_processes > 1:
+        sampler, policy = copy.deepcopy(policy), shard_blocks(policy, gradients="sum")
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,
                                   fused=device.type in ("cpu", "cuda"))  # one kernel for the whole step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 - it / cfg.iterations)  # linear anneal
     return GroupSetup(dist, device, tokenizer, policy, ref_forward, episodes, mine, B, mb_size, rows, params,
-                      optimizer, scheduler)
+                      optimizer, scheduler, sampler)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from agents.policy import (
     write_samples,
 )
 from agents.run import RunLogger, cli, finish_run, load_checkpoint, save_checkpoint, start_run
+from agents.sharding import check_parallel
 from textenv.chat import check_prompt_format
 from textenv.models.tokens import check_temperature
 
@@ -101,6 +102,11 @@ class GRPOConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapter on the policy; the reference is then the policy with its adapter disabled (no second copy). Rank 0
     (the default) trains every weight."""
+    parallel: str = "ddp"
+    """Under several processes: "ddp" replicates the policy and sums gradients; "fsdp" shards its weights, gradients
+    and optimizer state over the processes (PyTorch FSDP2, one unit per transformer block; agents/sharding.py) and
+    samples from a replica synced from the shards each iteration. The frozen reference and reward model are
+    replicated either way. One process: the plain model either way."""
     seed: int = 0
     """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
     device: str | None = None
@@ -110,6 +116,7 @@ class GRPOConfig:
 
     def __post_init__(self):
         check_prompt_format(self.prompt_format)
+        check_parallel(self.parallel, self.lora.rank)
         for name in ("num_prompts", "iterations", "update_epochs", "num_minibatches", "save_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -144,9 +151,9 @@ def grpo(cfg: GRPOConfig) -> Path:
     for iteration in bar:
         t0 = time.perf_counter()
         # ---- 1. rollout: k responses to each of num_prompts prompts; group g is rows g*k .. g*k + k-1 ----
-        g = sample_groups(policy, ref_forward, episodes, num_prompts=cfg.num_prompts, k=k, iteration=iteration,
-                          seed=cfg.seed, temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty,
-                          rows=rows, mine=mine, dist=dist, device=device)
+        g = sample_groups(s.sampling_policy(), ref_forward, episodes, num_prompts=cfg.num_prompts, k=k,
+                          iteration=iteration, seed=cfg.seed, temperature=cfg.temperature,
+                          missing_eos_penalty=cfg.missing_eos_penalty, rows=rows, mine=mine, dist=dist, device=device)
         batch, P, input_ids, attention_mask = g.batch, g.P, g.input_ids, g.attention_mask  # (B, P+T)
         mask, scores, logp, ref_logp = g.mask, g.scores, g.logp, g.ref_logp  # (B, T), (B,), (B, T), (B, T) or None
         with torch.no_grad():

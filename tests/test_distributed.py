@@ -162,14 +162,14 @@ def ppo_ptx_config(files: Path, out_dir: Path) -> PPOConfig:
                       ptx_seq_len=16, iterations=2)
 
 
-def grpo_config(files: Path, out_dir: Path) -> GRPOConfig:
+def grpo_config(files: Path, out_dir: Path, **kw) -> GRPOConfig:
     return GRPOConfig(out_dir=str(out_dir), policy=str(files / "policy"), num_prompts=4, num_generations=2,
-                      num_minibatches=2, update_epochs=2, beta=0.04, **RL_COMMON)
+                      num_minibatches=2, update_epochs=2, beta=0.04, **RL_COMMON, **kw)
 
 
-def rloo_config(files: Path, out_dir: Path) -> RLOOConfig:
+def rloo_config(files: Path, out_dir: Path, **kw) -> RLOOConfig:
     return RLOOConfig(out_dir=str(out_dir), policy=str(files / "policy"), num_prompts=4, num_generations=2,
-                      num_minibatches=2, update_epochs=2, kl_coef=0.3, **RL_COMMON)
+                      num_minibatches=2, update_epochs=2, kl_coef=0.3, **RL_COMMON, **kw)
 
 
 class Stop(Exception):
@@ -228,7 +228,9 @@ def launched(files, tmp_path_factory):
             ("ppo", ppo_config(files, root / "ppo_fsdp_one_to_two", parallel="fsdp"), False),
             ("ppo", ppo_ptx_config(files, root / "ppo_ptx_two"), False),
             ("grpo", grpo_config(files, root / "grpo_two"), False),
-            ("rloo", rloo_config(files, root / "rloo_two"), False)]
+            ("rloo", rloo_config(files, root / "rloo_two"), False),
+            ("grpo", grpo_config(files, root / "grpo_fsdp_two", parallel="fsdp"), False),
+            ("rloo", rloo_config(files, root / "rloo_fsdp_two", parallel="fsdp"), False)]
     jobs = [{"stage": stage, "config": dataclasses.asdict(cfg), "stop_after_save": stop,
              "report_dir": str(root / "reports" / Path(cfg.out_dir).name)} for stage, cfg, stop in jobs]
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -625,15 +627,26 @@ def test_ppo_shared_value_head_and_ptx_two_processes(launched, files, tmp_path):
     assert_same_metrics(read_metrics(root / "ppo_ptx_two"), read_metrics(one))
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo"])
-def test_grpo_and_rloo_two_processes_train_the_one_process_model(launched, files, tmp_path, algo):
+@pytest.fixture(scope="module", params=["grpo", "rloo"])
+def groups_one(request, files, tmp_path_factory) -> tuple[str, Path]:
+    """The 1-process reference GRPO and RLOO runs (in this process)."""
+    run, config = {"grpo": (grpo, grpo_config), "rloo": (rloo, rloo_config)}[request.param]
+    return request.param, run(config(files, tmp_path_factory.mktemp(request.param) / "run")).parent
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_grpo_and_rloo_two_processes_train_the_one_process_model(launched, groups_one, parallel):
+    """Replicated (DDP-style, gradients summed) and sharded (FSDP2, sampling from a synced replica): the 1-process
+    episodes, weights and metrics."""
     root, _ = launched
-    run, config = {"grpo": (grpo, grpo_config), "rloo": (rloo, rloo_config)}[algo]
-    check_final_rl(root, f"{algo}_two")
-    one = run(config(files, tmp_path / "one")).parent
-    assert rl_diff(root / f"{algo}_two", one) < ATOL
-    assert_same_samples(root / f"{algo}_two", one)
-    assert_same_metrics(read_metrics(root / f"{algo}_two"), read_metrics(one))
+    algo, one = groups_one
+    name = f"{algo}_two" if parallel == "ddp" else f"{algo}_fsdp_two"
+    check_final_rl(root, name)
+    if parallel == "fsdp":
+        assert_halves(reports(root, name), AutoModelForCausalLM.from_pretrained(root / name / "model").num_parameters())
+    assert rl_diff(root / name, one) < ATOL
+    assert_same_samples(root / name, one)
+    assert_same_metrics(read_metrics(root / name), read_metrics(one))
 
 
 def test_process_device():
