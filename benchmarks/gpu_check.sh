@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 8) for a session that is lent a device machine: the tiny pipeline end to end on the GPU,
-# the lean decoder against the HF forward on CUDA, and the figures, in one prepared run.
+# the lean decoder against the HF forward on CUDA, the sharded (FSDP2) trainers against one process, and the
+# test suite, in one prepared run.
 #
 #   bash benchmarks/gpu_check.sh prepare   # HERE, once: the wheels the device image lacks, into .whl/ (15 MB)
 #   then the device tool's run with carry [".whl"], command "bash benchmarks/gpu_check.sh run", timeout_s 540
@@ -35,13 +36,13 @@ run)
 import torch, transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 from textenv.models.decoding import HFDecoder
-from textenv.models.gpt2 import GPT2Decoder
+from textenv.models.lean import LeanDecoder
 assert torch.cuda.is_available(), "no CUDA device"
 print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())
 torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_embd=256, n_layer=4, n_head=4, n_positions=256)).cuda().eval()
 ids = torch.randint(2, 4096, (32, 16), device="cuda"); mask = torch.ones_like(ids); mask[:8, :5] = 0
-lean, hf = GPT2Decoder(model, 32, 64), HFDecoder(model, 32, 64)
+lean, hf = LeanDecoder(model, 32, 64), HFDecoder(model, 32, 64)
 with torch.inference_mode():
     worst = (lean.prefill(ids, mask) - hf.prefill(ids, mask)).abs().max().item()
     for _ in range(48):
@@ -56,6 +57,11 @@ EOF
     # the main job itself (default preset), capped so the test run below still fits one lease
     timeout 200 python3 -m agents.cli pipeline --out-dir /tmp/gpu_default 2>&1 | grep '\[pipeline\]' \
         | tee "$out/pipeline_default.txt"
+    # the sharded paths (--parallel fsdp, FSDP2): SFT, DPO, PPO, GRPO and RLOO launched as 2 processes against 1.
+    # One GPU cannot hold two NCCL ranks, so the launched processes run on the host's CPUs (gloo) and the 1-process
+    # references on the GPU (tests/test_distributed.py widens its tolerance to 1e-4 when CUDA is visible)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py > "$out/distributed.txt" 2>&1
+    echo "distributed exit $?"; tail -5 "$out/distributed.txt"
     # the test suite with CUDA visible: the trainers' default device is then cuda, so their CUDA paths run
     # (xdist is in the device image; on an H200 the suite took 214 s with -n 4, and got 37 tests into 150 s without)
     timeout 270 python3 -m pytest -q -p no:cacheprovider -n 4 --maxfail=10 --durations=5 tests > "$out/pytest.txt" 2>&1
