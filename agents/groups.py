@@ -75,6 +75,8 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
     rows = cfg.micro_batch_size or mb_size
     # speed: the frozen reference through the lean forward (GPT-2, the Llama family), its weights packed once for
     # the run (a LoRA policy's adapter-off reference runs its HF forward)
+    if ref_policy is not None and cfg.shard_reference and cfg.parallel == "fsdp" and dist.num_processes > 1:
+        ref_policy = shard_blocks(ref_policy)  # its forward is then a collective: every process runs as many
     ref_forward = None if ref_policy is None else frozen_forward(ref_policy, pack_rows=rows * (P + T))
     # N processes with parallel="fsdp": the policy sharded, the rollout sampling from a synced replica
     sampler = policy

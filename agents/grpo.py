@@ -107,6 +107,10 @@ class GRPOConfig:
     and optimizer state over the processes (PyTorch FSDP2, one unit per transformer block; agents/sharding.py) and
     samples from a replica synced from the shards each iteration. The frozen reference and reward model are
     replicated either way. One process: the plain model either way."""
+    shard_reference: bool = False
+    """With parallel="fsdp" under several processes: shard the frozen reference too (1/N of its weights per process;
+    it then runs the HF forward, all-gathering each block, instead of the lean forward on packed weights). False:
+    every process holds the whole reference, the faster choice."""
     seed: int = 0
     """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
     device: str | None = None

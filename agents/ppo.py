@@ -167,6 +167,10 @@ class PPOConfig:
     their weights, gradients and optimizer state over the processes (PyTorch FSDP2, one unit per transformer block;
     agents/sharding.py) and samples from a replica synced from the shards each iteration. The frozen reference and
     reward model are replicated either way. One process: the plain models either way."""
+    shard_reference: bool = False
+    """With parallel="fsdp" under several processes: shard the frozen reference too (1/N of its weights per process;
+    it then runs the HF forward, all-gathering each block, instead of the lean forward on packed weights). False:
+    every process holds the whole reference, the faster choice."""
     seed: int = 0
     """Seed: prompts, sampling and minibatch order derive from (seed, iteration), so resuming needs no stream."""
     device: str | None = None
@@ -289,6 +293,8 @@ def ppo(cfg: PPOConfig) -> Path:
     rows = cfg.micro_batch_size or B
     # speed: the frozen reference through the lean forward (GPT-2, the Llama family) on weights packed once for the
     # run (a LoRA policy's adapter-off reference runs its HF forward)
+    if cfg.shard_reference and cfg.parallel == "fsdp" and dist.num_processes > 1:
+        ref_policy = shard_blocks(ref_policy)  # its forward is then a collective: every process runs as many
     ref_forward = frozen_forward(ref_policy, pack_rows=rows * (P + T))
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 

@@ -1,21 +1,22 @@
-"""Fully sharded data parallel training (PyTorch FSDP2, `torch.distributed.fsdp.fully_shard`) for the trainers that
-run under Accelerate (pretraining, SFT, the reward model, DPO), and its checkpoints.
+"""Fully sharded data parallel training (PyTorch FSDP2, `torch.distributed.fsdp.fully_shard`) for SFT, DPO, PPO,
+GRPO and RLOO, and its checkpoints.
 
 `--parallel fsdp` under N > 1 processes shards each transformer block (the classes a model lists in
 `_no_split_modules`: GPT2Block, LlamaDecoderLayer, ...) and then the rest of the model (embeddings, final norm,
 head) over the processes: every process holds 1/N of every weight, gradient and optimizer state, and FSDP2
-all-gathers a block's weights for its forward and backward and reduce-scatters its gradients (averaged over the
-processes, as DDP averages them, so the trainers' loss scaling is the same under both). `--parallel ddp` (the
-default) replicates the model and averages gradients (`accelerator.prepare`, DDP). In one process both are the
-plain model. https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html
+all-gathers a block's weights for its forward and backward and reduce-scatters its gradients: averaged over the
+processes for SFT and DPO, as DDP averages them, summed for the RL trainers, as `agents.distributed.sum_gradients`
+sums them, so each trainer's loss scaling is the same sharded or not. `--parallel ddp` (the default) replicates. In
+one process both are the plain model. https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html
 
-A sharded model's forward is a collective: every process must run the same number of forwards (`pad_share`).
+A sharded model's forward is a collective: every process must run the same number of forwards (`pad_share`); the RL
+trainers sample from a plain replica (`sync_replica`).
 
 Checkpoints: a sharded run writes its weights and optimizer state with `torch.distributed.checkpoint` (DCP), each
-process its shards, under checkpoint/dcp/; a replicated run writes today's safetensors + optimizer.pt. Either
-resumes under any number of processes and either `parallel`: DCP reshards on load, and a replicated checkpoint is
-loaded into a sharded run through its full (FQN-keyed) state dict. The final model/ is gathered to full tensors
-and written once, by the main process, as a plain `save_pretrained` folder.
+process its shards, under checkpoint/dcp/; a replicated run writes safetensors + optimizer.pt. Either resumes under
+any number of processes and either `parallel`: DCP reshards on load, and a replicated checkpoint is loaded into a
+sharded run through its full (FQN-keyed) state dict. The final model/ is gathered to full tensors and written
+once, by the main process, as a plain `save_pretrained` folder.
 """
 
 from __future__ import annotations

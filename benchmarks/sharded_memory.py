@@ -1,5 +1,6 @@
-"""PPO's peak memory per process: 1 process, 2 replicated processes (`--parallel ddp`) and 2 sharded ones
-(`--parallel fsdp`, FSDP2), at equal settings, with seconds per iteration.
+"""PPO's peak memory per process: 1 process, 2 replicated processes (`--parallel ddp`), 2 sharded ones
+(`--parallel fsdp`, FSDP2) and 2 sharded ones with the frozen reference sharded too (`--shard-reference`), at equal
+settings, with seconds per iteration.
 
 Replicated, every process holds the policy, the value model, their gradients and Adam's two moments (eight copies of
 the weights), the frozen reference and the reward model. Sharded, it holds 1/N of those eight, a plain replica of
@@ -48,7 +49,7 @@ def worker(args) -> None:
                   prompts=str(work / "prompts.txt"), num_envs=32, num_minibatches=4, update_epochs=1,
                   micro_batch_size=8, max_new_tokens=48, temperature=1.0, missing_eos_penalty=None,
                   iterations=iterations, save_every=iterations, sample_every=iterations, device="cpu",
-                  parallel=args.parallel))
+                  parallel=args.parallel, shard_reference=args.shard_reference))
     distributed_state().wait_for_everyone()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
     report = {"rank": rank, "sec_per_iter": statistics.median(r["time/iteration_s"] for r in rows),
@@ -56,10 +57,11 @@ def worker(args) -> None:
     (work / f"{args.label}-rank{rank}.json").write_text(json.dumps(report))
 
 
-def launch(work: Path, label: str, nproc: int, parallel: str, args) -> list[dict]:
+def launch(work: Path, label: str, nproc: int, parallel: str, shard_reference: bool, args) -> list[dict]:
     threads = max(1, args.threads // nproc)
     inner = ["-m", "benchmarks.sharded_memory", "--worker", "--work", str(work), "--label", label, "--parallel",
-             parallel, "--iterations", str(args.iterations), "--threads", str(threads)]
+             parallel, "--iterations", str(args.iterations), "--threads", str(threads),
+             *(["--shard-reference"] if shard_reference else [])]
     cmd = ([sys.executable, *inner] if nproc == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *inner])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--label", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--parallel", default="ddp", help=argparse.SUPPRESS)
+    parser.add_argument("--shard-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -88,8 +91,9 @@ def main() -> None:
     runs = {}
     try:
         params = build(work, args.width, args.layers)
-        for label, nproc, parallel in (("one", 1, "ddp"), ("ddp2", 2, "ddp"), ("fsdp2", 2, "fsdp")):
-            runs[label] = launch(work, label, nproc, parallel, args)
+        for label, nproc, parallel, shard_reference in (("one", 1, "ddp", False), ("ddp2", 2, "ddp", False),
+                                                        ("fsdp2", 2, "fsdp", False), ("fsdp2_ref", 2, "fsdp", True)):
+            runs[label] = launch(work, label, nproc, parallel, shard_reference, args)
             print(f"{label}: {runs[label]}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -97,8 +101,10 @@ def main() -> None:
     secs = {label: rs[0]["sec_per_iter"] for label, rs in runs.items()}
     print(f"PPO, Llama {params:.0f}M params, peak RSS per process (max over processes) and s/iter: "
           f"1 process {peak['one']:,.0f} MiB, {secs['one']:.1f} s | 2 replicated {peak['ddp2']:,.0f} MiB, "
-          f"{secs['ddp2']:.1f} s | 2 sharded {peak['fsdp2']:,.0f} MiB, {secs['fsdp2']:.1f} s | "
-          f"sharded / replicated x{peak['fsdp2'] / peak['ddp2']:.2f}")
+          f"{secs['ddp2']:.1f} s | 2 sharded {peak['fsdp2']:,.0f} MiB, {secs['fsdp2']:.1f} s "
+          f"(x{peak['fsdp2'] / peak['ddp2']:.2f}) | "
+          f"2 sharded with the reference {peak['fsdp2_ref']:,.0f} MiB, {secs['fsdp2_ref']:.1f} s "
+          f"(x{peak['fsdp2_ref'] / peak['ddp2']:.2f} of replicated)")
     print(json.dumps({"bench": "sharded_memory", "args": vars(args), "runs": runs}))
 
 

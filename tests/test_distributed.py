@@ -223,13 +223,13 @@ def launched(files, tmp_path_factory):
             ("ppo", ppo_config(files, root / "ppo_two"), False),
             ("ppo", ppo_config(files, root / "ppo_two_to_one"), True),
             ("ppo", ppo_config(files, root / "ppo_one_to_two"), False),
-            ("ppo", ppo_config(files, root / "ppo_fsdp_two", parallel="fsdp"), False),
+            ("ppo", ppo_config(files, root / "ppo_fsdp_two", parallel="fsdp", shard_reference=True), False),
             ("ppo", ppo_config(files, root / "ppo_fsdp_two_to_one", parallel="fsdp"), True),
             ("ppo", ppo_config(files, root / "ppo_fsdp_one_to_two", parallel="fsdp"), False),
             ("ppo", ppo_ptx_config(files, root / "ppo_ptx_two"), False),
             ("grpo", grpo_config(files, root / "grpo_two"), False),
             ("rloo", rloo_config(files, root / "rloo_two"), False),
-            ("grpo", grpo_config(files, root / "grpo_fsdp_two", parallel="fsdp"), False),
+            ("grpo", grpo_config(files, root / "grpo_fsdp_two", parallel="fsdp", shard_reference=True), False),
             ("rloo", rloo_config(files, root / "rloo_fsdp_two", parallel="fsdp"), False)]
     jobs = [{"stage": stage, "config": dataclasses.asdict(cfg), "stop_after_save": stop,
              "report_dir": str(root / "reports" / Path(cfg.out_dir).name)} for stage, cfg, stop in jobs]
@@ -579,9 +579,9 @@ def test_ppo_checkpoint_of_one_process_resumes_in_two(launched, ppo_one):
 
 
 def test_ppo_sharded_over_two_processes_trains_the_one_process_models(launched, ppo_one):
-    """--parallel fsdp: policy and value model sharded (each process holds half of each), sampling from a replica
-    synced from the shards: the 1-process episodes, weights and metrics; the gathered folders load with plain
-    transformers."""
+    """--parallel fsdp: policy and value model sharded (each process holds half of each; here the reference too,
+    --shard-reference), sampling from a replica synced from the shards: the 1-process episodes, weights and
+    metrics; the gathered folders load with plain transformers."""
     root, _ = launched
     check_final_rl(root, "ppo_fsdp_two")
     whole = sum(load(root / "ppo_fsdp_two" / name).num_parameters() for name, load in
