@@ -39,6 +39,7 @@ from agents.run import (
     seed_everything,
     start_run,
 )
+from agents.sharding import check_parallel, is_sharded, padded_share, prepare_model
 from textenv.embedded import default_tokenizer
 from textenv.models import ARCHS, PRESETS, bf16_is_fast, build_model, load_causal_lm
 from textenv.tokenizer import load_tokenizer, train_tokenizer
@@ -88,12 +89,17 @@ class PretrainConfig:
     """Validation batches per periodic evaluation."""
     save_every: int = 100
     """Checkpoint every this many steps; a rerun with the same config resumes from the last one."""
+    parallel: str = "ddp"
+    """Under several processes: "ddp" replicates the model and averages gradients; "fsdp" shards every weight,
+    gradient and optimizer state over the processes (PyTorch FSDP2, one unit per transformer block;
+    agents/sharding.py). One process: the plain model either way."""
     seed: int = 0
     """Seed for initialisation and the data order."""
     overwrite: bool = False
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
     def __post_init__(self):
+        check_parallel(self.parallel)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.arch not in ARCHS:
@@ -105,17 +111,25 @@ class PretrainConfig:
 @torch.no_grad()
 def evaluate(model, blocks: torch.Tensor, batch_size: int, accelerator: Accelerator, bf16: bool) -> float:
     """Mean next-token loss over `blocks`; each process takes every num_processes-th block.
-    The unwrapped model: the processes may run different numbers of batches, which DDP's forward must not see."""
+    The unwrapped model: the processes may run different numbers of batches, which DDP's forward must not see; a
+    sharded model's forward is a collective, so there every process runs as many, blank blocks (no targets) filling
+    the short ones."""
     model = accelerator.unwrap_model(model)
     model.eval()
-    mine = blocks[accelerator.process_index :: accelerator.num_processes]
+    mine = blocks[accelerator.process_index :: accelerator.num_processes]  # (n, T + 1)
+    targets = mine[:, 1:]  # (n, T)
+    if is_sharded(model):  # blank blocks: the first block's tokens, no targets
+        blank = padded_share(len(blocks), accelerator.num_processes, batch_size) - len(mine)
+        mine = torch.cat([mine, blocks[:1].expand(blank, -1)])
+        targets = torch.cat([targets, torch.full((blank, targets.shape[1]), -100, dtype=targets.dtype)])
     total = torch.zeros(2, device=accelerator.device)  # (sum of token losses, token count)
     for i in range(0, len(mine), batch_size):
         block = mine[i : i + batch_size].to(accelerator.device)  # (B, T + 1)
+        target = targets[i : i + batch_size].to(accelerator.device)  # (B, T), -100 on blank blocks
         with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
             logits = model(input_ids=block[:, :-1]).logits  # (B, T, V)
-        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), block[:, 1:].flatten(), reduction="sum")
-        total[1] += block[:, 1:].numel()
+        total[0] += F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum")
+        total[1] += (target != -100).sum()
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1]).item()
@@ -163,10 +177,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {cfg.model} only "
                              f"{model.get_input_embeddings().num_embeddings} embeddings")
+    model = prepare_model(accelerator, model, cfg.parallel)  # DDP, or FSDP2 shards (agents/sharding.py)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, fused=accelerator.device.type in ("cpu", "cuda"))
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     # the scheduler stays ours: accelerate's wrapper would step it num_processes times per step
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = accelerator.prepare(optimizer)
 
     resumed = load_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler)
     start = resumed["step"] if resumed else 0

@@ -1,11 +1,11 @@
-"""Fully sharded data parallel training (PyTorch FSDP2, `torch.distributed.fsdp.fully_shard`) for SFT, DPO, PPO,
-GRPO and RLOO, and its checkpoints.
+"""Fully sharded data parallel training (PyTorch FSDP2, `torch.distributed.fsdp.fully_shard`) for pretraining, SFT,
+DPO, PPO, GRPO and RLOO, and its checkpoints.
 
 `--parallel fsdp` under N > 1 processes shards each transformer block (the classes a model lists in
 `_no_split_modules`: GPT2Block, LlamaDecoderLayer, ...) and then the rest of the model (embeddings, final norm,
 head) over the processes: every process holds 1/N of every weight, gradient and optimizer state, and FSDP2
 all-gathers a block's weights for its forward and backward and reduce-scatters its gradients: averaged over the
-processes for SFT and DPO, as DDP averages them, summed for the RL trainers, as `agents.distributed.sum_gradients`
+processes for pretraining, SFT and DPO, as DDP averages them, summed for the RL trainers, as `agents.distributed.sum_gradients`
 sums them, so each trainer's loss scaling is the same sharded or not. `--parallel ddp` (the default) replicates. In
 one process both are the plain model. https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html
 
@@ -96,11 +96,16 @@ def sync_replica(replica: torch.nn.Module, model: torch.nn.Module) -> torch.nn.M
     return replica
 
 
-def pad_share(rows: list, total: int, num_processes: int, batch_size: int, blank) -> list:
-    """A process's share of `total` rows padded with `blank` rows to the longest share's whole batches, so that every
-    process runs the same number of forwards (a sharded model's forward is a collective)."""
+def padded_share(total: int, num_processes: int, batch_size: int) -> int:
+    """How many rows each process runs so that all run the same number of forwards (a sharded model's forward is a
+    collective): the longest share of `total` rows, rounded up to whole batches."""
     longest = -(-total // num_processes)
-    return rows + [blank] * (-(-longest // batch_size) * batch_size - len(rows))
+    return -(-longest // batch_size) * batch_size
+
+
+def pad_share(rows: list, total: int, num_processes: int, batch_size: int, blank) -> list:
+    """A process's share of `total` rows padded with `blank` rows to `padded_share`."""
+    return rows + [blank] * (padded_share(total, num_processes, batch_size) - len(rows))
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

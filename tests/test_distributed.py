@@ -132,10 +132,10 @@ def rm_config(files: Path, out_dir: Path) -> RMConfig:
                     bf16=False)
 
 
-def pretrain_config(files: Path, out_dir: Path) -> PretrainConfig:
+def pretrain_config(files: Path, out_dir: Path, **kw) -> PretrainConfig:
     return PretrainConfig(out_dir=str(out_dir), preset="tiny", data=str(files / "docs.txt"),
                           tokenizer=str(files / "tokenizer"), seq_len=32, batch_size=8, max_steps=6, lr=3e-3,
-                          warmup_steps=2, log_every=1, eval_every=3, eval_batches=1, save_every=3, bf16=False)
+                          warmup_steps=2, log_every=1, eval_every=3, eval_batches=1, save_every=3, bf16=False, **kw)
 
 
 def dpo_config(files: Path, out_dir: Path, **kw) -> DPOConfig:
@@ -217,6 +217,7 @@ def launched(files, tmp_path_factory):
             ("sft", sft_config(files, root / "sft_fsdp_one_to_two", parallel="fsdp"), False),
             ("rm", rm_config(files, root / "rm_two"), False),
             ("pretrain", pretrain_config(files, root / "pretrain_two"), False),
+            ("pretrain", pretrain_config(files, root / "pretrain_fsdp_two", parallel="fsdp"), False),
             ("dpo", dpo_config(files, root / "dpo_two"), False),
             ("dpo", dpo_config(files, root / "dpo_two_to_one"), True),
             ("dpo", dpo_config(files, root / "dpo_fsdp_two", parallel="fsdp"), False),
@@ -310,9 +311,9 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
 
 def test_only_the_main_process_prints(launched):
     _, proc = launched
-    # one header line per run: six SFT runs, one RM run, one pretraining run
+    # one header line per run: six SFT runs, one RM run, two pretraining runs
     assert proc.stdout.count("demonstrations, 6 steps") == 6
-    assert proc.stdout.count("held-out prompts") == 1 and proc.stdout.count("pretrain: ") == 1
+    assert proc.stdout.count("held-out prompts") == 1 and proc.stdout.count("pretrain: ") == 2
     assert proc.stdout.count("pairs (best_vs_worst)") == 3  # dpo_two, dpo_two_to_one and dpo_fsdp_two
 
 
@@ -427,13 +428,17 @@ def test_reward_model_two_processes_train_the_one_process_model(launched, files,
     assert s2["normalization"] == pytest.approx(s1["normalization"], abs=RM_SCORE_ATOL)
 
 
-def test_pretrain_two_processes_train_the_one_process_model(launched, files, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_pretrain_two_processes_train_the_one_process_model(launched, files, tmp_path, parallel):
     root, _ = launched
-    check_final(root, "pretrain_two", AutoModelForCausalLM.from_pretrained)
+    name = "pretrain_two" if parallel == "ddp" else "pretrain_fsdp_two"
+    check_final(root, name, AutoModelForCausalLM.from_pretrained)
+    if parallel == "fsdp":
+        assert_halves(reports(root, name), AutoModelForCausalLM.from_pretrained(root / name / "model").num_parameters())
     one = pretrain(pretrain_config(files, tmp_path / "one"))
-    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "pretrain_two" / "model"),
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / name / "model"),
                         AutoModelForCausalLM.from_pretrained(one)) < ATOL
-    assert_same_metrics(read_metrics(root / "pretrain_two"), read_metrics(tmp_path / "one"))
+    assert_same_metrics(read_metrics(root / name), read_metrics(tmp_path / "one"))
 
 
 # ---------------------------------------------------------------- DPO
