@@ -5,9 +5,10 @@ DPO, PPO, GRPO and RLOO, and its checkpoints.
 `_no_split_modules`: GPT2Block, LlamaDecoderLayer, ...) and then the rest of the model (embeddings, final norm,
 head) over the processes: every process holds 1/N of every weight, gradient and optimizer state, and FSDP2
 all-gathers a block's weights for its forward and backward and reduce-scatters its gradients: averaged over the
-processes for pretraining, SFT and DPO, as DDP averages them, summed for the RL trainers, as `agents.distributed.sum_gradients`
-sums them, so each trainer's loss scaling is the same sharded or not. `--parallel ddp` (the default) replicates. In
-one process both are the plain model. https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html
+processes for pretraining, SFT and DPO, as DDP averages them, and summed for the RL trainers, as
+`agents.distributed.sum_gradients` sums them, so each trainer's loss scaling is the same sharded or not.
+`--parallel ddp` (the default) replicates. In one process both are the plain model.
+https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html
 
 A sharded model's forward is a collective: every process must run the same number of forwards (`pad_share`); the RL
 trainers sample from a plain replica (`sync_replica`).

@@ -1,6 +1,6 @@
 """Trainer runs under accelerate launch / torchrun for tests/test_distributed.py: what every process ends each with.
 
-    accelerate launch --config_file configs/accelerate/ddp_cpu.yaml tests/distributed_worker.py JOBS.json
+    accelerate launch --config_file configs/accelerate/ddp.yaml tests/distributed_worker.py JOBS.json
     torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py JOBS.json  # the same
 
 JOBS.json is a list of jobs, run one after the other in the same process group (one launch, so the ~10 s of

@@ -1,5 +1,5 @@
 """Data-parallel training on CPU: SFT, the reward model, pretraining, DPO, PPO, GRPO and RLOO launched as 2 processes
-(gloo) with `accelerate launch --config_file configs/accelerate/ddp_cpu.yaml` (which starts them through
+(gloo) with `accelerate launch --config_file configs/accelerate/ddp.yaml` (which starts them through
 torch.distributed.run, as torchrun does), against the same runs in one process.
 
 The 2-process runs are one real launch (a subprocess, on a free port) of tests/distributed_worker.py, which runs the
@@ -50,7 +50,7 @@ from textenv.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
-DDP_CPU = ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"
+DDP_CPU = ROOT / "configs" / "accelerate" / "ddp.yaml"
 
 # 2 processes vs 1 differ only in float rounding: each process runs its half of the batch (padded to its own longest
 # row), DDP sums the two half-gradients in another order, and the token count of the loss is an all-reduce. Measured
@@ -190,7 +190,7 @@ def ppo_one(files, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def launched(files, tmp_path_factory):
-    """One `accelerate launch --config_file ddp_cpu.yaml` (2 processes, gloo, 1 thread each) running these jobs:
+    """One `accelerate launch --config_file ddp.yaml` (2 processes, gloo, 1 thread each) running these jobs:
     sft_two (straight), sft_two_to_one (stopped after its step-3 checkpoint), sft_one_to_two (resuming the step-3
     checkpoint of a 1-process run stopped here first), rm_two, pretrain_two, dpo_two, dpo_two_to_one (stopped after
     its step-2 checkpoint), ppo_two, ppo_two_to_one (stopped after iteration 2), ppo_one_to_two (resuming a 1-process

@@ -4,7 +4,8 @@ no trainer imports another trainer.
     0  textenv.models.*      the model floor: presets and loaders, lean GPT-2 paths, oneDNN linears, log-probs
     1  rewards.*             the reward protocol and adapters
     2  textenv.*             envs, tasks, generated data, tokenizer, file readers
-    3  agents (shared)       core math, the run helper, sampler, data, forwards, distributed plumbing, evaluation
+    3  agents (shared)       core math, the run helper, sampler, data, forwards, distributed plumbing and sharding,
+                             evaluation
     4  agents (trainers)     one file per stage; leaves: none imports another
     5  agents.pipeline, agents.cli, benchmarks.*   what runs the trainers
 """
@@ -21,6 +22,7 @@ PACKAGES = ("textenv", "rewards", "agents", "benchmarks")
 TRAINERS = {"agents.pretrain", "agents.sft", "agents.comparisons", "agents.reward_model", "agents.ppo", "agents.grpo",
             "agents.rloo", "agents.dpo", "agents.sb3_lm"}
 SHARED = {"agents", "agents.core", "agents.lora", "agents.run", "agents.data", "agents.sampler", "agents.distributed",
+          "agents.sharding",
           "agents.policy", "agents.preferences", "agents.groups", "agents.best_of_n", "agents.report",
           "agents.evaluate", "agents.episodes"}
 TOP = {"agents.pipeline", "agents.cli"}
