@@ -330,40 +330,6 @@ def test_sft_two_processes_train_the_one_process_model(launched, sft_one):
     assert valid[0] == pytest.approx(valid[1], rel=1e-5)
 
 
-def test_sft_checkpoint_of_two_processes_resumes_in_one(launched, files, sft_one, monkeypatch):
-    root, _ = launched
-    run = root / "sft_two_to_one"
-    assert reports(root, "sft_two_to_one")[0]["stopped"]
-    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
-    assert not (run / "model").exists() and not (run / "summary.json").exists()
-
-    resumed_from = []
-    real_load = agents.sft.load_checkpoint
-
-    def spy_load(*args):
-        state = real_load(*args)
-        resumed_from.append(state["step"])
-        return state
-
-    monkeypatch.setattr(agents.sft, "load_checkpoint", spy_load)
-    final = sft(sft_config(files, run))  # 1 process
-    assert resumed_from == [3]  # a real resume, not a restart
-    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(final),
-                        AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
-    assert_same_metrics(read_metrics(run), read_metrics(sft_one.parent))
-
-
-def test_sft_checkpoint_of_one_process_resumes_in_two(launched, sft_one):
-    root, _ = launched
-    check_final(root, "sft_one_to_two", AutoModelForCausalLM.from_pretrained, resumed_step=3)
-    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "sft_one_to_two" / "model"),
-                        AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
-    assert_same_metrics(read_metrics(root / "sft_one_to_two"), read_metrics(sft_one.parent))
-
-
-# ---------------------------------------------------------------- SFT, sharded (FSDP2)
-
-
 def test_sft_sharded_over_two_processes_trains_the_one_process_model(launched, sft_one):
     """--parallel fsdp: each process held half of every weight and optimizer state; the gathered model/ is a plain
     transformers folder with the 1-process run's weights, and the same metrics were logged."""
@@ -377,34 +343,39 @@ def test_sft_sharded_over_two_processes_trains_the_one_process_model(launched, s
     assert_same_metrics(read_metrics(root / "sft_fsdp_two"), read_metrics(sft_one.parent))
 
 
-def test_sft_sharded_checkpoint_resumes_in_one_process(launched, files, sft_one, monkeypatch):
+def run_name(stage: str, parallel: str, suffix: str) -> str:
+    """A launched job's folder: e.g. sft_two_to_one (replicated) or sft_fsdp_two_to_one (sharded)."""
+    return f"{stage}_{suffix}" if parallel == "ddp" else f"{stage}_fsdp_{suffix}"
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_sft_checkpoint_of_two_processes_resumes_in_one(launched, files, sft_one, monkeypatch, parallel):
+    """Sharded, each process wrote its shards (DCP), which one process reshards into the plain model."""
     root, _ = launched
-    run = root / "sft_fsdp_two_to_one"
-    assert reports(root, "sft_fsdp_two_to_one")[0]["stopped"]
-    ckpt = run / "checkpoint"
-    assert (ckpt / "dcp" / ".metadata").exists() and not (ckpt / "optimizer.pt").exists()  # each process's shards
-    resumed_from = []
-    real_load = agents.sft.load_checkpoint
-
-    def spy_load(*args):
-        state = real_load(*args)
-        resumed_from.append(state["step"])
-        return state
-
-    monkeypatch.setattr(agents.sft, "load_checkpoint", spy_load)
-    final = sft(sft_config(files, run, parallel="fsdp"))  # 1 process: the plain model, the shards resharded into it
-    assert resumed_from == [3]
+    name = run_name("sft", parallel, "two_to_one")
+    run, ckpt = root / name, root / name / "checkpoint"
+    assert reports(root, name)[0]["stopped"]
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
+    assert not (run / "model").exists() and not (run / "summary.json").exists()
+    sharded = parallel == "fsdp"  # each process's shards (DCP), else one optimizer.pt
+    assert (ckpt / "dcp" / ".metadata").exists() == sharded and (ckpt / "optimizer.pt").exists() != sharded
+    resumed_from = spy_resume(monkeypatch, agents.sft, "step")
+    final = sft(sft_config(files, run, parallel=parallel))  # 1 process
+    assert resumed_from == [3]  # a real resume, not a restart
     assert max_abs_diff(AutoModelForCausalLM.from_pretrained(final),
                         AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
     assert_same_metrics(read_metrics(run), read_metrics(sft_one.parent))
 
 
-def test_sft_one_process_checkpoint_resumes_sharded_in_two(launched, sft_one):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_sft_checkpoint_of_one_process_resumes_in_two(launched, sft_one, parallel):
+    """Sharded, the 1-process checkpoint's full weights and optimizer state are sharded on load."""
     root, _ = launched
-    check_final(root, "sft_fsdp_one_to_two", AutoModelForCausalLM.from_pretrained, resumed_step=3)
-    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / "sft_fsdp_one_to_two" / "model"),
+    name = run_name("sft", parallel, "one_to_two")
+    check_final(root, name, AutoModelForCausalLM.from_pretrained, resumed_step=3)
+    assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / name / "model"),
                         AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
-    assert_same_metrics(read_metrics(root / "sft_fsdp_one_to_two"), read_metrics(sft_one.parent))
+    assert_same_metrics(read_metrics(root / name), read_metrics(sft_one.parent))
 
 
 # ---------------------------------------------------------------- reward model and pretraining
@@ -560,29 +531,6 @@ def test_ppo_two_processes_train_the_one_process_model(launched, ppo_one):
     assert_same_metrics(read_metrics(root / "ppo_two"), read_metrics(ppo_one.parent))
 
 
-def test_ppo_checkpoint_of_two_processes_resumes_in_one(launched, files, ppo_one, monkeypatch):
-    root, _ = launched
-    run = root / "ppo_two_to_one"
-    assert reports(root, "ppo_two_to_one")[0]["stopped"]
-    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["iteration"] == 2
-    assert not (run / "model").exists() and not (run / "summary.json").exists()
-    resumed_from = spy_resume(monkeypatch, agents.ppo, "iteration")
-    ppo(ppo_config(files, run))  # 1 process
-    assert resumed_from == [2]
-    assert rl_diff(run, ppo_one.parent) < ATOL and value_diff(run, ppo_one.parent) < ATOL
-    assert_same_samples(run, ppo_one.parent)
-    assert_same_metrics(read_metrics(run), read_metrics(ppo_one.parent))
-
-
-def test_ppo_checkpoint_of_one_process_resumes_in_two(launched, ppo_one):
-    root, _ = launched
-    check_final_rl(root, "ppo_one_to_two", resumed_step=2)
-    assert rl_diff(root / "ppo_one_to_two", ppo_one.parent) < ATOL
-    assert value_diff(root / "ppo_one_to_two", ppo_one.parent) < ATOL
-    assert_same_samples(root / "ppo_one_to_two", ppo_one.parent)
-    assert_same_metrics(read_metrics(root / "ppo_one_to_two"), read_metrics(ppo_one.parent))
-
-
 def test_ppo_sharded_over_two_processes_trains_the_one_process_models(launched, ppo_one):
     """--parallel fsdp: policy and value model sharded (each process holds half of each; here the reference too,
     --shard-reference), sampling from a replica synced from the shards: the 1-process episodes, weights and
@@ -599,26 +547,32 @@ def test_ppo_sharded_over_two_processes_trains_the_one_process_models(launched, 
     assert_same_metrics(read_metrics(root / "ppo_fsdp_two"), read_metrics(ppo_one.parent))
 
 
-def test_ppo_sharded_checkpoint_resumes_in_one_process(launched, files, ppo_one, monkeypatch):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ppo_checkpoint_of_two_processes_resumes_in_one(launched, files, ppo_one, monkeypatch, parallel):
     root, _ = launched
-    run = root / "ppo_fsdp_two_to_one"
-    assert reports(root, "ppo_fsdp_two_to_one")[0]["stopped"]
-    assert (run / "checkpoint" / "dcp" / ".metadata").exists()
+    name = run_name("ppo", parallel, "two_to_one")
+    run = root / name
+    assert reports(root, name)[0]["stopped"]
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["iteration"] == 2
+    assert not (run / "model").exists() and not (run / "summary.json").exists()
+    assert (run / "checkpoint" / "dcp" / ".metadata").exists() == (parallel == "fsdp")
     resumed_from = spy_resume(monkeypatch, agents.ppo, "iteration")
-    ppo(ppo_config(files, run, parallel="fsdp"))  # 1 process
+    ppo(ppo_config(files, run, parallel=parallel))  # 1 process
     assert resumed_from == [2]
     assert rl_diff(run, ppo_one.parent) < ATOL and value_diff(run, ppo_one.parent) < ATOL
     assert_same_samples(run, ppo_one.parent)
     assert_same_metrics(read_metrics(run), read_metrics(ppo_one.parent))
 
 
-def test_ppo_one_process_checkpoint_resumes_sharded_in_two(launched, ppo_one):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ppo_checkpoint_of_one_process_resumes_in_two(launched, ppo_one, parallel):
     root, _ = launched
-    check_final_rl(root, "ppo_fsdp_one_to_two", resumed_step=2)
-    assert rl_diff(root / "ppo_fsdp_one_to_two", ppo_one.parent) < ATOL
-    assert value_diff(root / "ppo_fsdp_one_to_two", ppo_one.parent) < ATOL
-    assert_same_samples(root / "ppo_fsdp_one_to_two", ppo_one.parent)
-    assert_same_metrics(read_metrics(root / "ppo_fsdp_one_to_two"), read_metrics(ppo_one.parent))
+    name = run_name("ppo", parallel, "one_to_two")
+    check_final_rl(root, name, resumed_step=2)
+    assert rl_diff(root / name, ppo_one.parent) < ATOL
+    assert value_diff(root / name, ppo_one.parent) < ATOL
+    assert_same_samples(root / name, ppo_one.parent)
+    assert_same_metrics(read_metrics(root / name), read_metrics(ppo_one.parent))
 
 
 def test_ppo_shared_value_head_and_ptx_two_processes(launched, files, tmp_path):
