@@ -622,3 +622,17 @@ def test_process_device():
         process_device("cuda:0", gpu_rank)  # every process would pile onto one GPU
     assert (process_device("cuda:0", SimpleNamespace(num_processes=1, device=torch.device("cpu")))
             == torch.device("cuda", 0))
+
+
+def test_parallel_settings_that_do_not_apply_name_the_fix():
+    from agents.lora import LoRAConfig
+
+    with pytest.raises(ValueError, match=r"parallel must be one of \('ddp', 'fsdp'\), got 'zero3'"):
+        SFTConfig(parallel="zero3")
+    with pytest.raises(ValueError, match="parallel='fsdp' with LoRA .* use parallel='ddp'"):
+        PPOConfig(parallel="fsdp", lora=LoRAConfig(rank=8))
+    with pytest.raises(ValueError, match="parallel='fsdp' with shared_value_head is not supported yet"):
+        PPOConfig(parallel="fsdp", shared_value_head=True)
+    for config in (PretrainConfig, DPOConfig, GRPOConfig, RLOOConfig):
+        with pytest.raises(ValueError, match="parallel must be one of"):
+            config(parallel="deepspeed")
