@@ -21,7 +21,7 @@ from agents.lora import reference_policy, with_lora
 from agents.policy import chunked, gather_gold, iteration_generator, policy_forward, prompt_budget
 from agents.run import distributed_state
 from agents.sampler import Rollout
-from agents.sharding import shard_blocks, sync_replica
+from agents.sharding import shard_blocks, shards, sync_replica
 from textenv.models import load_causal_lm
 from textenv.models.lean import frozen_forward
 from textenv.tokenizer import load_tokenizer
@@ -75,12 +75,13 @@ def setup_groups(cfg, reference: bool) -> GroupSetup:
     rows = cfg.micro_batch_size or mb_size
     # speed: the frozen reference through the lean forward (GPT-2, the Llama family), its weights packed once for
     # the run (a LoRA policy's adapter-off reference runs its HF forward)
-    if ref_policy is not None and cfg.shard_reference and cfg.parallel == "fsdp" and dist.num_processes > 1:
+    sharded = shards(cfg.parallel, dist.num_processes)  # N processes, parallel="fsdp": the models sharded
+    if ref_policy is not None and sharded and cfg.shard_reference:
         ref_policy = shard_blocks(ref_policy)  # its forward is then a collective: every process runs as many
     ref_forward = None if ref_policy is None else frozen_forward(ref_policy, pack_rows=rows * (P + T))
-    # N processes with parallel="fsdp": the policy sharded, the rollout sampling from a synced replica
+    # sharded: the policy too, the rollout sampling from a synced replica
     sampler = policy
-    if cfg.parallel == "fsdp" and dist.num_processes > 1:
+    if sharded:
         sampler, policy = copy.deepcopy(policy), shard_blocks(policy, gradients="sum")
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0,

@@ -65,7 +65,7 @@ from agents.policy import (  # noqa: F401  (NonFiniteError: the error a user cat
     write_samples,
 )
 from agents.run import RunLogger, cli, distributed_state, finish_run, load_checkpoint, save_checkpoint, start_run
-from agents.sharding import check_parallel, shard_blocks, sync_replica
+from agents.sharding import check_parallel, shard_blocks, shards, sync_replica
 from rewards.hf import SequenceClassifierReward
 from textenv.chat import check_prompt_format
 from textenv.models import load_causal_lm, load_sequence_classifier
@@ -293,13 +293,13 @@ def ppo(cfg: PPOConfig) -> Path:
     rows = cfg.micro_batch_size or B
     # speed: the frozen reference through the lean forward (GPT-2, the Llama family) on weights packed once for the
     # run (a LoRA policy's adapter-off reference runs its HF forward)
-    if cfg.shard_reference and cfg.parallel == "fsdp" and dist.num_processes > 1:
+    sharded = shards(cfg.parallel, dist.num_processes)  # N processes, parallel="fsdp": the models sharded
+    if sharded and cfg.shard_reference:
         ref_policy = shard_blocks(ref_policy)  # its forward is then a collective: every process runs as many
     ref_forward = frozen_forward(ref_policy, pack_rows=rows * (P + T))
     ptx_blocks = load_ptx_blocks(cfg, tokenizer) if cfg.ptx_coef > 0 else None
 
-    # N processes with parallel="fsdp": policy and value model sharded; the rollout samples from a synced replica
-    sharded = cfg.parallel == "fsdp" and dist.num_processes > 1
+    # sharded: policy and value model too, the rollout sampling from a synced replica
     sampler_policy = copy.deepcopy(policy) if sharded else policy
     if sharded:
         policy, value_model = shard_blocks(policy, gradients="sum"), shard_blocks(value_model, gradients="sum")

@@ -408,7 +408,7 @@ def save_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler, state: d
     if dist.is_main_process:
         if not sharded:
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftovers
-            for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
+            for name, model in _named(models).items():
                 _save_model(model, tmp / name)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -421,11 +421,17 @@ def save_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler, state: d
     dist.wait_for_everyone()
 
 
-def _load_weights(model, folder: Path) -> None:
-    model = extract_model_from_parallel(model)
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files (one, or a save_pretrained folder's shards)."""
     weights = {}
     for shard in sorted(folder.glob("*.safetensors")):
         weights.update(load_file(shard))
+    return weights
+
+
+def _load_weights(model, folder: Path) -> None:
+    model = extract_model_from_parallel(model)
+    weights = _read_weights(folder)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # save_pretrained stores a tied tensor once (lm_head.weight is wte.weight): missing is fine iff it shares storage
     ptrs = {name: t.data_ptr() for name, t in model.state_dict().items()}
@@ -452,9 +458,7 @@ def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
 def _full_weights(model, folder: Path) -> dict[str, torch.Tensor]:
     """A save_pretrained folder's weights by the model's own names, a tied tensor stored once given under each name
     that shares it (lm_head.weight is wte.weight)."""
-    weights = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        weights.update(load_file(shard))
+    weights = _read_weights(folder)
     tied = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(param), []).append(name)
@@ -483,7 +487,7 @@ def load_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler) -> dict 
                        for k, v in _full_weights(m, ckpt_dir / name).items()}
             load_full_into_sharded(_as_module(models), _torch_optimizer(optimizer), weights, saved)
         else:
-            for name, model in (models.items() if isinstance(models, dict) else [("", models)]):
+            for name, model in _named(models).items():
                 _load_weights(model, ckpt_dir / name)
             optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True, map_location="cpu"))
         scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))

@@ -46,6 +46,11 @@ def check_parallel(parallel: str, lora_rank: int = 0) -> str:
     return parallel
 
 
+def shards(parallel: str, num_processes: int) -> bool:
+    """Whether this launch shards its trained models: `parallel` "fsdp" under several processes."""
+    return parallel == "fsdp" and num_processes > 1
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """True when the model's parameters are FSDP2 shards (DTensors)."""
     return any(isinstance(p, DTensor) for p in model.parameters())
@@ -82,7 +87,7 @@ def prepare_model(accelerator, model: torch.nn.Module, parallel: str) -> torch.n
     """The model ready to train under this launch: FSDP2-sharded (`parallel` "fsdp", several processes), else
     prepared by Accelerate (DDP under several processes, the model itself in one). Build the optimizer after this
     call: FSDP2 replaces the parameters."""
-    if check_parallel(parallel) == "fsdp" and accelerator.num_processes > 1:
+    if shards(parallel, accelerator.num_processes):
         return shard_blocks(model.to(accelerator.device))
     return accelerator.prepare(model)
 
