@@ -212,7 +212,8 @@ class FixedKLController:
     """Constant KL coefficient with the AdaptiveKLController interface; `update` leaves `value` unchanged."""
 
     def __init__(self, kl_coef: float):
-        _check_positive(kl_coef=kl_coef)
+        if not (math.isfinite(float(kl_coef)) and float(kl_coef) >= 0):  # 0: no penalty (pure reward optimisation)
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
         self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> float:

@@ -138,7 +138,8 @@ class PPOConfig:
     gae_lambda: float = 0.95
     """GAE lambda."""
     kl_coef: float = 0.3
-    """Initial coefficient of the per-token KL penalty."""
+    """Initial coefficient of the per-token KL penalty (> 0 with the adaptive controller; with kl_target None, 0
+    turns the penalty off)."""
     kl_target: float | None = 6.0
     """Adaptive controller target KL in nats per response (Ziegler et al.); None keeps kl_coef fixed."""
     kl_horizon: int = 1000
@@ -191,6 +192,11 @@ class PPOConfig:
         if self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs={self.num_envs} is not divisible by num_minibatches={self.num_minibatches}")
         check_temperature(self.temperature)
+        # the controllers' own checks, here so that a refused value never reaches the run folder's config
+        if self.kl_target is None:
+            FixedKLController(self.kl_coef)
+        else:
+            AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
 
 
 class ValueHead(torch.nn.Module):

@@ -279,8 +279,10 @@ def test_fixed_kl_controller_and_validation():
     for args in [(0.0, 6, 100), (0.1, -6, 100), (0.1, 6, 0), (0.1, math.nan, 100)]:
         with pytest.raises(ValueError):
             AdaptiveKLController(*args)
-    with pytest.raises(ValueError, match="kl_coef"):
-        FixedKLController(-1.0)
+    assert FixedKLController(0.0).value == 0.0  # no penalty
+    for bad in (-1.0, math.inf):
+        with pytest.raises(ValueError, match="kl_coef"):
+            FixedKLController(bad)
 
 
 # ---------------------------------------------------------------------------------------------------------- EOS

@@ -284,3 +284,13 @@ def test_user_prompts_longer_than_the_tasks_budget_are_not_cut(policy_folder, tm
         for name in ("metrics.jsonl", "samples.jsonl"):
             rows = [json.loads(line) for line in (tmp_path / run / name).read_text().splitlines()]
             assert rows and not any("objective/gold" in r or "gold" in r for r in rows), (run, name)
+
+
+def test_a_refused_kl_setting_writes_no_run_folder(policy_folder, tmp_path):
+    """The KL controller's checks run when the config is built, so a bad value never reaches a run folder (whose
+    recorded config a corrected rerun would then clash with); a fixed coefficient of 0 turns the penalty off."""
+    for bad in (dict(kl_coef=0.0), dict(kl_coef=-0.1, kl_target=None), dict(kl_horizon=0)):
+        with pytest.raises(ValueError, match="kl_coef|horizon"):
+            tiny_config(policy_folder, tmp_path / "run", **bad)
+    assert not (tmp_path / "run").exists()
+    assert tiny_config(policy_folder, tmp_path / "run", kl_coef=0.0, kl_target=None).kl_coef == 0.0
