@@ -2,7 +2,9 @@
 
 No training; its KL to the sampling policy is known in closed form, log n - (n - 1) / n (Stiennon et al. 2020,
 arXiv 2009.01325, App. G; Gao et al. 2022, arXiv 2210.10760), which makes it the usual baseline for RL at a
-given KL budget. `best_of_n` picks one n; `best_of_n_curve` reads every n = 1, 2, 4, ... off one set of samples.
+given KL budget. `best_of_n` picks one n; `best_of_n_curve` reads every n = 1, 2, 4, ... off one set of samples;
+`best_of_n_expected` is the unbiased estimate of best-of-n from N >= n samples (Gao et al. 2022, App. I), which
+averages over every n-subset instead of reading the first n.
 """
 
 from __future__ import annotations
@@ -65,3 +67,22 @@ def best_of_n_curve(gold: np.ndarray, proxy: np.ndarray) -> list[dict]:
                      "proxy": float(proxy[prompts, pick].mean())})
         n *= 2
     return rows
+
+
+def best_of_n_expected(gold: np.ndarray, proxy: np.ndarray, n: int) -> tuple[float, float]:
+    """The mean over prompts of E[gold] and E[proxy] of best-of-n by the proxy, where each prompt's n candidates are
+    a uniformly random n-subset of its N samples: exact over all C(N, n) subsets, so unbiased and far less noisy
+    than one draw (Gao et al. 2022, arXiv 2210.10760, App. I; Nakano et al. 2021). gold, proxy: (prompts, N) scores
+    of the same samples. Sorted by the proxy (ties by sample order), the sample of rank i (0-based, ascending) is the
+    subset's favourite exactly when it is in the subset with n - 1 of the i below it: C(i, n-1) / C(N, n)."""
+    gold, proxy = np.asarray(gold, float), np.asarray(proxy, float)
+    if gold.shape != proxy.shape or gold.ndim != 2:
+        raise ValueError(f"gold and proxy must be (prompts, N) arrays of one shape, got {gold.shape} and {proxy.shape}")
+    N = gold.shape[1]
+    if not 1 <= n <= N:
+        raise ValueError(f"n must be in [1, {N}] (the samples per prompt), got {n}")
+    order = np.argsort(proxy, axis=1, kind="stable")  # (prompts, N) ascending
+    total = math.comb(N, n)
+    weight = np.array([math.comb(i, n - 1) / total for i in range(N)])  # (N,) sums to 1
+    by_rank = [np.take_along_axis(x, order, axis=1) for x in (gold, proxy)]
+    return float((by_rank[0] @ weight).mean()), float((by_rank[1] @ weight).mean())

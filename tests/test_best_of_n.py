@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.best_of_n import best_of_n, best_of_n_kl
+from agents.best_of_n import best_of_n, best_of_n_expected, best_of_n_kl
 from textenv import TextGenVectorEnv
 
 
@@ -18,6 +18,26 @@ def test_best_of_n_kl_by_hand():
     assert best_of_n_kl(16) == pytest.approx(1.8351, abs=1e-4)  # 2.77259 - 0.9375
     with pytest.raises(ValueError, match="n must be >= 1"):
         best_of_n_kl(0)
+
+
+def test_best_of_n_expected_by_hand():
+    # one prompt, N = 3 samples with proxy 1 < 2 < 3 and gold 10, 30, 20. Best-of-2 over the 3 pairs:
+    # {0,1} -> 1 (gold 30), {0,2} -> 2 (20), {1,2} -> 2 (20): E[gold] = 70 / 3, E[proxy] = (2 + 3 + 3) / 3
+    gold, proxy = np.array([[10.0, 30.0, 20.0]]), np.array([[1.0, 2.0, 3.0]])
+    assert best_of_n_expected(gold, proxy, 1) == pytest.approx((20.0, 2.0))  # the plain means
+    assert best_of_n_expected(gold, proxy, 2) == pytest.approx((70 / 3, 8 / 3))
+    assert best_of_n_expected(gold, proxy, 3) == pytest.approx((20.0, 3.0))  # the proxy's favourite of all
+    # against brute force over every subset, on random scores with ties in the proxy (ties go to the later sample)
+    import itertools
+
+    rng = np.random.default_rng(0)
+    gold, proxy = rng.normal(size=(4, 7)), rng.integers(0, 3, size=(4, 7)).astype(float)
+    for n in (2, 4):
+        picks = [[g[max(s, key=lambda j: (p[j], j))] for s in itertools.combinations(range(7), n)]
+                 for g, p in zip(gold, proxy)]
+        assert best_of_n_expected(gold, proxy, n)[0] == pytest.approx(np.mean(picks))
+    with pytest.raises(ValueError, match="n must be in"):
+        best_of_n_expected(gold, proxy, 8)
 
 
 def test_best_of_n_keeps_the_highest_scoring_candidate(tiny_model, env_kwargs):
