@@ -25,6 +25,7 @@ from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import configure
 from stable_baselines3.common.policies import MultiInputActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.utils import get_device
@@ -216,6 +217,9 @@ def sb3_ppo(cfg: SB3PPOConfig) -> Path:
         n_epochs=cfg.n_epochs, gamma=cfg.gamma, ent_coef=cfg.ent_coef, seed=cfg.seed, device=device, verbose=0,
         policy_kwargs=dict(features_extractor_kwargs=dict(model=cfg.policy)),
     )
+    # SB3's own log (its losses, progress.csv) into the run folder; left to itself, SB3 makes an empty
+    # tempdir/SB3-<time> folder on every learn() that logs nowhere, one per run, never removed
+    model.set_logger(configure(str(out_dir / "sb3"), ["csv"]))
     logger = RunLogger(out_dir, resume_step=None)  # no resume: an interrupted run starts over
     model.learn(cfg.total_timesteps, callback=RunLoggerCallback(logger, task.gold, cfg.total_timesteps))
     logger.close()

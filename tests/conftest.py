@@ -29,6 +29,15 @@ def length_reward(prompts: list[str], completions: list[str], **kwargs) -> list[
     return [float(len(c)) for c in completions]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sb3_logs_in_a_temporary_folder(tmp_path_factory):
+    """Tests that call SB3's learn() themselves: its logger folder (by default a new tempdir/SB3-<time> per call,
+    never removed) goes under pytest's own temporary folder."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("SB3_LOGDIR", str(tmp_path_factory.mktemp("sb3")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer(TEXTS * 10, vocab_size=600)
