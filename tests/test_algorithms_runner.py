@@ -1,4 +1,5 @@
-"""benchmarks/algorithms.py over tasks x budgets, end to end on two `tiny` main jobs (about 45 s on 2 cores)."""
+"""benchmarks/algorithms.py over tasks x budgets, end to end on the session's `tiny` main job (about 15 s on 2
+cores): the two targets are the embedded task and a user's id registered on it, so one main job serves both."""
 
 import csv
 import json
@@ -6,17 +7,16 @@ import sys
 
 import pytest
 
-from agents.cli import main as textenv_main
 from benchmarks import algorithms
+
+USER_ID = "tests.user_envs:TestLab/TerseReview-v0"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_run):
-    """The session's tiny sentiment run (read only: every benchmark here writes to its own --out-dir) and a tiny
-    arithmetic run."""
+    """The session's tiny sentiment run (read only: every benchmark here writes to its own --out-dir)."""
     root = tmp_path_factory.mktemp("algorithms")
     (root / "sentiment").symlink_to(tiny_run, target_is_directory=True)
-    textenv_main(["pipeline", "--preset", "tiny", "--task", "arithmetic", "--out-dir", str(root / "arithmetic")])
     return root
 
 
@@ -27,19 +27,20 @@ def run_benchmark(monkeypatch, *args):
 
 def test_tasks_by_budgets(runs, monkeypatch):
     out = runs / "bench"
-    run_benchmark(monkeypatch, "--tasks", "sentiment", "arithmetic", "--runs", str(runs / "sentiment"),
-                  str(runs / "arithmetic"), "--iterations", "1", "2", "--algos", "ppo", "bon", "--seeds", "0",
+    run_benchmark(monkeypatch, "--tasks", "sentiment", USER_ID, "--runs", str(runs / "sentiment"),
+                  str(runs / "sentiment"), "--iterations", "1", "2", "--algos", "ppo", "bon", "--seeds", "0",
                   "--eval-prompts", "8", "--bon-max", "4", "--episodes-per-iteration", "8", "--out-dir", str(out))
     rows = list(csv.DictReader((out / "results.csv").open()))
     expected = ["ppo@1", "ppo@2", "bon-1", "bon-2", "bon-4"]
-    assert [(r["task"], r["algo"]) for r in rows] == [(t, a) for t in ("sentiment", "arithmetic") for a in expected]
+    tasks = ("sentiment", "TestLab/TerseReview-v0")
+    assert [(r["task"], r["algo"]) for r in rows] == [(t, a) for t in tasks for a in expected]
     assert [r["iterations"] for r in rows[:2]] == ["1", "2"]
-    for task in ("sentiment", "arithmetic"):
+    for task, folder in zip(tasks, ("sentiment", "TestLab_TerseReview-v0")):  # a folder per target
         # each budget trained its own run, for as many iterations as it says
         for n in (1, 2):
-            lines = (out / task / f"ppo_it{n}_seed0" / "metrics.jsonl").read_text().splitlines()
+            lines = (out / folder / f"ppo_it{n}_seed0" / "metrics.jsonl").read_text().splitlines()
             assert len(lines) == n
-        assert all((out / task / name).exists()
+        assert all((out / folder / name).exists()
                    for name in ("results.md", "gold_vs_kl.png", "curves.png", "summary.json"))
         assert f"## {task}" in (out / "results.md").read_text()
 
@@ -55,7 +56,7 @@ def test_a_run_folder_of_another_task_is_refused(runs, monkeypatch, tmp_path):
 def test_a_user_registered_env_id(runs, monkeypatch):
     """The id's reward and response budget are what PPO trains on and what the proxy column reports."""
     out = runs / "user_env"
-    run_benchmark(monkeypatch, "--tasks", "tests.user_envs:TestLab/TerseReview-v0", "--runs", str(runs / "sentiment"),
+    run_benchmark(monkeypatch, "--tasks", USER_ID, "--runs", str(runs / "sentiment"),
                   "--iterations", "1", "--algos", "ppo", "bon", "--seeds", "0", "--eval-prompts", "8", "--bon-max", "2",
                   "--episodes-per-iteration", "8", "--out-dir", str(out))
     rows = list(csv.DictReader((out / "results.csv").open()))
