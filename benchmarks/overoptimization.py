@@ -210,7 +210,7 @@ def write_markdown(result: dict, out: Path) -> None:
             lines.append(f"| {p['name']} | {p['params']:,} | {p['prompts']} | {p['heldout_accuracy']:.3f} | "
                          f"{p['fresh_spearman']:.3f} | {method} | {t['peak_gold']:+.3f} ({t['peak_kl']:.1f}) | "
                          f"{t['end_gold']:+.3f} ({t['end_kl']:.1f}) | {'yes' if t['turns_down'] else 'no'} | "
-                         f"{f['a']:.3f} | {f['b']:.3f} | {f['r2']:.3f} | {f['peak_d']:.2f} |")
+                         f"{f['a']:.3f} | {f['b']:.3f} | {f['r2']:.3f} | {f['peak_d']:.3g} |")
     lines += ["", f"Wall time: {result['wall_s'] / 60:.1f} min. Settings: `{json.dumps(result['args'])}`"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
             t, f = p[method]["turn"], p[method]["fit"]
             print(f"{p['name']} {method}: gold max {t['peak_gold']:+.3f} at KL {t['peak_kl']:.2f}, end "
                   f"{t['end_gold']:+.3f} at KL {t['end_kl']:.2f} (turns down: {t['turns_down']}); fit a "
-                  f"{f['a']:.3f} b {f['b']:.3f} R2 {f['r2']:.3f} peak d {f['peak_d']:.2f}")
+                  f"{f['a']:.3f} b {f['b']:.3f} R2 {f['r2']:.3f} peak d {f['peak_d']:.3g}")
     result = {"bench": "overoptimization", "gold": "the sentiment task's gold scorer (VADER compound)",
               "base_gold": base_gold, "args": vars(args), "proxies": proxies, "wall_s": time.perf_counter() - start}
     (out / "results.json").write_text(json.dumps(result, indent=1))
