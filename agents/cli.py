@@ -99,6 +99,7 @@ def run_command(argv: list[str]) -> None:
     from agents.dpo import DPOConfig, dpo
     from agents.evaluate import EvalConfig, evaluate
     from agents.grpo import GRPOConfig, grpo
+    from agents.labeling import LabelConfig, label
     from agents.pipeline import PipelineConfig, run_pipeline
     from agents.ppo import PPOConfig, ppo
     from agents.pretrain import PretrainConfig, pretrain
@@ -121,6 +122,7 @@ def run_command(argv: list[str]) -> None:
         "sft": (SFTConfig, sft, "Stage 2: supervised fine-tuning on prompt/response demonstrations."),
         "collect": (CollectConfig, collect_comparisons,
                     "Stage 3a: sample K responses per prompt; the simulated annotator ranks them."),
+        "label": (LabelConfig, label, "Stage 3a by people: a local page where labelers rank K responses per prompt."),
         "rm": (RMConfig, train_reward_model, "Stage 3b: train a reward model on ranked comparisons."),
         "ppo": (PPOConfig, ppo, "Stage 4: token-level PPO with a KL penalty to the SFT policy."),
         "rloo": (RLOOConfig, rloo,

@@ -315,13 +315,19 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
 
 
-def ranking_pairs(rankings: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ranking_pairs(rankings: list[list[int]],
+                  tiers: list[list[int] | None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(winners, losers, prompt) (P,) int64 for all C(K, 2) pairs of every ranking (best first). Indices point into
-    the flat list of all responses, prompt b's at offset sum_{c < b} K_c; `prompt` is each pair's prompt index."""
+    the flat list of all responses, prompt b's at offset sum_{c < b} K_c; `prompt` is each pair's prompt index.
+    `tiers[b]` (optional, one per ranked position, non-decreasing): positions of one tier are tied, and a tied pair
+    is no pair (a person may rank two responses equal)."""
     winners, losers, prompt, offset = [], [], [], 0
     for b, ranking in enumerate(rankings):
+        tier = tiers[b] if tiers is not None and tiers[b] is not None else range(len(ranking))
         for i in range(len(ranking)):
             for j in range(i + 1, len(ranking)):
+                if tier[i] == tier[j]:
+                    continue
                 winners.append(offset + ranking[i])
                 losers.append(offset + ranking[j])
                 prompt.append(b)

@@ -125,10 +125,12 @@ def preference_pairs(rows: list[dict], pairs: str) -> list[tuple[str, str, str]]
     out = []
     for row in rows:
         ranked = [row["responses"][j] for j in row["ranking"]]
+        tier = row.get("tiers") or range(len(ranked))  # a person's ties: equal tiers make no pair
         if pairs == "best_vs_worst":
-            out.append((row["prompt"], ranked[0], ranked[-1]))
+            out.append((row["prompt"], ranked[0], ranked[-1]))  # the loader keeps only rows with 2 tiers or more
         else:
-            out += [(row["prompt"], w, lo) for i, w in enumerate(ranked) for lo in ranked[i + 1 :]]
+            out += [(row["prompt"], w, ranked[j]) for i, w in enumerate(ranked) for j in range(i + 1, len(ranked))
+                    if tier[i] != tier[j]]
     return out
 
 

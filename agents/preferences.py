@@ -2,7 +2,9 @@
 ranked comparisons in any of the usual layouts (`load_preferences`) that the reward model and DPO train on.
 
 A comparison row is {"prompt": str, "responses": [K str], "ranking": [K int], "gold": [K float]}; `ranking`
-lists indices into `responses`, best first.
+lists indices into `responses`, best first. A person's ranking may tie responses: then "tiers" ([K int],
+non-decreasing, one per ranked position) gives each position's tier, and responses of one tier make no pair.
+Rows may carry more (a labeler id, a time); the readers ignore it.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def _source_records(source: str | Path, split: str) -> tuple[list[dict], str]:
     return datasets.load_dataset(text, split=split).to_list(), f"hub data set {source!r}"  # needs the network
 
 
-def load_preferences(source: str | Path, split: str = "train") -> Preferences:
+def load_preferences(source: str | Path | list, split: str = "train") -> Preferences:
     """Comparison rows from a local .jsonl/.csv/.parquet file, a `save_to_disk` folder (a collect_comparisons run
     folder included) or a hub id (`split`, online only), in any of three layouts, told apart by the columns:
 
@@ -106,7 +108,20 @@ def load_preferences(source: str | Path, split: str = "train") -> Preferences:
     or an empty response (in the ranked layout an empty response is a policy sample like any other, and is kept;
     copies of one text are merged, see `_ranked_row`). ValueError for data with one response per prompt (nothing to
     compare), an unknown layout, or no row left.
+
+    A list of sources (human rankings beside simulated ones, say) is read source by source and its rows joined;
+    the layout reads e.g. "ranked+trl" where they differ.
     """
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ValueError("no comparison source given (an empty list)")
+        parts = [load_preferences(s, split) for s in source]
+        skipped = Counter()
+        for part in parts:
+            skipped.update(part.skipped)
+        return Preferences(rows=[row for part in parts for row in part.rows],
+                           layout="+".join(dict.fromkeys(part.layout for part in parts)),
+                           n_source_rows=sum(part.n_source_rows for part in parts), skipped=dict(skipped))
     records, where = _source_records(source, split)
     columns = set().union(*(r.keys() for r in records))
     if {"responses", "ranking"} <= columns:
@@ -146,6 +161,8 @@ def load_preferences(source: str | Path, split: str = "train") -> Preferences:
             skipped["empty_response"] += 1
         elif len(set(row["responses"])) < 2:
             skipped["identical_responses"] += 1
+        elif len(set(row.get("tiers") or [0, 1])) < 2:
+            skipped["all_tied"] += 1
         else:
             rows.append(row)
     if skipped["one_response"] == len(records):
@@ -157,15 +174,24 @@ def load_preferences(source: str | Path, split: str = "train") -> Preferences:
 
 def _ranked_row(record: dict, where: str, i: int) -> dict:
     """The row with copies of one text merged into the best-ranked copy (a pair of equal texts teaches nothing):
-    responses listed best first, so the ranking becomes 0..K'-1."""
+    responses listed best first, so the ranking becomes 0..K'-1; "tiers" kept (the best copy's) where given."""
     responses, ranking = record["responses"], [int(x) for x in record["ranking"]]
     if sorted(ranking) != list(range(len(responses))):
         raise ValueError(f"{where}, row {i}: ranking {ranking} is not a permutation of the {len(responses)} responses")
-    first = {}  # text -> index of its best-ranked copy; dicts keep insertion order, so best first
-    for j in ranking:
-        first.setdefault(responses[j], j)
-    order = list(first.values())
+    tiers = record.get("tiers")
+    if tiers is not None and (len(tiers) != len(ranking) or any(b < a for a, b in zip(tiers, tiers[1:]))):
+        raise ValueError(f"{where}, row {i}: tiers {tiers} must give each of the {len(ranking)} ranked positions a "
+                         "tier, best first (non-decreasing)")
+    first = {}  # text -> position in `ranking` of its best-ranked copy; dicts keep insertion order, so best first
+    for position, j in enumerate(ranking):
+        first.setdefault(responses[j], position)
+    order = [ranking[position] for position in first.values()]
     row = {"prompt": record["prompt"], "responses": [responses[j] for j in order], "ranking": list(range(len(order)))}
+    if tiers is not None:
+        row["tiers"] = [int(tiers[position]) for position in first.values()]
     if record.get("gold") is not None:
         row["gold"] = [float(record["gold"][j]) for j in order]
+    for key in ("labeler", "prompt_id"):  # a person's ranking (`textenv label`): its agreement figures need them
+        if record.get(key) is not None:
+            row[key] = record[key]
     return row

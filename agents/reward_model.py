@@ -41,6 +41,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from agents.core import ranking_loss, ranking_pairs
 from agents.data import batch_indices
 from agents.episodes import episode_prompts
+from agents.label_store import agreement
 from agents.lora import LoRAConfig, is_adapted, merged_copy, with_lora
 from agents.preferences import load_preferences, sample_responses
 from agents.run import (
@@ -68,9 +69,10 @@ from textenv.tokenizer import load_tokenizer
 class RMConfig:
     out_dir: str = "runs/default/rm"
     """Run folder: config, metrics.jsonl, tb/, checkpoint/, summary.json and the final model/ (model + tokenizer)."""
-    data: str = "runs/default/comparisons"
+    data: str | list[str] = "runs/default/comparisons"
     """Comparisons: a collect_comparisons run folder, a save_to_disk folder, a .jsonl/.csv/.parquet file or a hub
-    id, in any layout `agents.preferences.load_preferences` reads."""
+    id, in any layout `agents.preferences.load_preferences` reads; several (`--data A B`) train on all their rows:
+    e.g. people's rankings from `textenv label` (RUN/labels/rankings.jsonl) beside the simulated annotator's."""
     model: str = "runs/default/sft/model"
     """Initialisation: the SFT folder, or any HF model id/folder (a fresh scalar head is put on top)."""
     tokenizer: str | None = None
@@ -214,7 +216,7 @@ def evaluate_pairs(model, tokenizer, rows: list[dict], batch_size: int, max_leng
         prompts = [row["prompt"] for row in mine for _ in row["responses"]]
         scores = score_texts(model, tokenizer, prompts, [r for row in mine for r in row["responses"]],
                              batch_size=batch_size, max_length=max_length)  # (N,)
-        winners, losers, prompt = ranking_pairs([row["ranking"] for row in mine])
+        winners, losers, prompt = ranking_pairs([row["ranking"] for row in mine], [row.get("tiers") for row in mine])
         diff = scores[winners] - scores[losers]  # (P,)
         sums[0] = ranking_loss(scores, winners, losers, prompt).item() * len(mine)  # a mean over prompts
         sums[1], sums[3] = len(mine), len(diff)
@@ -321,7 +323,8 @@ def train_reward_model(cfg: RMConfig) -> Path:
         idx = batch_indices(len(train_rows), cfg.batch_size, step, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share of the prompts
         ids, mask = pad_rows([seq for b in idx for seq in train_ids[b]], tokenizer.pad_token_id)  # (N, T), N = sum K_b
-        winners, losers, prompt = (t.to(device) for t in ranking_pairs([train_rows[b]["ranking"] for b in idx]))
+        winners, losers, prompt = (t.to(device) for t in ranking_pairs([train_rows[b]["ranking"] for b in idx],
+                                                                            [train_rows[b].get("tiers") for b in idx]))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             scores = forward_scores(model, ids, mask)  # (N,) fp32, each response forwarded once
         loss = ranking_loss(scores, winners, losers, prompt)  # mean over this process's prompts
@@ -385,6 +388,9 @@ def train_reward_model(cfg: RMConfig) -> Path:
             "accuracy_over_ceiling": valid["accuracy"] / valid["ceiling"] if "ceiling" in valid else None,
             "normalization": {"mean": mean, "std": std, "gain_applied": cfg.normalize_std, "reference": len(pick)},
         }
+        people = [row for row in prefs.rows if "labeler" in row]  # rankings made on `textenv label`'s page
+        if people:  # how far the labelers agree with each other and with the gold: a ceiling for the RM
+            summary["labelers"] = agreement(people)
         if cfg.task is not None:
             fresh = fresh_sample_eval(model, tokenizer, cfg.policy or cfg.model, cfg.task, cfg.n_eval_samples, cfg.seed,
                                       cfg.score_batch_size)

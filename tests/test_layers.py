@@ -20,11 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("textenv", "rewards", "agents", "benchmarks")
 TRAINERS = {"agents.pretrain", "agents.sft", "agents.comparisons", "agents.reward_model", "agents.ppo", "agents.grpo",
-            "agents.rloo", "agents.dpo", "agents.sb3_lm"}
+            "agents.rloo", "agents.dpo", "agents.sb3_lm", "agents.labeling"}
 SHARED = {"agents", "agents.core", "agents.lora", "agents.run", "agents.data", "agents.sampler", "agents.distributed",
           "agents.sharding",
           "agents.policy", "agents.preferences", "agents.groups", "agents.best_of_n", "agents.report",
-          "agents.evaluate", "agents.episodes"}
+          "agents.evaluate", "agents.episodes", "agents.label_store"}
 TOP = {"agents.pipeline", "agents.cli"}
 
 
