@@ -43,8 +43,10 @@ class LabelConfig:
     task: str = "sentiment"
     """Embedded task whose train prompts are ranked; its gold scores are kept beside each ranking (the page's
     labeler-gold agreement), never shown."""
+    prompts: str | None = None
+    """Other prompts (a .jsonl/.csv/.parquet/.txt file) instead of the task's train prompts."""
     num_prompts: int = 64
-    """Prompts in the queue (the first n of the task's train prompts for `seed`)."""
+    """Prompts in the queue (the first n of `prompts`, or of the task's train prompts for `seed`)."""
     k: int = 4
     """Responses per prompt (InstructGPT: 4 to 9)."""
     temperature: float = 1.0
@@ -81,7 +83,7 @@ class LabelConfig:
         return Path(self.out_dir) if self.out_dir is not None else Path(self.run) / "labels"
 
 
-QUEUE_FIELDS = ("policy", "task", "num_prompts", "k", "temperature", "prompt_format", "seed")
+QUEUE_FIELDS = ("policy", "task", "prompts", "num_prompts", "k", "temperature", "prompt_format", "seed")
 
 
 def is_loopback(host: str) -> bool:
@@ -115,7 +117,12 @@ def build_queue(cfg: LabelConfig) -> LabelStore:
         raise ValueError(f"policy {policy!r} does not exist: run the main job first (`textenv pipeline`), or pass "
                          "--policy")
     folder.mkdir(parents=True, exist_ok=True)
-    prompts = episode_prompts(cfg.task, "train", cfg.num_prompts, cfg.seed)
+    if cfg.prompts is not None:
+        from textenv.prompts import load_prompts
+
+        prompts = load_prompts(cfg.prompts)[: cfg.num_prompts]
+    else:
+        prompts = episode_prompts(cfg.task, "train", cfg.num_prompts, cfg.seed)
     samples = sample_responses(policy, cfg.task, prompts, cfg.k, cfg.prompts_per_batch, cfg.temperature, cfg.seed,
                                cfg.device, cfg.prompt_format)
     rows = [{"id": i, "prompt": prompt, "responses": responses, "gold": gold}

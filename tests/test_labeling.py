@@ -142,31 +142,96 @@ def test_two_labelers_at_once_lose_nothing_and_duplicate_nothing(tmp_path):
     assert {k for k in keys if k[0] != "cat"} == {(name, i) for name in ("ann", "bob") for i in range(40)}
 
 
-KILLER = """
+SERVER = """
 import sys
+import uvicorn
 from agents.label_store import LabelStore
-store = LabelStore(sys.argv[1])
-print("ready", flush=True)
-for i in range(100000):
-    store.submit({"labeler": "ann", "prompt_id": i, "ranking": [[0], [1], [2]]})
+from agents.labeling import make_app
+uvicorn.run(make_app(LabelStore(sys.argv[1])), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_a_server_killed_mid_write_leaves_a_readable_dataset(tmp_path):
+    """A real server process takes submissions from four threads until it is SIGKILLed among them."""
+    import httpx
+
     store = make_queue(tmp_path / "labels", n=5000)
-    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(store.folder)], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline().strip() == "ready"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(store.folder), str(port)], cwd=ROOT)
+    url, stop, acknowledged = f"http://127.0.0.1:{port}", threading.Event(), []
     deadline = time.time() + 60
-    while len(store.rankings()) < 200 and time.time() < deadline:  # long enough for writes of ~100 KB each
+    while time.time() < deadline:
+        try:
+            httpx.get(url + "/api/stats", timeout=1)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+    def post(labeler):
+        with httpx.Client(base_url=url, timeout=5) as c:
+            for i in range(5000):
+                if stop.is_set():
+                    return
+                try:
+                    r = c.post("/api/submit", json={"labeler": labeler, "prompt_id": i, "ranking": [[0], [1], [2]]})
+                except httpx.TransportError:  # the server is gone
+                    return
+                if r.status_code == 200:
+                    acknowledged.append((labeler, i))
+
+    threads = [threading.Thread(target=post, args=(f"l{n}",)) for n in range(4)]
+    for t in threads:
+        t.start()
+    while len(store.rankings()) < 300 and time.time() < deadline:  # files of ~100 KB by then, rewritten each time
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    stop.set()
+    for t in threads:
+        t.join()
     rows = store.rankings()  # every line parses: nothing half written
-    assert len(rows) >= 200 and [r["prompt_id"] for r in rows] == list(range(len(rows)))
+    assert len(rows) >= 300
+    keys = [(r["labeler"], r["prompt_id"]) for r in rows]
+    assert len(set(keys)) == len(keys) and set(acknowledged) <= set(keys)  # every acknowledged ranking is there
     assert len(load_preferences(store.folder / "rankings.jsonl").rows) == len(rows)
-    store.submit({"labeler": "ann", "prompt_id": len(rows), "ranking": [[0], [1], [2]]})  # and it goes on
+    store.submit({"labeler": "ann", "prompt_id": 0, "ranking": [[0], [1], [2]]})  # and it goes on
     assert len(store.rankings()) == len(rows) + 1
+
+
+def test_the_label_command_samples_its_queue_and_serves(tiny_run, tmp_path):
+    """`textenv label` as the README runs it: the queue is sampled, the page served on 127.0.0.1, Ctrl-C stops."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "label", "--run", str(tiny_run), "--out-dir",
+                             str(tmp_path / "labels"), "--num-prompts", "3", "--k", "3", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"Open http://127.0.0.1:{port}/" in line and "3 prompts x 3 responses" in line, line
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert page.status_code == 200 and "Rank the responses" in page.text
+        item = httpx.get(f"http://127.0.0.1:{port}/api/next", params={"labeler": "ann"}).json()
+        assert item["prompt_id"] == 0 and len(item["responses"]) == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    assert len(LabelStore(tmp_path / "labels").queue) == 3
 
 
 def test_other_hosts_need_the_token(store):
@@ -236,11 +301,13 @@ def test_a_reward_model_trains_on_people_alone_and_mixed_and_scores_in_the_env(t
     from textenv.tokenizer import load_tokenizer
 
     store = build_queue(LabelConfig(run=str(tiny_run), out_dir=str(tmp_path / "labels"), num_prompts=40, k=3))
-    for row in store.queue:  # a labeler who ranks by the gold, tying equal scores
+    c = client(store)
+    for row in store.queue:  # through the page's API: a labeler who ranks by the gold, tying equal scores
         levels = sorted(set(row["gold"]), reverse=True)
         tiers = [[j for j, g in enumerate(row["gold"]) if g == level] for level in levels]
         body = {"labeler": "ann", "prompt_id": row["id"]}
-        store.submit({**body, "ranking": tiers} if len(tiers) > 1 else {**body, "skip": True})
+        assert c.post("/api/submit", json={**body, "ranking": tiers} if len(tiers) > 1 else {**body, "skip": True}
+                      ).status_code == 200
     people = tmp_path / "labels" / "rankings.jsonl"
     common = dict(model=str(tiny_run / "sft" / "model"), batch_size=4, n_eval_samples=8, n_reference=32)
     alone = train_reward_model(RMConfig(data=str(people), out_dir=str(tmp_path / "rm_people"), **common))
@@ -248,6 +315,8 @@ def test_a_reward_model_trains_on_people_alone_and_mixed_and_scores_in_the_env(t
                                         out_dir=str(tmp_path / "rm_mixed"), **common))
     summary = json.loads((tmp_path / "rm_mixed" / "summary.json").read_text())
     assert summary["layout"] == "ranked" and summary["source_rows"] == 32 + len(store.rankings())
+    assert summary["labelers"]["labelers"] == {"ann": len(store.rankings())}
+    assert summary["labelers"]["gold"] == {"ann": 1.0}  # she ranked by the gold
     for rm in (alone, mixed):
         env = gym.make("textenv/PositiveReview-v0", tokenizer=str(tiny_run / "sft" / "model"), reward_fn=str(rm),
                        max_new_tokens=4).unwrapped
