@@ -37,6 +37,7 @@ import agents.sft
 from agents.distributed import rollout_uniforms
 from agents.dpo import DPOConfig, dpo
 from agents.grpo import GRPOConfig, grpo
+from agents.lora import LoRAConfig
 from agents.ppo import PPOConfig, ppo
 from agents.pretrain import PretrainConfig, pretrain
 from agents.reward_model import RMConfig, score_texts, train_reward_model
@@ -225,6 +226,8 @@ def launched(files, tmp_path_factory):
             ("ppo", ppo_config(files, root / "ppo_fsdp_two_to_one", parallel="fsdp"), True),
             ("ppo", ppo_config(files, root / "ppo_fsdp_one_to_two", parallel="fsdp"), False),
             ("ppo", ppo_ptx_config(files, root / "ppo_ptx_two"), False),
+            ("sft", sft_config(files, root / "sft_lora_two", lora=LoRAConfig(rank=4)), False),
+            ("ppo", ppo_config(files, root / "ppo_lora_two", lora=LoRAConfig(rank=4)), False),
             ("grpo", grpo_config(files, root / "grpo_two"), False),
             ("rloo", rloo_config(files, root / "rloo_two"), False),
             ("grpo", grpo_config(files, root / "grpo_fsdp_two", parallel="fsdp", shard_reference=True), False),
@@ -308,8 +311,8 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
 
 def test_only_the_main_process_prints(launched):
     _, proc = launched
-    # one header line per run: four SFT runs, one RM run, two pretraining runs
-    assert proc.stdout.count("demonstrations, 6 steps") == 4
+    # one header line per run: five SFT runs, one RM run, two pretraining runs
+    assert proc.stdout.count("demonstrations, 6 steps") == 5
     assert proc.stdout.count("held-out prompts") == 1 and proc.stdout.count("pretrain: ") == 2
     assert proc.stdout.count("pairs (best_vs_worst)") == 3  # dpo_two, dpo_two_to_one and dpo_fsdp_two
 
@@ -368,6 +371,29 @@ def test_sft_checkpoint_of_one_process_resumes_in_two(launched, sft_one):
     assert max_abs_diff(AutoModelForCausalLM.from_pretrained(root / name / "model"),
                         AutoModelForCausalLM.from_pretrained(sft_one)) < ATOL
     assert_same_metrics(read_metrics(root / name), read_metrics(sft_one.parent))
+
+
+# ---------------------------------------------------------------- LoRA
+
+def adapter_diff(a: Path, b: Path) -> float:
+    """Largest difference between two runs' saved PEFT adapters (the same tensors by name)."""
+    x, y = (load_file(run / "model" / "adapter_model.safetensors") for run in (a, b))
+    assert x.keys() == y.keys() and x
+    return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_lora_two_processes_train_the_one_process_adapter(launched, files, tmp_path, stage):
+    """DDP over a PEFT model: the processes end with one adapter, the 1-process run's, and the same metrics (PPO:
+    the reference is the base with the adapter off in each process)."""
+    root, _ = launched
+    name = f"{stage}_lora_two"
+    rep = reports(root, name)
+    assert rep[0]["params"] == rep[1]["params"] and not rep[0]["stopped"]
+    config = {"sft": sft_config, "ppo": ppo_config}[stage](files, tmp_path / "one", lora=LoRAConfig(rank=4))
+    one = (sft if stage == "sft" else ppo)(config).parent
+    assert adapter_diff(root / name, one) < ATOL
+    assert_same_metrics(read_metrics(root / name), read_metrics(one))
 
 
 # ---------------------------------------------------------------- reward model and pretraining
