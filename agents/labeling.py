@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents.label_store import LabelStore, Rejected, agreement, check_labeler, write_atomic
+from textenv.chat import check_prompt_format
+from textenv.models.tokens import check_temperature
 
 PAGE = Path(__file__).with_name("label_page.html")
 SCRIPT = Path(__file__).with_name("label_page.js")
@@ -68,8 +70,11 @@ class LabelConfig:
     beyond localhost."""
 
     def __post_init__(self):
-        if self.num_prompts < 1 or self.k < 2:
-            raise ValueError(f"num_prompts must be >= 1 and k >= 2, got {self.num_prompts} and {self.k}")
+        check_prompt_format(self.prompt_format)
+        check_temperature(self.temperature)
+        if self.num_prompts < 1 or self.prompts_per_batch < 1 or self.k < 2:
+            raise ValueError(f"num_prompts and prompts_per_batch must be >= 1 and k >= 2, got {self.num_prompts}, "
+                             f"{self.prompts_per_batch} and {self.k}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.token is not None and len(self.token) < 8:

@@ -249,6 +249,10 @@ def test_other_hosts_need_the_token(store):
     with pytest.raises(ValueError, match="at least 8"):
         LabelConfig(host="0.0.0.0", token="short")
     assert LabelConfig(host="0.0.0.0", token="s3cret-token").token == "s3cret-token"
+    for bad, message in ((dict(k=1), "k >= 2"), (dict(port=0), "port"), (dict(prompt_format="html"), "html"),
+                         (dict(temperature=0.0), "temperature")):
+        with pytest.raises(ValueError, match=message):
+            LabelConfig(**bad)
 
 
 def test_model_text_never_reaches_the_page_as_html(store):
