@@ -203,13 +203,12 @@ def train(algo: str, sft: str, rm: str, comparisons: str, target: Target, seed: 
     raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS}")
 
 
-def best_of_n_curve(sft: str, proxy_spec: str, task_name: str, num_prompts: int, n_max: int, temperature: float,
-                    seed: int, max_new_tokens: int | None = None):
-    """Gold and proxy of best-of-n for n = 1, 2, 4, ..., n_max, from one set of n_max samples per test prompt
-    (`agents.best_of_n.best_of_n_curve`), with the analytic KL."""
-    from agents.best_of_n import best_of_n_curve as curve
+def sample_scores(sft: str, task_name: str, num_prompts: int, n: int, reward_fns: list, temperature: float,
+                  seed: int, max_new_tokens: int | None = None, num_envs: int | None = None):
+    """n samples from the SFT policy for each of the task's first `num_prompts` test prompts, in rollouts of
+    `num_envs` (default: one per prompt): (prompts, (prompts, n) responses, [gold, *one (prompts, n) array per
+    reward fn])."""
     from agents.best_of_n import sample_candidates
-    from rewards.base import as_reward_fn
     from textenv.models import load_causal_lm
     from textenv.tasks import get_task
     from textenv.tokenizer import load_tokenizer
@@ -218,12 +217,23 @@ def best_of_n_curve(sft: str, proxy_spec: str, task_name: str, num_prompts: int,
     task = get_task(task_name)
     prompts = task.prompts("test", n=num_prompts)
     policy, tokenizer = load_causal_lm(sft).eval(), load_tokenizer(sft)
-    envs = TextGenVectorEnv(num_envs=len(prompts), prompts=prompts, tokenizer=tokenizer,
+    envs = TextGenVectorEnv(num_envs=num_envs or len(prompts), prompts=prompts, tokenizer=tokenizer,
                             reward_fn=lambda p, c: [0.0] * len(c), max_prompt_tokens=task.max_prompt_tokens,
                             max_new_tokens=max_new_tokens or task.max_new_tokens)
-    _, (gold, proxy) = sample_candidates(policy, envs, n_max, np.arange(len(prompts)),
-                                         torch.Generator().manual_seed(seed),
-                                         [task.gold, as_reward_fn(proxy_spec)], temperature)
+    responses, scores = sample_candidates(policy, envs, n, np.arange(len(prompts)),
+                                          torch.Generator().manual_seed(seed), [task.gold, *reward_fns], temperature)
+    return prompts, responses, scores
+
+
+def best_of_n_curve(sft: str, proxy_spec: str, task_name: str, num_prompts: int, n_max: int, temperature: float,
+                    seed: int, max_new_tokens: int | None = None):
+    """Gold and proxy of best-of-n for n = 1, 2, 4, ..., n_max, from one set of n_max samples per test prompt
+    (`agents.best_of_n.best_of_n_curve`), with the analytic KL."""
+    from agents.best_of_n import best_of_n_curve as curve
+    from rewards.base import as_reward_fn
+
+    _, _, (gold, proxy) = sample_scores(sft, task_name, num_prompts, n_max, [as_reward_fn(proxy_spec)], temperature,
+                                        seed, max_new_tokens)
     return curve(gold, proxy)
 
 

@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from benchmarks.algorithms import fit_gao, gao_curve
+from benchmarks.algorithms import fit_gao, gao_curve, sample_scores
 
 BLOCKS = {"gpt2": ("transformer", "h"), "llama": ("model", "layers")}  # where a causal LM keeps its blocks
 
@@ -111,26 +110,16 @@ def bon_samples(sft: Path, proxies: dict[str, str], prompts: int, samples: int, 
                 seed: int = 0) -> dict[str, np.ndarray]:
     """(prompts, samples) gold and proxy scores of the SFT policy's samples of the task's first test prompts,
     cached in `out` (an .npz): a rerun with the same proxies reuses them."""
-    from agents.best_of_n import sample_candidates
     from rewards.base import as_reward_fn
-    from textenv.models import load_causal_lm
-    from textenv.tasks import get_task
-    from textenv.tokenizer import load_tokenizer
-    from textenv.vector_env import TextGenVectorEnv
 
     if out.exists():
         cached = dict(np.load(out))
         if set(cached) == {"gold", *proxies} and cached["gold"].shape == (prompts, samples):
             return cached
-    task = get_task("sentiment")
-    texts = task.prompts("test", n=prompts)
-    policy, tokenizer = load_causal_lm(str(sft)).eval(), load_tokenizer(str(sft))
-    envs = TextGenVectorEnv(num_envs=64, prompts=texts, tokenizer=tokenizer, reward_fn=lambda p, c: [0.0] * len(c),
-                            max_prompt_tokens=task.max_prompt_tokens, max_new_tokens=task.max_new_tokens)
     names = list(proxies)
-    responses, scores = sample_candidates(policy, envs, samples, np.arange(prompts),
-                                          torch.Generator().manual_seed(seed),
-                                          [task.gold] + [as_reward_fn(proxies[k]) for k in names], temperature)
+    texts, responses, scores = sample_scores(str(sft), "sentiment", prompts, samples,
+                                             [as_reward_fn(proxies[k]) for k in names], temperature, seed,
+                                             num_envs=64)
     result = dict(zip(["gold", *names], scores))
     tmp = out.with_suffix(".tmp.npz")
     np.savez(tmp, **result)
