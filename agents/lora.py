@@ -16,10 +16,10 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel
 
 from textenv.models import load_causal_lm
+from textenv.models.adapters import AdapterOff  # noqa: F401  (the reference, importable from here as before)
 from textenv.models.loading import quiet_peft
 
 
@@ -78,22 +78,9 @@ def is_adapted(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-class AdapterOff:
-    """The base of a LoRA policy, as the frozen reference: the same model called with its adapter disabled (the
-    base weights never change), so no second copy of the weights is held. Called like the model, without
-    gradients."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, **kwargs):
-        with torch.no_grad(), self.model.disable_adapter():
-            return self.model(**kwargs)
-
-
 def reference_policy(policy, source: str, device):
-    """The frozen reference for the KL: a LoRA policy with its adapter off (the base never trains), else a second
-    copy of `source` (the policy's folder), frozen."""
+    """The frozen reference for the KL: a LoRA policy with its adapter off (the base never trains; the lean paths
+    read its base weights, packed once for the run), else a second copy of `source` (the policy's folder), frozen."""
     if is_adapted(policy):
         return AdapterOff(policy)
     return load_causal_lm(source).to(device).eval().requires_grad_(False)

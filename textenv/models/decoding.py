@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from textenv.models.adapters import unwrap
 from textenv.models.lean import LeanDecoder, fast_path
 from textenv.models.tokens import position_ids_from_mask
 
@@ -72,6 +73,6 @@ class HFDecoder:
 
 def make_decoder(model: PreTrainedModel, batch_size: int, max_len: int) -> LeanDecoder | HFDecoder:
     """The fastest decoder that is exact for `model` (see the module docstring)."""
-    trunk = fast_path(model)
-    cls = LeanDecoder if trunk is not None and trunk.is_causal_lm(model) else HFDecoder
+    trunk = fast_path(model)  # a PEFT model's too: its LoRA adapters merged into the packed weights
+    cls = LeanDecoder if trunk is not None and trunk.is_causal_lm(unwrap(model)[0]) else HFDecoder
     return cls(model, batch_size, max_len)

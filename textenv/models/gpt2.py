@@ -1,7 +1,8 @@
 """GPT-2's trunk for the lean paths (`textenv.models.lean`): its blocks as one function over token rows, its learned
 position embeddings, its final layer norm and head, over the HF model's own weights.
 
-`gpt2_fast_path` says where this is exact: a plain `GPT2LMHeadModel` or `GPT2ForSequenceClassification`.
+`gpt2_fast_path` says where this is exact: a plain `GPT2LMHeadModel` or `GPT2ForSequenceClassification`, or one
+with plain LoRA layers (`textenv.models.adapters`).
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from torch import nn
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from textenv.models.adapters import lean_linear, plain_type, resolve
+
 # GPT-2 activations the lean path implements ("gelu_new" is GELU's tanh approximation)
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 def gpt2_fast_path(model: PreTrainedModel) -> bool:
     """Whether the lean paths compute exactly what this model's HF forward computes: a `GPT2LMHeadModel` or
-    `GPT2ForSequenceClassification` with a plain GPT-2 config, its own module types (not, e.g., PEFT/LoRA or
-    quantized layers swapped in) and no forward hooks anywhere (a hook may edit what the forward returns; the lean
-    path would skip it)."""
+    `GPT2ForSequenceClassification` with a plain GPT-2 config, its own module types or plain LoRA layers on them
+    (not, e.g., quantized layers swapped in) and no forward hooks anywhere (a hook may edit what the forward
+    returns; the lean path would skip it)."""
     if type(model) not in (GPT2LMHeadModel, GPT2ForSequenceClassification):
         return False
     c = model.config
@@ -30,12 +33,12 @@ def gpt2_fast_path(model: PreTrainedModel) -> bool:
             and not c.add_cross_attention):
         return False
     tr = model.transformer
-    head = model.lm_head if type(model) is GPT2LMHeadModel else model.score
+    head = resolve(model.lm_head if type(model) is GPT2LMHeadModel else model.score)
     expected = [(tr.wte, nn.Embedding), (tr.wpe, nn.Embedding), (tr.ln_f, nn.LayerNorm), (head, nn.Linear)]
     for b in tr.h:
         expected += [(b.ln_1, nn.LayerNorm), (b.ln_2, nn.LayerNorm), (b.attn.c_attn, Conv1D), (b.attn.c_proj, Conv1D),
                      (b.mlp.c_fc, Conv1D), (b.mlp.c_proj, Conv1D)]
-    if any(type(m) is not t for m, t in expected) or head.bias is not None:
+    if any(plain_type(m) is not t for m, t in expected) or head.bias is not None:
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -72,22 +75,22 @@ class Layer(NamedTuple):
 
 class GPT2Trunk:
     """A GPT-2 model's pieces as the lean paths call them (see `textenv.models.lean`). `linear(weight (in, out),
-    bias, gelu=None)` makes each x @ W + b; GPT-2's projections are fused already, so `fused` changes nothing."""
+    bias, gelu=None)` makes each x @ W + b. `packed`: the weights stay fixed while used (GPT-2's projections are
+    fused already; a LoRA adapter is merged in); `adapters`: False reads the base alone (`AdapterOff`)."""
 
-    def __init__(self, model: GPT2LMHeadModel | GPT2ForSequenceClassification, linear: Callable, fused: bool):
+    def __init__(self, model: GPT2LMHeadModel | GPT2ForSequenceClassification, linear: Callable, packed: bool,
+                 adapters: bool = True):
         c = model.config
         self.transformer, self.eps = model.transformer, c.layer_norm_epsilon
         self.n_head = self.n_kv_head = c.n_head
         self.head_dim = c.n_embd // c.n_head
         self.max_positions = c.n_positions
         gelu = _GELU[c.activation_function]
-        self.layers = [Layer(b.ln_1, b.ln_2, linear(b.attn.c_attn.weight, b.attn.c_attn.bias),
-                             linear(b.attn.c_proj.weight, b.attn.c_proj.bias),
-                             linear(b.mlp.c_fc.weight, b.mlp.c_fc.bias, gelu=gelu),
-                             linear(b.mlp.c_proj.weight, b.mlp.c_proj.bias), c.n_head, self.eps)
+        make = lambda module, gelu=None: lean_linear(linear, module, packed, adapters, gelu)  # noqa: E731
+        self.layers = [Layer(b.ln_1, b.ln_2, make(b.attn.c_attn), make(b.attn.c_proj), make(b.mlp.c_fc, gelu),
+                             make(b.mlp.c_proj), c.n_head, self.eps)
                        for b in model.transformer.h]
-        head = model.lm_head if self.is_causal_lm(model) else model.score  # nn.Linear, no bias
-        self.head = linear(head.weight.t(), None)  # (E, V or num_labels) as x @ W
+        self.head = make(model.lm_head if self.is_causal_lm(model) else model.score)  # (E, V or num_labels), no bias
 
     @staticmethod
     def is_causal_lm(model: PreTrainedModel) -> bool:

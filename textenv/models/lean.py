@@ -23,6 +23,10 @@ queries see which keys, the cache, shared prompts.
 `LeanForward(model, pack_rows=M)` and the decoder run on weights reordered once into oneDNN's blocked layout
 (`onednn.PackedLinear`), for weights that do not change while they are used.
 
+A PEFT model with plain LoRA layers runs here too, and so does its `AdapterOff` (the base alone): the packed paths
+merge the adapter into the weights they pack, the live path adds it as two thin multiplies
+(`textenv.models.adapters`).
+
 Positions count real tokens only, so a left-padded prompt is encoded as if unpadded. Each computes what the HF
 forward computes at every real token (attention_mask 1), up to float rounding (tests/test_gpt2_forward.py,
 tests/test_llama_forward.py and tests/test_decoding.py, left- and right-padded). Where a model has no exact trunk
@@ -35,19 +39,23 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
 
+from textenv.models.adapters import AdapterOff, unwrap
 from textenv.models.gpt2 import GPT2Trunk, gpt2_fast_path
 from textenv.models.llama import LlamaTrunk, llama_fast_path
 from textenv.models.onednn import Affine, PackedLinear
 from textenv.models.tokens import position_ids_from_mask
 
 
-def fast_path(model: PreTrainedModel) -> type[GPT2Trunk] | type[LlamaTrunk] | None:
-    """The trunk that computes exactly what this model's HF forward computes, or None (use the HF forward)."""
-    if gpt2_fast_path(model):
+def fast_path(model) -> type[GPT2Trunk] | type[LlamaTrunk] | None:
+    """The trunk that computes exactly what this model's HF forward computes, or None (use the HF forward). `model`:
+    an HF model, a PEFT model with plain LoRA layers, or its `AdapterOff` (`textenv.models.adapters`)."""
+    inner = unwrap(model)
+    if inner is None:
+        return None
+    if gpt2_fast_path(inner[0]):
         return GPT2Trunk
-    if llama_fast_path(model):
+    if llama_fast_path(inner[0]):
         return LlamaTrunk
     return None
 
@@ -112,14 +120,15 @@ class LeanForward:
     flows through it). None: use the parameters as they are, with autograd.
     """
 
-    def __init__(self, model: PreTrainedModel, pack_rows: int | None = None):
+    def __init__(self, model, pack_rows: int | None = None):
         trunk = fast_path(model)
         if trunk is None:
             raise ValueError(f"{type(model).__name__} with this config is not supported by LeanForward; "
                              "use its HF forward")
-        self.model = model
+        self.model, adapters = unwrap(model)  # the HF model (a PEFT model's, with its LoRA layers)
         self.packed = pack_rows is not None
-        self.trunk = trunk(model, partial(PackedLinear, rows=pack_rows) if self.packed else Affine, fused=self.packed)
+        self.trunk = trunk(self.model, partial(PackedLinear, rows=pack_rows) if self.packed else Affine,
+                           packed=self.packed, adapters=adapters)
 
     def _check_grad(self) -> None:
         if self.packed and torch.is_grad_enabled():
@@ -258,8 +267,10 @@ def lean_forward(model, pack_rows: int | None = None) -> LeanForward | None:
 
 def frozen_forward(model, pack_rows: int):
     """What to run a model through while its weights stay fixed (a reference, a reward model, the value model
-    during a rollout): its `LeanForward` on weights packed for `pack_rows`-row multiplies, or the model itself."""
-    return lean_forward(model, pack_rows) or model
+    during a rollout): its `LeanForward` on weights packed for `pack_rows`-row multiplies, or the model itself.
+    An `AdapterOff` (a LoRA policy's reference) runs on its base weights as they are: they are the policy's own,
+    and packing them would hold the second copy that LoRA is there to save."""
+    return lean_forward(model, None if isinstance(model, AdapterOff) else pack_rows) or model
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -269,14 +280,15 @@ class LeanDecoder:
     """Decoding a causal LM that has a trunk here over the model's weights, with preallocated key/value buffers;
     the interface of `decoding.HFDecoder`."""
 
-    def __init__(self, model: PreTrainedModel, batch_size: int, max_len: int):
+    def __init__(self, model, batch_size: int, max_len: int):
         trunk = fast_path(model)
-        if trunk is None or not trunk.is_causal_lm(model):
+        if trunk is None or not trunk.is_causal_lm(unwrap(model)[0]):
             raise ValueError(f"{type(model).__name__} with this config is not supported by LeanDecoder; use HFDecoder")
-        self.model = model
-        # the weights stay fixed for this decoder's lifetime (one rollout), so they are packed once for B rows
-        self.trunk = trunk(model, partial(PackedLinear, rows=batch_size), fused=True)
-        w = next(model.parameters())
+        self.model, adapters = unwrap(model)  # the HF model (a PEFT model's, with its LoRA layers)
+        # the weights stay fixed for this decoder's lifetime (one rollout), so they are packed once for B rows (a
+        # LoRA adapter merged in)
+        self.trunk = trunk(self.model, partial(PackedLinear, rows=batch_size), packed=True, adapters=adapters)
+        w = next(self.model.parameters())
         B, Hkv, D = batch_size, self.trunk.n_kv_head, self.trunk.head_dim
         n = len(self.trunk.layers)
         self.keys = [w.new_zeros(B, Hkv, max_len, D) for _ in range(n)]  # (B, Hkv, L, D) per layer
