@@ -40,7 +40,7 @@ from accelerate import PartialState
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import extract_model_from_parallel
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedModel
@@ -378,20 +378,37 @@ def _set_rng_state(rng: dict) -> None:
             torch.cuda.set_rng_state(torch.tensor(state, dtype=torch.uint8), i)
 
 
+BASE_SUMS = "base_sums.safetensors"  # a LoRA checkpoint's fingerprint of the frozen base it was trained on
+
+
 def _save_model(model, folder: Path, final: bool = False) -> None:
     model = extract_model_from_parallel(model)
     if isinstance(model, PreTrainedModel) or (final and is_adapted(model)):
         model.save_pretrained(folder)  # safetensors + config (a LoRA model: its adapter): transformers/peft load it
-    else:  # a bare module, e.g. PPO's value head on the policy trunk; a LoRA model's checkpoint (base + adapter)
+    elif is_adapted(model):  # a LoRA model's checkpoint: what trains (the adapter, a classifier's head), not the base
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(folder / "model.safetensors"))
+        save_file(_base_sums(model), str(folder / BASE_SUMS))
+    else:  # a bare module, e.g. PPO's value head on the policy trunk
         folder.mkdir(parents=True, exist_ok=True)
         save_model(model, str(folder / "model.safetensors"))
+
+
+def _base_sums(model) -> dict[str, torch.Tensor]:
+    """{"sums": each frozen parameter's sum in float64, in name order}: a LoRA checkpoint keeps the adapter only and a
+    resume reloads the base from the run's source, so a base changed in between is caught by this, not trained on."""
+    return {"sums": torch.stack([p.detach().double().sum() for _, p in sorted(model.named_parameters())
+                                 if not p.requires_grad])}
 
 
 def save_checkpoint(ckpt_dir: str | Path, models, optimizer, scheduler, state: dict) -> None:
     """Write model(s)/optimizer/scheduler/state (+ RNG states) to `ckpt_dir`, atomically.
 
     `models` is one model (saved at the top of the folder) or a dict {name: model} (one subfolder each, e.g.
-    PPO's policy and value). Everything goes to `<ckpt_dir>.tmp` first; then the previous checkpoint is moved to
+    PPO's policy and value). A LoRA (PEFT) model's folder holds what trains, the adapter and a classifier's head, and
+    a fingerprint of the frozen base, which a resume reloads from the run's source and checks against it.
+    Everything goes to `<ckpt_dir>.tmp` first; then the previous checkpoint is moved to
     `<ckpt_dir>.old`, the new one renamed into place, and the old one deleted. A crash at any moment leaves a
     complete checkpoint at `ckpt_dir` or (between the two renames) at `<ckpt_dir>.old`, which `load_checkpoint`
     falls back to.
@@ -431,12 +448,19 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _load_weights(model, folder: Path) -> None:
     model = extract_model_from_parallel(model)
-    weights = _read_weights(folder)
+    weights = load_file(folder / "model.safetensors") if is_adapted(model) else _read_weights(folder)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # save_pretrained stores a tied tensor once (lm_head.weight is wte.weight): missing is fine iff it shares storage
     ptrs = {name: t.data_ptr() for name, t in model.state_dict().items()}
     loaded = {ptrs[name] for name in weights if name in ptrs}
     missing = [name for name in missing if ptrs[name] not in loaded]
+    if (folder / BASE_SUMS).exists():  # a LoRA checkpoint holds what trains; the base comes from the run's source
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n in missing]
+        saved = load_file(folder / BASE_SUMS)["sums"]
+        if not torch.allclose(saved, _base_sums(model)["sums"], rtol=1e-9, atol=0.0):
+            raise ValueError(f"checkpoint {folder} holds a LoRA adapter trained on another base model than the one "
+                             "this run loaded (its source folder changed since): restore that folder, or rerun with "
+                             "--overwrite to start the stage over")
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder} does not match the model: missing {missing}, unexpected {unexpected}")
 

@@ -156,3 +156,43 @@ def test_a_lora_reward_model_writes_its_merged_normalised_model_and_its_adapter(
     assert abs(scores.mean().item()) < 1e-4 and summary["normalization"]["mean"] != 0.0
     base = load_sequence_classifier(tiny_run / "sft" / "model", num_labels=1)
     assert isinstance(PeftModel.from_pretrained(base, out / "adapter"), PeftModel)
+
+
+def test_a_lora_checkpoint_holds_the_adapter_and_refuses_another_base(base_folder, tmp_path):
+    """A LoRA checkpoint stores what trains (not the base, which a resume reloads from the run's source); it restores
+    the adapter and its optimizer state exactly, and a base that changed since is refused by name."""
+    from safetensors.torch import load_file
+
+    from agents.run import load_checkpoint, save_checkpoint
+
+    def fresh(folder):
+        model = with_lora(load_causal_lm(folder), LoRAConfig(rank=4), "CAUSAL_LM")
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    model, optimizer, scheduler = fresh(base_folder)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    optimizer.step()  # the adapter moves off zero and Adam's moments fill
+    save_checkpoint(tmp_path / "checkpoint", model, optimizer, scheduler, {"step": 1})
+    saved = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    assert saved and all("lora_" in k for k in saved)  # the adapter only
+    base_bytes = sum(f.stat().st_size for f in base_folder.glob("*.safetensors"))
+    assert (tmp_path / "checkpoint" / "model.safetensors").stat().st_size < base_bytes / 4
+
+    resumed, resumed_optimizer, resumed_scheduler = fresh(base_folder)
+    assert load_checkpoint(tmp_path / "checkpoint", resumed, resumed_optimizer, resumed_scheduler) == {"step": 1}
+    want, got = model.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    a, b = optimizer.state_dict()["state"], resumed_optimizer.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+
+    other = tmp_path / "other-base"  # the source folder rewritten with other weights since the checkpoint
+    changed = load_causal_lm(base_folder)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.01)
+    changed.save_pretrained(other)
+    with pytest.raises(ValueError, match="another base model"):
+        load_checkpoint(tmp_path / "checkpoint", *fresh(other))

@@ -93,6 +93,9 @@ def test_sigkill_then_rerun_equals_the_uninterrupted_run(tiny_run, tmp_path, sta
     # test_ppo.py: the same entry point, the same files on disk, without two more imports of transformers
     run_here(stage, [*args, "--out-dir", str(straight)])
     kill_after_checkpoint([*command, "--out-dir", str(killed)], killed)
+    if lora:  # the checkpoint holds what trains, not the base
+        saved = [load_file(f) for f in (killed / "checkpoint").rglob("model.safetensors")]
+        assert saved and all(k and all("lora_" in name for name in k) for k in saved)
     run_here(stage, [*args, "--out-dir", str(killed)])
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     a, b = load_file(straight / "model" / weights), load_file(killed / "model" / weights)
