@@ -33,3 +33,22 @@ def test_anchor_forward_flops_per_token():
 def test_unknown_algo():
     with pytest.raises(ValueError, match="'dpo'"):
         iteration_gemms("dpo", TINY, 1)
+
+
+def test_where_time_goes_splits_each_piece_into_gemms_and_the_rest(monkeypatch, capsys):
+    """benchmarks/where_time_goes.py on short responses: every piece is timed, its profiled multiplies are found
+    (a renamed op would read 0 here) and its floor is below its wall time."""
+    import json
+    import sys
+
+    from benchmarks import gemm_floor, where_time_goes
+
+    quick = gemm_floor.gemm_seconds
+    monkeypatch.setattr(gemm_floor, "gemm_seconds", lambda m, k, n: quick(m, k, n, repeats=1, min_time=0.001))
+    monkeypatch.setattr(sys, "argv", ["where_time_goes", "--response-len", "4", "--batch", "4", "--repeats", "1"])
+    where_time_goes.main()
+    pieces = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pieces"]
+    assert [p["piece"] for p in pieces] == ["decode", "reference log-probs", "reward scores",
+                                            "policy forward+backward", "value forward+backward"]
+    for p in pieces:
+        assert p["gemm_s"] > 0 and p["other_s"] > 0 and 0 < p["floor_s"] < p["wall_s"], p
