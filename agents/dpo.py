@@ -45,8 +45,10 @@ from agents.run import (
     start_run,
 )
 from agents.sharding import check_parallel, prepare_model
+from textenv.chat import check_prompt_format
 from textenv.models import load_causal_lm
 from textenv.models.tokens import check_temperature, position_ids_from_mask
+from textenv.prompts import fitted_budget, render_unrendered
 from textenv.tokenizer import load_tokenizer
 
 PAIRINGS = ("best_vs_worst", "all")
@@ -76,8 +78,14 @@ class DPOConfig:
     temperature: float = 1.0
     """Divides the logits of the sequence log-probs. Keep 1: DPO's optimum is stated for the model's own
     distribution; another value trains the tempered distribution instead."""
+    prompt_format: str = "auto"
+    """How a prompt reaches the policy, as in SFT and the env: "chat" (a user message through its tokenizer's chat
+    template, each response closed by the template's end-of-turn token), "text" (as it is, responses closed by EOS),
+    or "auto" ("chat" for an instruct checkpoint: a chat template other than textenv's embedded one). A prompt
+    rendered already (textenv's own comparisons hold the rendering the env showed) is kept as it is."""
     max_prompt_tokens: int = 64
-    """Longer prompts keep their last tokens (as the env tokenizes them)."""
+    """Longer prompts keep their last tokens (as the env tokenizes them); a budget a chat template's rendering
+    would exceed grows to fit it, so that truncation never cuts the template's own tokens (a system prompt)."""
     max_response_tokens: int = 64
     """Responses are cut to this many tokens, EOS included (a cut response loses its EOS, as in SFT)."""
     batch_size: int = 16
@@ -115,6 +123,7 @@ class DPOConfig:
         if self.pairs not in PAIRINGS:
             raise ValueError(f"pairs must be one of {PAIRINGS}, got {self.pairs!r}")
         check_temperature(self.temperature)
+        check_prompt_format(self.prompt_format)
         for name in ("max_prompt_tokens", "max_response_tokens", "batch_size", "log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -134,11 +143,23 @@ def preference_pairs(rows: list[dict], pairs: str) -> list[tuple[str, str, str]]
     return out
 
 
-def encode_triple(tokenizer, prompt: str, chosen: str, rejected: str, cfg: DPOConfig) -> tuple[list[int], ...]:
-    """(prompt ids, chosen ids, rejected ids), each response + EOS exactly as SFT encodes it
-    (`agents.data.encode_pair`)."""
-    ids_w, labels_w = encode_pair(tokenizer, prompt, chosen, cfg.max_prompt_tokens, cfg.max_response_tokens)
-    ids_l, _ = encode_pair(tokenizer, prompt, rejected, cfg.max_prompt_tokens, cfg.max_response_tokens)
+def encode_triples(tokenizer, texts: list[tuple[str, str, str]], cfg: DPOConfig) -> list[tuple[list[int], ...]]:
+    """`encode_triple` of each (prompt, chosen, rejected), the prompts as the env shows them to the policy
+    (`textenv.prompts.render_unrendered`: an instruct checkpoint's template wraps a plain prompt, per
+    `cfg.prompt_format`) and each response closed as the env closes it (the template's end-of-turn token, or EOS)."""
+    prompts, end_token = render_unrendered([p for p, _, _ in texts], tokenizer, cfg.prompt_format)
+    budget = fitted_budget(prompts, tokenizer, cfg.max_prompt_tokens, end_token is not None) if prompts else 0
+    return [encode_triple(tokenizer, prompt, chosen, rejected, cfg, budget, end_token)
+            for prompt, (_, chosen, rejected) in zip(prompts, texts)]
+
+
+def encode_triple(tokenizer, prompt: str, chosen: str, rejected: str, cfg: DPOConfig,
+                  max_prompt_tokens: int | None = None, end_token: int | None = None) -> tuple[list[int], ...]:
+    """(prompt ids, chosen ids, rejected ids), each response + its end token (`end_token`, EOS by default) exactly as
+    SFT encodes it (`agents.data.encode_pair`). `max_prompt_tokens`: default `cfg.max_prompt_tokens`."""
+    budget = cfg.max_prompt_tokens if max_prompt_tokens is None else max_prompt_tokens
+    ids_w, labels_w = encode_pair(tokenizer, prompt, chosen, budget, cfg.max_response_tokens, end_token)
+    ids_l, _ = encode_pair(tokenizer, prompt, rejected, budget, cfg.max_response_tokens, end_token)
     n = labels_w.count(IGNORE)
     if n == 0:
         raise ValueError(f"prompt {prompt!r} has no tokens: the policy would condition on nothing")
@@ -200,7 +221,7 @@ def dpo(cfg: DPOConfig) -> Path:
 
     tokenizer = load_tokenizer(cfg.policy)  # checks PAD and EOS exist and differ
     prefs = load_preferences(cfg.comparisons)
-    triples = [encode_triple(tokenizer, *t, cfg) for t in preference_pairs(prefs.rows, cfg.pairs)]
+    triples = encode_triples(tokenizer, preference_pairs(prefs.rows, cfg.pairs), cfg)
     if len(triples) < cfg.batch_size:
         raise ValueError(f"only {len(triples)} preference pairs, fewer than batch_size={cfg.batch_size}")
     max_steps = cfg.max_steps or max(1, round(cfg.epochs * (len(triples) // cfg.batch_size)))

@@ -102,6 +102,24 @@ def test_sft_encodes_a_demonstration_as_the_env_streams_the_same_reply(instruct)
     assert ids[: len(bare)] == bare and ids[-1] == instruct.eos_token_id and labels[: len(bare)] == [IGNORE] * len(bare)
 
 
+def test_dpo_encodes_a_pair_as_the_env_streams_each_reply_whether_or_not_the_prompt_came_rendered(instruct):
+    """A user's preference file holds plain prompts; textenv's own comparisons hold the rendering the env showed.
+    DPO encodes both as the env streams the reply (system prompt, user turn, generation prompt, the response, the
+    template's end-of-turn token), never wrapping a rendered prompt twice; "text" keeps plain text and EOS."""
+    from agents.dpo import DPOConfig, encode_triples
+
+    chat = ChatFormat(instruct)
+    rendered = chat.render([{"role": "user", "content": PROMPTS[0]}], True)
+    triples = [(PROMPTS[0], " it was good", " bad"), (rendered, " it was good", " bad")]
+    encoded = encode_triples(instruct, triples, DPOConfig())
+    stream, _ = chat.stream([{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": " it was good"}])
+    for prompt, chosen, rejected in encoded:
+        assert prompt + chosen == stream and len(prompt) > 16  # the system prompt is there, uncut by the budget of 64
+        assert rejected[-1] == chosen[-1] == instruct.convert_tokens_to_ids("<|im_end|>")
+    (prompt, chosen, _), = encode_triples(instruct, triples[:1], DPOConfig(prompt_format="text"))
+    assert prompt == instruct(PROMPTS[0], add_special_tokens=False)["input_ids"] and chosen[-1] == instruct.eos_token_id
+
+
 @pytest.fixture
 def instruct_folder(instruct, tmp_path):
     folder = tmp_path / "instruct"
@@ -112,6 +130,7 @@ def instruct_folder(instruct, tmp_path):
 
 def test_every_stage_prompts_an_instruct_folder_through_its_template(instruct_folder, instruct, tmp_path):
     from agents.comparisons import CollectConfig, collect_comparisons
+    from agents.dpo import DPOConfig, dpo
     from agents.evaluate import EvalConfig, evaluate
     from agents.ppo import PPOConfig, ppo
     from agents.sft import SFTConfig, load_examples, sft
@@ -127,6 +146,8 @@ def test_every_stage_prompts_an_instruct_folder_through_its_template(instruct_fo
                                       prompts_per_batch=2))
     rows = [json.loads(line) for line in (tmp_path / "collect" / "comparisons.jsonl").read_text().splitlines()]
     assert all(r["prompt"].startswith(opening) and r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)
+    dpo(DPOConfig(policy=policy, comparisons=str(tmp_path / "collect"), out_dir=str(tmp_path / "dpo"), batch_size=2,
+                  max_steps=1, pairs="all"))  # on the rendered prompts as they are
     ppo(PPOConfig(policy=policy, reward="gold", iterations=1, device="cpu", out_dir=str(tmp_path / "ppo"),
                   num_envs=4, num_minibatches=2, update_epochs=1))
     sample = json.loads((tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()[0])

@@ -12,6 +12,7 @@ the generation prompt; the policy's reply then ends with the template's end-of-t
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,27 @@ def render_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase,
             raise ValueError(f"prompts[{i}] ends with an assistant message; a chat prompt ends where the policy "
                              "answers (a system/user/tool message)")
         texts.append(chat.render(checked, True))
+    return texts, chat.end_of_turn
+
+
+def render_unrendered(prompts: list[str], tokenizer: PreTrainedTokenizerBase,
+                      prompt_format: str = "auto") -> tuple[list[str], int | None]:
+    """`render_prompts` for str prompts some of which may be rendered already: textenv's own comparisons were sampled
+    through the env, so each prompt there is the template's rendering, ending with its generation prompt; such a
+    prompt is kept as it is, and every other is rendered as `render_prompts` renders it. Where `prompt_format` keeps
+    plain text, every prompt is kept (None: responses end at EOS)."""
+    from textenv.chat import ChatFormat, prompts_through_template
+
+    if not prompts_through_template(tokenizer, prompt_format):
+        return list(prompts), None
+    chat = ChatFormat(tokenizer)
+    user = [{"role": "user", "content": "\u2023"}]
+    closed, opened = chat.render(user, False), chat.render(user, True)
+    generation_prompt = opened[len(os.path.commonprefix([closed, opened])) :]  # e.g. ChatML's "<|im_start|>assistant\n"
+    todo = [i for i, p in enumerate(prompts) if not (generation_prompt and p.endswith(generation_prompt))]
+    texts = list(prompts)
+    for i, text in zip(todo, render_prompts([prompts[i] for i in todo], tokenizer, prompt_format)[0] if todo else []):
+        texts[i] = text
     return texts, chat.end_of_turn
 
 
