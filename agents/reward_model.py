@@ -59,9 +59,11 @@ from agents.run import (
     start_run,
 )
 from rewards.hf import SequenceClassifierReward, reward_model_text, reward_shift
+from textenv.chat import check_prompt_format
 from textenv.models import bf16_is_fast, disable_dropout, load_sequence_classifier
 from textenv.models.loading import is_adapter_folder
 from textenv.models.tokens import pad_rows, position_ids_from_mask
+from textenv.prompts import render_unrendered
 from textenv.tokenizer import load_tokenizer
 
 
@@ -77,6 +79,11 @@ class RMConfig:
     """Initialisation: the SFT folder, or any HF model id/folder (a fresh scalar head is put on top)."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id (needs distinct PAD and EOS). Default: `model`'s."""
+    prompt_format: str = "auto"
+    """How a comparison's prompt is read, as the env shows it to the policy: "chat" (a plain prompt as a user message
+    through the tokenizer's chat template), "text" (as it is), or "auto" ("chat" for an instruct checkpoint's
+    tokenizer: a chat template other than textenv's embedded one). A prompt rendered already (textenv's own
+    comparisons) is kept as it is."""
     task: str | None = "sentiment"
     """Task whose valid prompts and gold score evaluate the RM on fresh policy samples (Spearman); None: skip."""
     policy: str | None = None
@@ -125,12 +132,22 @@ class RMConfig:
     """Delete a previous run with another configuration in out_dir instead of refusing."""
 
     def __post_init__(self):
+        check_prompt_format(self.prompt_format)
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         for name in ("epochs", "batch_size", "score_batch_size", "n_eval_samples", "n_reference"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+
+
+def shown_rows(rows: list[dict], tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> list[dict]:
+    """The comparison rows with each prompt as the env shows it to the policy, what the RM reads in the RL stages:
+    an instruct checkpoint's template wraps a plain prompt and keeps a rendered one (textenv's own comparisons), per
+    `prompt_format` (`textenv.prompts.render_unrendered`). New dicts: the rows given are left as they are."""
+    prompts = sorted({row["prompt"] for row in rows})
+    shown = dict(zip(prompts, render_unrendered(prompts, tokenizer, prompt_format)[0]))
+    return [{**row, "prompt": shown[row["prompt"]]} for row in rows]
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
@@ -287,8 +304,9 @@ def train_reward_model(cfg: RMConfig) -> Path:
     # step (the fresh-sample evaluation) runs on the main process only.
     seed_everything(cfg.seed)
     prefs = load_preferences(cfg.data)
-    train_rows, eval_rows = split_rows(prefs.rows, cfg.eval_fraction, cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    rows = shown_rows(prefs.rows, tokenizer, cfg.prompt_format)  # each prompt as the env shows it to the policy
+    train_rows, eval_rows = split_rows(rows, cfg.eval_fraction, cfg.seed)
     model = with_lora(load_rm_init(cfg.model, tokenizer), cfg.lora, "SEQ_CLS")  # rank 0: the model itself
     model.train()
     max_length = cfg.max_length or min(tokenizer.model_max_length, model.config.max_position_embeddings)
@@ -368,7 +386,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
 
     # Normalise on reference responses: the SFT samples the comparisons were made of. Each process scores every
     # num_processes-th of them; all processes get all the scores (in process order: the same everywhere).
-    pairs = [(row["prompt"], r) for row in prefs.rows for r in row["responses"]]
+    pairs = [(row["prompt"], r) for row in rows for r in row["responses"]]
     pick = np.random.default_rng(cfg.seed).permutation(len(pairs))[: cfg.n_reference]
     mine = pick[accelerator.process_index :: accelerator.num_processes]
     scores = score_texts(model, tokenizer, [pairs[i][0] for i in mine], [pairs[i][1] for i in mine],

@@ -120,6 +120,20 @@ def test_dpo_encodes_a_pair_as_the_env_streams_each_reply_whether_or_not_the_pro
     assert prompt == instruct(PROMPTS[0], add_special_tokens=False)["input_ids"] and chosen[-1] == instruct.eos_token_id
 
 
+def test_the_reward_model_reads_each_comparison_prompt_as_the_env_shows_it(instruct):
+    """The RM scores the env's rendered prompt in the RL stages, so it trains on that: a plain prompt (a user's
+    preference file) is rendered, a rendered one (textenv's own comparisons) kept; the rows given stay as they were."""
+    from agents.reward_model import shown_rows
+
+    rendered = ChatFormat(instruct).render([{"role": "user", "content": PROMPTS[1]}], True)
+    rows = [{"prompt": PROMPTS[0], "responses": ["a", "b"], "ranking": [0, 1]},
+            {"prompt": rendered, "responses": ["c", "d"], "ranking": [1, 0]}]
+    shown = shown_rows(rows, instruct, "auto")
+    assert [r["prompt"] for r in shown] == [instruct.decode(user_rendering(instruct, PROMPTS[0])), rendered]
+    assert rows[0]["prompt"] == PROMPTS[0] and shown[1]["responses"] == ["c", "d"]
+    assert [r["prompt"] for r in shown_rows(rows, instruct, "text")] == [PROMPTS[0], rendered]
+
+
 @pytest.fixture
 def instruct_folder(instruct, tmp_path):
     folder = tmp_path / "instruct"
