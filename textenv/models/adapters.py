@@ -9,7 +9,8 @@ A PEFT model (`peft.PeftModel`) is an HF model whose linears peft swapped for Lo
   gradients reach A and B and the frozen base weight gets none.
 
 `AdapterOff(model)` is the same PEFT model with its adapters switched off: the base, a LoRA policy's frozen
-reference. Its lean paths read the base weights alone, so a reference packed once serves the whole run.
+reference. Its lean paths read the base weights alone, in place (`lean.frozen_forward` does not pack them: a packed
+copy would hold the second copy of the weights that LoRA saves).
 
 Only a plain LoRA layer is read here: one active adapter, not merged, no DoRA or other variant, no bias on B, no
 dropout. Anything else keeps the HF forward, as every module a trunk does not know does.
@@ -17,6 +18,7 @@ dropout. Anything else keeps the HF forward, as every module a trunk does not kn
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -56,12 +58,15 @@ def unwrap(model) -> tuple[PreTrainedModel, bool] | None:
     return None
 
 
-def _lora_layer():
-    """peft's LoRA layer class, or None where peft was never imported (then no module is one)."""
-    import sys
+def _peft_class(module: str, name: str) -> type | None:
+    """A peft class, or None where peft was never imported (then no module is an instance of it)."""
+    loaded = sys.modules.get(module)
+    return None if loaded is None else getattr(loaded, name)
 
-    lora = sys.modules.get("peft.tuners.lora.layer")
-    return None if lora is None else lora.Linear
+
+def _lora_layer() -> type | None:
+    """peft's LoRA layer on an nn.Linear or a Conv1D."""
+    return _peft_class("peft.tuners.lora.layer", "Linear")
 
 
 def _plain_adapter(layer) -> str | None:
@@ -78,12 +83,9 @@ def _plain_adapter(layer) -> str | None:
     return name
 
 
-def _modules_to_save():
-    """peft's wrapper of a trained head, or None where peft was never imported."""
-    import sys
-
-    other = sys.modules.get("peft.utils.other")
-    return None if other is None else other.ModulesToSaveWrapper
+def _modules_to_save() -> type | None:
+    """peft's wrapper of a classifier's trained head."""
+    return _peft_class("peft.utils.other", "ModulesToSaveWrapper")
 
 
 def resolve(module: nn.Module, adapters: bool = True) -> nn.Module:
