@@ -80,7 +80,7 @@ def is_adapted(model) -> bool:
 
 def reference_policy(policy, source: str, device):
     """The frozen reference for the KL: a LoRA policy with its adapter off (the base never trains; the lean paths
-    read its base weights, packed once for the run), else a second copy of `source` (the policy's folder), frozen."""
+    read its base weights in place), else a second copy of `source` (the policy's folder), frozen."""
     if is_adapted(policy):
         return AdapterOff(policy)
     return load_causal_lm(source).to(device).eval().requires_grad_(False)
