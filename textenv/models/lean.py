@@ -282,9 +282,10 @@ class LeanDecoder:
 
     def __init__(self, model, batch_size: int, max_len: int):
         trunk = fast_path(model)
-        if trunk is None or not trunk.is_causal_lm(unwrap(model)[0]):
+        inner = None if trunk is None else unwrap(model)  # the HF model (a PEFT model's, with its LoRA layers)
+        if inner is None or not trunk.is_causal_lm(inner[0]):
             raise ValueError(f"{type(model).__name__} with this config is not supported by LeanDecoder; use HFDecoder")
-        self.model, adapters = unwrap(model)  # the HF model (a PEFT model's, with its LoRA layers)
+        self.model, adapters = inner
         # the weights stay fixed for this decoder's lifetime (one rollout), so they are packed once for B rows (a
         # LoRA adapter merged in)
         self.trunk = trunk(self.model, partial(PackedLinear, rows=batch_size), packed=True, adapters=adapters)
