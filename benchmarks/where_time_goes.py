@@ -10,6 +10,7 @@ overhead inflates the "other" column a little; the wall time is measured without
 
     python -m benchmarks.where_time_goes                      # Llama preset, 48-token responses
     python -m benchmarks.where_time_goes --arch gpt2 --response-len 192
+    python -m benchmarks.where_time_goes --response-len 192 --top 8      # and each piece's 8 costliest other ops
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def gemm_share(fn) -> tuple[float, float]:
-    """(seconds in matrix multiplies, seconds in everything else) of one `fn()`, by the profiler's self times."""
+def gemm_share(fn, top: int = 0) -> tuple[float, float, list[tuple[str, float]]]:
+    """(seconds in matrix multiplies, seconds in everything else, the `top` other ops by self seconds) of one
+    `fn()`, by the profiler's self times."""
     from torch.profiler import profile
 
     with profile() as prof:
         fn()
     events = prof.key_averages()
     gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e6
-    return gemm, sum(e.self_cpu_time_total for e in events) / 1e6 - gemm
+    others = sorted(((e.key, e.self_cpu_time_total / 1e6) for e in events if e.key not in GEMM_OPS),
+                    key=lambda kv: -kv[1])
+    return gemm, sum(e.self_cpu_time_total for e in events) / 1e6 - gemm, others[:top]
 
 
 def main() -> None:
@@ -55,6 +59,7 @@ def main() -> None:
     parser.add_argument("--response-len", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top", type=int, default=0, help="also list each piece's N costliest non-GEMM ops")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForSequenceClassification
@@ -119,11 +124,14 @@ def main() -> None:
     rows, cache = [], {}
     for name, (fn, gemms) in pieces.items():
         wall = timed(fn, args.repeats)
-        gemm, other = gemm_share(fn)
+        gemm, other, top = gemm_share(fn, args.top)
         floor = floor_seconds(gemms, cache)["total"]
-        rows.append({"piece": name, "wall_s": wall, "gemm_s": gemm, "other_s": other, "floor_s": floor})
+        rows.append({"piece": name, "wall_s": wall, "gemm_s": gemm, "other_s": other, "floor_s": floor,
+                     "top_other": top})
         print(f"{name:>24}: {wall * 1e3:7.1f} ms | GEMMs {gemm * 1e3:6.1f}, other {other * 1e3:6.1f} "
               f"({other / (gemm + other):.0%}) | floor {floor * 1e3:6.1f} ({floor / wall:.0%} of wall)", flush=True)
+        for op, seconds in top:
+            print(f"{'':>26}{op}: {seconds * 1e3:.1f} ms")
     print(json.dumps({"bench": "where_time_goes", "args": vars(args), "pieces": rows}))
 
 

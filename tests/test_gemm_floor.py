@@ -37,7 +37,7 @@ def test_unknown_algo():
 
 def test_where_time_goes_splits_each_piece_into_gemms_and_the_rest(monkeypatch, capsys):
     """benchmarks/where_time_goes.py on short responses: every piece is timed, its profiled multiplies are found
-    (a renamed op would read 0 here) and its floor is below its wall time."""
+    (a renamed op would read 0 here), its floor is below its wall time, and `--top` lists its costliest other ops."""
     import json
     import sys
 
@@ -45,10 +45,14 @@ def test_where_time_goes_splits_each_piece_into_gemms_and_the_rest(monkeypatch, 
 
     quick = gemm_floor.gemm_seconds
     monkeypatch.setattr(gemm_floor, "gemm_seconds", lambda m, k, n: quick(m, k, n, repeats=1, min_time=0.001))
-    monkeypatch.setattr(sys, "argv", ["where_time_goes", "--response-len", "4", "--batch", "4", "--repeats", "1"])
+    monkeypatch.setattr(sys, "argv", ["where_time_goes", "--response-len", "4", "--batch", "4", "--repeats", "1",
+                                      "--top", "3"])
     where_time_goes.main()
     pieces = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pieces"]
     assert [p["piece"] for p in pieces] == ["decode", "reference log-probs", "reward scores",
                                             "policy forward+backward", "value forward+backward"]
     for p in pieces:
         assert p["gemm_s"] > 0 and p["other_s"] > 0 and 0 < p["floor_s"] < p["wall_s"], p
+        ops, seconds = zip(*p["top_other"])
+        assert len(ops) == 3 and not set(ops) & set(where_time_goes.GEMM_OPS), p["top_other"]
+        assert list(seconds) == sorted(seconds, reverse=True) and sum(seconds) <= p["other_s"] + 1e-9, p
