@@ -27,8 +27,9 @@ folder per trained proxy and PPO run. A rerun skips what is finished.
 Default budget: about 25 minutes on the 2-core box, given the main job (which takes about 10 more when missing).
 PPO's default 72 iterations are what it takes for its gold to turn down against the 128-prompt proxies; at 24 and
 48 it had not turned by KL 15-47. Against those proxies PPO's gold rises, holds and then collapses onto degenerate
-text the proxy over-rates, a cliff the RL form `d (a - b log d)` cannot follow (R² 0.5-0.7, whatever lr, batch or
-schedule); against a 1-block proxy trained on 384 prompts the turn is gradual and the form fits (R² 0.94).
+text the proxy over-rates, a cliff the RL form `d (a - b log d)` cannot follow (R² 0.5-0.7 in every lr, batch and
+schedule tried), and a convex rise (gold per unit of d first climbs) that it cannot follow either (256 prompts: a gentle
+turn, R² 0.67); against a 1-block proxy trained on 384 prompts the form fits (R² 0.94).
 """
 
 from __future__ import annotations
