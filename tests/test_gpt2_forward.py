@@ -3,6 +3,8 @@ at the real positions."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
@@ -190,7 +192,7 @@ def test_onednn_affine_equals_addmm_with_gradients():
     out_grad = torch.randn(40, 56, generator=g)
     for transposed in (False, True):  # a Conv1D (in, out) weight, and nn.Linear's (out, in) seen as its transpose
         w = weight if not transposed else weight.t().contiguous().detach().requires_grad_(True)
-        affine = _Affine(w if not transposed else w.t(), bias, gelu="tanh")
+        affine = _Affine(w if not transposed else w.t(), bias, gelu="tanh", onednn=True)  # on any CPU kind
         assert affine.onednn == torch.backends.mkldnn.is_available()
         got = affine(x)
         want = torch.nn.functional.gelu(torch.addmm(bias, x, w if not transposed else w.t()), approximate="tanh")
@@ -198,6 +200,24 @@ def test_onednn_affine_equals_addmm_with_gradients():
         grads = [torch.autograd.grad(y, (x, w, bias), out_grad) for y in (got, want)]
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_update_multiplies_on_onednn_except_on_intel(monkeypatch):
+    """MKL's `mm` on Intel (measured faster there), oneDNN's linear on other CPUs (measured faster on an AMD EPYC);
+    an explicit choice wins, and a weight oneDNN cannot take keeps `mm`."""
+    from textenv.models import onednn
+
+    w = torch.randn(8, 4)
+    for vendor, expected in (("GenuineIntel", False), ("AuthenticAMD", True), ("", True)):
+        monkeypatch.setattr(onednn, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert onednn.update_on_onednn() is expected
+        assert onednn.Affine(w, None).onednn is (expected and torch.backends.mkldnn.is_available())
+        forced = onednn.Affine(w, None, onednn=not expected)
+        assert forced.onednn is (not expected and torch.backends.mkldnn.is_available())
+    assert onednn.Affine(w.double(), None, onednn=True).onednn is False
+    monkeypatch.undo()
+    if Path("/proc/cpuinfo").exists():  # Linux: the vendor line is read
+        assert onednn.cpu_vendor() in Path("/proc/cpuinfo").read_text() and onednn.cpu_vendor().strip()
 
 
 def test_only_left_padding_needs_a_mask():
