@@ -1,5 +1,6 @@
-"""x @ W + b on oneDNN, the two ways the GPT-2 paths multiply: on weights reordered once (frozen models, decoding)
-and on the live weights with autograd (the RL update). Elsewhere (CUDA, other dtypes) both are plain `addmm`.
+"""x @ W + b, the two ways the lean paths multiply: on weights reordered once into oneDNN's layout (frozen models,
+decoding), and on the live weights with autograd (the RL update: oneDNN's linear, or MKL's `mm` on Intel CPUs, where
+it measured faster; `update_on_onednn`). Elsewhere (CUDA, other dtypes) both are plain `addmm`.
 
 The ops are the ones inductor emits for CPU linears (`torch.ops.mkldnn._reorder_linear_weight` /
 `_linear_pointwise`): private API, pinned by tests/test_decoding.py and tests/test_gpt2_forward.py.
