@@ -115,6 +115,11 @@ class PPOConfig:
     """PPO iterations (rollout + update)."""
     update_epochs: int = 4
     """Passes over each rollout."""
+    value_warmup_iterations: int = 0
+    """The first this many iterations train only the value model (the policy, and so its KL, stay put), so that the
+    first policy updates get advantages from a critic fitted to this policy's returns rather than from the reward
+    model's guesses at partial responses (verl's critic warm-up). Counted in `iterations`. Against a weak proxy RM an
+    untrained critic makes the first updates spend KL on noise (benchmarks/overoptimization.py)."""
     num_minibatches: int = 4
     """Minibatches per epoch."""
     micro_batch_size: int | None = 8
@@ -187,6 +192,12 @@ class PPOConfig:
         for name in ("num_envs", "iterations", "update_epochs", "num_minibatches", "save_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.value_warmup_iterations < self.iterations:
+            raise ValueError(f"value_warmup_iterations must be between 0 and iterations - 1 = {self.iterations - 1}, "
+                             f"got {self.value_warmup_iterations}")
+        if self.value_warmup_iterations and self.shared_value_head:
+            raise ValueError("value_warmup_iterations needs a separate value model: a shared value head trains the "
+                             "policy's trunk with it; set shared_value_head=False or value_warmup_iterations=0")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
         if self.num_envs % self.num_minibatches:
@@ -385,6 +396,7 @@ def ppo(cfg: PPOConfig) -> Path:
         # minibatch's token count, and the gradients are summed over the processes (agents/distributed.py).
         policy.train()  # dropout is off, so train mode changes nothing but intent
         stats = []
+        train_policy = iteration >= cfg.value_warmup_iterations  # False: the value warm-up (the value loss only)
         for epoch in range(cfg.update_epochs):
             order = first_order if epoch == 0 else torch.randperm(B, generator=order_rng)
             for start_i in range(0, B, mb_size):
@@ -407,7 +419,8 @@ def ppo(cfg: PPOConfig) -> Path:
                         (weight * cfg.vf_coef * vf_loss).backward()
                         vf_stats += weight * torch.stack([vf_loss.detach(), vf_clipfrac])
                 pg_stats = torch.zeros(4, device=device)  # policy loss, clipfrac, approx KL, entropy
-                for mu in micro:
+                # the value warm-up: no policy loss, so the policy's weights get no gradient and Adam skips them
+                for mu in micro if train_policy else []:
                     mu_mask = mask[mu]
                     weight = mu_mask.sum() / mb_tokens
                     new_logp, entropy, mu_states = policy_forward(
@@ -425,8 +438,8 @@ def ppo(cfg: PPOConfig) -> Path:
                     (weight * loss).backward()
                     pg_stats += weight * torch.stack([pg_loss, clipfrac, approx_kl,
                                                       masked_mean(entropy, mu_mask)]).detach()
-                if ptx_blocks is not None:  # PPO-ptx: keep the pretraining distribution's log-likelihood up
-                    # (a non-finite ptx loss shows up in the gradient norm)
+                if ptx_blocks is not None and train_policy:  # PPO-ptx: keep the pretraining distribution's
+                    # log-likelihood up (a non-finite ptx loss shows up in the gradient norm)
                     loss = cfg.ptx_coef * ptx_loss(policy, ptx_blocks, mb_size, my_mb, order_rng, device)
                     loss.backward()
                 # N processes: the gradients and statistics summed to the global minibatch's; clip, check, step

@@ -149,6 +149,35 @@ def test_smoke_run_changes_every_parameter(policy_folder, tmp_path):
     assert json.loads(samples[0]).keys() == {"iteration", "prompt", "response", "score", "gold"}
 
 
+def test_value_warmup_trains_only_the_value_model_first(policy_folder, tmp_path, monkeypatch):
+    """With value_warmup_iterations=2 the policy keeps its initial weights (and so its rollouts keep KL 0) through
+    iterations 1 and 2 while the value model trains; iteration 3 trains both."""
+    import agents.ppo as ppo_module
+
+    saved = []  # (policy, value model) weights at each iteration's checkpoint
+    real_save = ppo_module.save_checkpoint
+
+    def recording_save(ckpt_dir, models, *args, **kw):
+        saved.append({name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in models.items()})
+        return real_save(ckpt_dir, models, *args, **kw)
+
+    monkeypatch.setattr(ppo_module, "save_checkpoint", recording_save)
+    ppo(tiny_config(policy_folder, tmp_path / "run", value_warmup_iterations=2))
+    initial = load_file(policy_folder / "model.safetensors")
+    assert len(saved) == 3
+    for it in (0, 1):  # after iterations 1 and 2: the policy as it started, the value model moving
+        assert all(torch.equal(saved[it]["policy"][k], initial[k]) for k in initial), it
+    value_keys = saved[0]["value"].keys()
+    assert any(not torch.equal(saved[0]["value"][k], saved[1]["value"][k]) for k in value_keys)
+    assert any(not torch.equal(saved[2]["policy"][k], initial[k]) for k in initial)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [abs(r["objective/kl"]) < 1e-4 for r in rows] == [True, True, True]  # iteration 3's rollout: unchanged
+    for bad in (dict(value_warmup_iterations=3), dict(value_warmup_iterations=-1),
+                dict(value_warmup_iterations=1, shared_value_head=True)):
+        with pytest.raises(ValueError, match="value_warmup_iterations"):
+            tiny_config(policy_folder, tmp_path / "refused", **bad)
+
+
 def test_micro_batches_make_the_same_update(policy_folder, tmp_path):
     """Gradient accumulation over micro-batches is the minibatch's update, up to float rounding."""
     kw = dict(iterations=1, update_epochs=1, num_minibatches=1, lr=1e-4)
