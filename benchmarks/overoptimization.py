@@ -12,7 +12,8 @@ Gao's setup, scaled to this machine:
   each proxy for n = 1 ... N, averaged over every n-subset (`agents.best_of_n.best_of_n_expected`), at
   KL = log n - (n - 1) / n.
 - **RL**: PPO against each proxy with a low fixed KL coefficient, long enough that the proxy is pushed far; every
-  iteration's rollout gives a (KL to SFT, gold, proxy) point.
+  iteration's rollout gives a (KL to SFT, gold, proxy) point. Its first --value-warmup iterations train only the
+  value model, so that the policy's first updates do not spend KL on an untrained critic's noise.
 - Both sample at --temperature (default 1.0, Gao's), so both KLs are to the same initial policy.
 - **fits** of the gold gain over SFT against d = sqrt(KL): best-of-n R = d (a - b d), RL R = d (a - b log d), with
   R^2 and the peak (a / 2b, and exp(a / b - 1)), per proxy.
@@ -24,12 +25,13 @@ folder per trained proxy and PPO run. A rerun skips what is finished.
     python -m benchmarks.overoptimization                       # the main job in runs/default (run there if missing)
     python -m benchmarks.overoptimization --budget 90           # 3x the PPO iterations and best-of-n prompts
 
-Default budget: about 25 minutes on the 2-core box, given the main job (which takes about 10 more when missing).
+Default budget: about 20-25 minutes on the 2-core box, given the main job (which takes about 10 more when missing).
 PPO's default 72 iterations are what it takes for its gold to turn down against the 128-prompt proxies; at 24 and
-48 it had not turned by KL 15-47. Against those proxies PPO's gold rises, holds and then collapses onto degenerate
-text the proxy over-rates, a cliff the RL form `d (a - b log d)` cannot follow (R² 0.5-0.7 in every lr, batch and
-schedule tried), and a convex rise (gold per unit of d first climbs) that it cannot follow either (256 prompts: a gentle
-turn, R² 0.67); against a 1-block proxy trained on 384 prompts the form fits (R² 0.94).
+48 it had not turned by KL 15-47. Without the value warm-up PPO's gold gain per unit of d first climbs (a convex
+rise), which the RL form `d (a - b log d)` cannot follow (R² 0.52-0.70 against the 128-prompt proxies, 0.86-0.88
+against the 768-prompt ones); with it the rise is concave and R² reads 0.83-0.96 and 0.98-0.99. Past the peak a
+run may still collapse onto degenerate text the proxy over-rates while its KL saturates (a fall at constant d that
+no function of d follows): that varies with the seed.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def ppo_curve(sft: Path, proxy: str, out: Path, args) -> list[dict]:
     ppo(PPOConfig(policy=str(sft), reward=proxy, task="sentiment", out_dir=str(out), iterations=args.iterations,
                   kl_coef=args.kl_coef, kl_target=None, lr=args.lr, temperature=args.temperature,
                   num_envs=args.num_envs, save_every=args.iterations, sample_every=max(1, args.iterations // 4),
-                  seed=args.seed))
+                  value_warmup_iterations=args.value_warmup, seed=args.seed))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{"iteration": r["step"], "kl": max(r["objective/kl"], 0.0), "gold": r["objective/gold"],
              "proxy": r["objective/scores"]} for r in rows]
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                      "can peak and fall)")
     parser.add_argument("--lr", type=float, default=1e-4, help="PPO's learning rate")
     parser.add_argument("--num-envs", type=int, default=64, help="PPO episodes per iteration")
+    parser.add_argument("--value-warmup", type=int, default=8,
+                        help="PPO's first iterations that train only its value model (0: none); part of --iterations")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of BoN and PPO alike")
     parser.add_argument("--smooth", type=int, default=5, help="PPO iterations in the running mean of its gold")
     parser.add_argument("--seed", type=int, default=0, help="PPO's seed (its prompts, sampling and minibatch order)")
@@ -299,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     scale = args.budget / 30.0
     args.bon_prompts = args.bon_prompts or max(8, round(32 * scale))
     args.iterations = args.iterations or max(8, round(72 * scale))  # 24 and 48 stopped before the turn
+    if not 0 <= args.value_warmup < args.iterations:
+        parser.error(f"--value-warmup {args.value_warmup} must be between 0 and --iterations {args.iterations} - 1")
     start = time.perf_counter()
     run, out = Path(args.run), Path(args.out_dir)
     sft, comparisons = run / "sft" / "model", run / "comparisons" / "comparisons.jsonl"

@@ -14,7 +14,7 @@ from benchmarks.algorithms import gao_curve
 
 # two proxy sizes on the tiny run's 32 prompts of comparisons; a learning rate that moves a tiny policy in 4 steps
 TINY = ["--depths", "1", "2", "--data-sizes", "32", "--bon-prompts", "4", "--bon-samples", "8", "--iterations", "4",
-        "--num-envs", "8", "--smooth", "2", "--lr", "3e-3"]
+        "--num-envs", "8", "--smooth", "2", "--lr", "3e-3", "--value-warmup", "1"]
 
 
 def curve(d, gold):
@@ -64,6 +64,7 @@ def test_a_tiny_run_end_to_end(tiny_run, tmp_path):
     for p in result["proxies"]:
         assert [r["n"] for r in p["bon"]["curve"]] == [1, 2, 3, 4, 6, 8]
         assert [r["iteration"] for r in p["rl"]["curve"]] == [1, 2, 3, 4]
+        assert p["rl"]["curve"][1]["kl"] < 1e-4  # iteration 2 still samples the SFT policy: 1 value-only iteration
         assert p["bon"]["curve"][0]["gold"] == pytest.approx(result["base_gold"])  # best-of-1 is the SFT mean
         for method in ("bon", "rl"):
             assert set(p[method]["fit"]) == {"a", "b", "r2", "peak_d", "peak_inside"}
@@ -74,6 +75,12 @@ def test_a_tiny_run_end_to_end(tiny_run, tmp_path):
     oo.main(TINY + ["--run", str(tiny_run), "--out-dir", str(out)])
     assert (out / "bon_samples.npz").read_bytes() == before
     assert json.loads((out / "results.json").read_text())["proxies"] == result["proxies"]
+
+
+def test_a_value_warmup_as_long_as_the_run_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        oo.main(["--iterations", "8", "--value-warmup", "8"])
+    assert "--value-warmup 8 must be between 0 and --iterations 8 - 1" in capsys.readouterr().err
 
 
 def test_a_curve_that_barely_moved_gets_no_fit():
