@@ -119,7 +119,8 @@ class PPOConfig:
     """The first this many iterations train only the value model (the policy, and so its KL, stay put), so that the
     first policy updates get advantages from a critic fitted to this policy's returns rather than from the reward
     model's guesses at partial responses (verl's critic warm-up). Counted in `iterations`. Against a weak proxy RM an
-    untrained critic makes the first updates spend KL on noise (benchmarks/overoptimization.py)."""
+    untrained critic makes the first updates spend KL on noise (benchmarks/overoptimization.py). Meanwhile the
+    policy's loss metrics (policy_loss, clipfrac, approx_kl, entropy) read 0."""
     num_minibatches: int = 4
     """Minibatches per epoch."""
     micro_batch_size: int | None = 8
