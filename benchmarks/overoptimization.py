@@ -13,7 +13,8 @@ Gao's setup, scaled to this machine:
   KL = log n - (n - 1) / n.
 - **RL**: PPO against each proxy with a low fixed KL coefficient, long enough that the proxy is pushed far; every
   iteration's rollout gives a (KL to SFT, gold, proxy) point. Its first --value-warmup iterations train only the
-  value model, so that the policy's first updates do not spend KL on an untrained critic's noise.
+  value model, so that the policy's first updates do not spend KL on an untrained critic's noise. With --seeds N
+  it runs N times per proxy and the RL curve is the seeds' mean at each iteration (each seed is also fitted alone).
 - Both sample at --temperature (default 1.0, Gao's), so both KLs are to the same initial policy.
 - **fits** of the gold gain over SFT against d = sqrt(KL): best-of-n R = d (a - b d), RL R = d (a - b log d), with
   R^2 and the peak (a / 2b, and exp(a / b - 1)), per proxy.
@@ -23,7 +24,7 @@ per proxy size, BoN and RL), fig3_coefficients.png (Figure 3: a, b and the gold 
 folder per trained proxy and PPO run. A rerun skips what is finished.
 
     python -m benchmarks.overoptimization                       # the main job in runs/default (run there if missing)
-    python -m benchmarks.overoptimization --budget 90           # 3x the PPO iterations and best-of-n prompts
+    python -m benchmarks.overoptimization --budget 90           # 3 PPO seeds per proxy, 3x the best-of-n prompts
 
 Default budget: about 20-25 minutes on the 2-core box, given the main job (which takes about 10 more when missing).
 PPO's default 72 iterations are what it takes for its gold to turn down against the 128-prompt proxies; at 24 and
@@ -147,17 +148,29 @@ def bon_curve(gold: np.ndarray, proxy: np.ndarray) -> list[dict]:
 
 # ---- RL: PPO against each proxy ----
 
-def ppo_curve(sft: Path, proxy: str, out: Path, args) -> list[dict]:
+def ppo_curve(sft: Path, proxy: str, out: Path, args, seed: int) -> list[dict]:
     """PPO against `proxy` with a fixed low KL coefficient; (iteration, KL, gold, proxy) of each rollout."""
     from agents.ppo import PPOConfig, ppo
 
     ppo(PPOConfig(policy=str(sft), reward=proxy, task="sentiment", out_dir=str(out), iterations=args.iterations,
                   kl_coef=args.kl_coef, kl_target=None, lr=args.lr, temperature=args.temperature,
                   num_envs=args.num_envs, save_every=args.iterations, sample_every=max(1, args.iterations // 4),
-                  value_warmup_iterations=args.value_warmup, seed=args.seed))
+                  value_warmup_iterations=args.value_warmup, seed=seed))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{"iteration": r["step"], "kl": max(r["objective/kl"], 0.0), "gold": r["objective/gold"],
              "proxy": r["objective/scores"]} for r in rows]
+
+
+def seed_mean(runs: list[list[dict]]) -> list[dict]:
+    """The expected curve over PPO seeds: KL, gold and proxy averaged at each iteration. Seeds against one proxy
+    part ways (one plateaus, one finds text the proxy over-rates and falls), so a single run's turn is partly luck;
+    their mean is what Gao's forms describe. Averaging the points of one iteration, rather than pooling every
+    seed's points into one fit, keeps the spread between seeds out of the residuals."""
+    if len({len(r) for r in runs}) != 1:
+        raise ValueError(f"PPO runs of different lengths ({[len(r) for r in runs]}): rerun with one --iterations")
+    return [{"iteration": rows[0]["iteration"], **{k: float(np.mean([r[k] for r in rows]))
+                                                    for k in ("kl", "gold", "proxy")}}
+            for rows in zip(*runs)]
 
 
 # ---- where gold turns down, and the fits ----
@@ -208,6 +221,16 @@ def write_markdown(result: dict, out: Path) -> None:
                          f"{p['fresh_spearman']:.3f} | {method} | {t['peak_gold']:+.3f} ({t['peak_kl']:.1f}) | "
                          f"{t['end_gold']:+.3f} ({t['end_kl']:.1f}) | {'yes' if t['turns_down'] else 'no'} | "
                          f"{f['a']:.3f} | {f['b']:.3f} | {f['r2']:.3f} | {f['peak_d']:.3g} |")
+    if result["args"]["seeds"] > 1:
+        lines += ["", "PPO per seed (the rows above fit the seeds' mean at each iteration):", "",
+                  "| proxy | seed | gold max (at KL) | gold at end (at KL) | turns down | a | b | R² | fit peak d |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p in result["proxies"]:
+            for run in p["rl"]["seeds"]:
+                t, f = run["turn"], run["fit"]
+                lines.append(f"| {p['name']} | {run['seed']} | {t['peak_gold']:+.3f} ({t['peak_kl']:.1f}) | "
+                             f"{t['end_gold']:+.3f} ({t['end_kl']:.1f}) | {'yes' if t['turns_down'] else 'no'} | "
+                             f"{f['a']:.3f} | {f['b']:.3f} | {f['r2']:.3f} | {f['peak_d']:.3g} |")
     lines += ["", f"Wall time: {result['wall_s'] / 60:.1f} min. Settings: `{json.dumps(result['args'])}`"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -238,12 +261,17 @@ def plot(result: dict, out: Path) -> None:
                 order = np.argsort(d)
                 ax.plot(d[order], gain[order], "o" if method == "rl" else "-o", ms=3, color=c, alpha=0.8,
                         label=f"{p['params'] / 1e6:.2f}M ({p['depth']} blocks)")
+                for run in p["rl"]["seeds"] if method == "rl" and len(p["rl"]["seeds"]) > 1 else []:
+                    ax.plot(np.sqrt([r["kl"] for r in run["curve"]]), [r["gold"] - base for r in run["curve"]],
+                            ".", ms=2, color=c, alpha=0.25)  # each seed, faint; the mean above
                 grid = np.linspace(1e-3, d.max(), 100)
                 f = p[method]["fit"]
                 ax.plot(grid, gao_curve(grid, f["a"], f["b"], method), "--", color=c, lw=1)
                 proxy = np.array([r["proxy"] for r in curve]) - curve[0]["proxy"]
                 twin.plot(d[order], proxy[order], ":", color=c, lw=1)
-            ax.set_title(f"{'best-of-n' if method == 'bon' else 'PPO'}, proxies trained on {prompts} prompts")
+            seeds = result["args"]["seeds"]
+            ax.set_title(f"{'best-of-n' if method == 'bon' else 'PPO'}, proxies trained on {prompts} prompts"
+                         + (f" (mean of {seeds} seeds)" if method == "rl" and seeds > 1 else ""))
             ax.set_xlabel("d = sqrt(KL to SFT)")
             ax.set_ylabel("gold gain (solid), fit (dashed)")
             twin.set_ylabel("proxy gain (dotted)")
@@ -277,19 +305,20 @@ def plot(result: dict, out: Path) -> None:
 
 # ---- the run ----
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the --budget-derived settings filled in and checked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/default", help="the main job's run folder (sft/model, comparisons/)")
     parser.add_argument("--out-dir", default="runs/bench-overoptimization")
     parser.add_argument("--budget", type=float, default=30.0,
-                        help="minutes on the 2-core box; scales --iterations and --bon-prompts from their 30-minute "
-                             "values")
+                        help="minutes on the 2-core box; scales --bon-prompts and, above 30, --seeds (below it "
+                             "--iterations) from their 30-minute values")
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4], help="proxy sizes: SFT blocks kept")
     parser.add_argument("--data-sizes", type=int, nargs="+", default=[128, 768],
                         help="proxy training data: prompts of the main job's comparisons (K ranked responses each)")
     parser.add_argument("--bon-prompts", type=int, default=None, help="test prompts for best-of-n (30 min: 32)")
     parser.add_argument("--bon-samples", type=int, default=512, help="samples per prompt: n up to this (KL 5.2)")
-    parser.add_argument("--iterations", type=int, default=None, help="PPO iterations per proxy (30 min: 72)")
+    parser.add_argument("--iterations", type=int, default=None, help="PPO iterations per proxy and seed (30 min: 72)")
     parser.add_argument("--kl-coef", type=float, default=0.001, help="PPO's fixed KL coefficient (low, so gold "
                                                                      "can peak and fall)")
     parser.add_argument("--lr", type=float, default=1e-4, help="PPO's learning rate")
@@ -298,13 +327,29 @@ def main(argv: list[str] | None = None) -> None:
                         help="PPO's first iterations that train only its value model (0: none); part of --iterations")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of BoN and PPO alike")
     parser.add_argument("--smooth", type=int, default=5, help="PPO iterations in the running mean of its gold")
-    parser.add_argument("--seed", type=int, default=0, help="PPO's seed (its prompts, sampling and minibatch order)")
+    parser.add_argument("--seed", type=int, default=0, help="PPO's first seed (its prompts, sampling and minibatch "
+                                                                "order)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="PPO runs per proxy, seeds --seed, --seed + 1, ...; the RL curve is their mean at each "
+                             "iteration (30 min: 1)")
     args = parser.parse_args(argv)
+    if args.budget <= 0:
+        parser.error(f"--budget {args.budget:g} must be a positive number of minutes")
     scale = args.budget / 30.0
     args.bon_prompts = args.bon_prompts or max(8, round(32 * scale))
-    args.iterations = args.iterations or max(8, round(72 * scale))  # 24 and 48 stopped before the turn
+    # below 30 minutes shorter PPO runs (24 and 48 iterations stopped before the turn); above it more seeds, not
+    # longer runs, whose KL saturates as the policy turns deterministic and whose late falls no function of d follows
+    args.iterations = args.iterations or max(8, round(72 * min(scale, 1.0)))
+    args.seeds = max(1, round(scale)) if args.seeds is None else args.seeds
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds} must be at least 1")
     if not 0 <= args.value_warmup < args.iterations:
         parser.error(f"--value-warmup {args.value_warmup} must be between 0 and --iterations {args.iterations} - 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     start = time.perf_counter()
     run, out = Path(args.run), Path(args.out_dir)
     sft, comparisons = run / "sft" / "model", run / "comparisons" / "comparisons.jsonl"
@@ -334,11 +379,15 @@ def main(argv: list[str] | None = None) -> None:
     for p in proxies:
         p["bon"] = {"curve": bon_curve(scores["gold"], scores[p["name"]])}
 
-    # ALGO LOGIC: PPO against every proxy
+    # ALGO LOGIC: PPO against every proxy, --seeds times; the RL curve is the seeds' mean at each iteration
+    seeds = range(args.seed, args.seed + args.seeds)
     for p in proxies:
-        p["rl"] = {"curve": ppo_curve(sft, p["model"], out / f"ppo-{p['name']}", args)}
+        runs = [ppo_curve(sft, p["model"], out / f"ppo-{p['name']}-seed{s}", args, s) for s in seeds]
+        p["rl"] = {"curve": seed_mean(runs), "seeds": [{"seed": s, "curve": c} for s, c in zip(seeds, runs)]}
 
     for p in proxies:
+        for run in p["rl"]["seeds"]:  # each seed read alone, to show how much the mean smooths
+            run["turn"], run["fit"] = turn(run["curve"], args.smooth), fit(run["curve"], base_gold, "rl")
         for method, window in (("bon", 1), ("rl", args.smooth)):
             p[method]["turn"] = turn(p[method]["curve"], window)
             p[method]["fit"] = fit(p[method]["curve"], base_gold, method)
