@@ -31,8 +31,10 @@ PPO's default 72 iterations are what it takes for its gold to turn down against 
 48 it had not turned by KL 15-47. Without the value warm-up PPO's gold gain per unit of d first climbs (a convex
 rise), which the RL form `d (a - b log d)` cannot follow (R² 0.52-0.70 against the 128-prompt proxies, 0.86-0.88
 against the 768-prompt ones); with it the rise is concave and R² reads 0.83-0.96 and 0.98-0.99. Past the peak a
-run may still collapse onto degenerate text the proxy over-rates while its KL saturates (a fall at constant d that
-no function of d follows): that varies with the seed.
+run may still fall onto degenerate text the proxy over-rates while its KL saturates (a fall at constant d that no
+function of d follows). Whether one run turns is partly luck: against the smallest proxy 3 of 6 seeds both turned
+and fitted with R² >= 0.9, while the mean of 3 seeds did in 2 of 2 sets (R² 0.969, 0.951). Hence --seeds, and
+why a larger --budget buys seeds rather than longer runs.
 """
 
 from __future__ import annotations
