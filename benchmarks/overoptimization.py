@@ -209,6 +209,13 @@ def fit(curve: list[dict], base: float, form: str) -> dict:
 
 # ---- tables and figures ----
 
+def turn_and_fit_cells(curve: dict) -> str:
+    """A table row's gold max, gold at end, turn and fit columns, from a curve's "turn" and "fit"."""
+    t, f = curve["turn"], curve["fit"]
+    return (f"{t['peak_gold']:+.3f} ({t['peak_kl']:.1f}) | {t['end_gold']:+.3f} ({t['end_kl']:.1f}) | "
+            f"{'yes' if t['turns_down'] else 'no'} | {f['a']:.3f} | {f['b']:.3f} | {f['r2']:.3f} | {f['peak_d']:.3g} |")
+
+
 def write_markdown(result: dict, out: Path) -> None:
     lines = ["# Reward-model over-optimisation (Gao et al. 2022) on the sentiment task", "",
              f"Gold: {result['gold']}. Base (SFT, best-of-1) gold {result['base_gold']:+.3f}. Gains are over it; "
@@ -218,21 +225,15 @@ def write_markdown(result: dict, out: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["proxies"]:
         for method in ("bon", "rl"):
-            t, f = p[method]["turn"], p[method]["fit"]
             lines.append(f"| {p['name']} | {p['params']:,} | {p['prompts']} | {p['heldout_accuracy']:.3f} | "
-                         f"{p['fresh_spearman']:.3f} | {method} | {t['peak_gold']:+.3f} ({t['peak_kl']:.1f}) | "
-                         f"{t['end_gold']:+.3f} ({t['end_kl']:.1f}) | {'yes' if t['turns_down'] else 'no'} | "
-                         f"{f['a']:.3f} | {f['b']:.3f} | {f['r2']:.3f} | {f['peak_d']:.3g} |")
+                         f"{p['fresh_spearman']:.3f} | {method} | {turn_and_fit_cells(p[method])}")
     if result["args"]["seeds"] > 1:
         lines += ["", "PPO per seed (the rows above fit the seeds' mean at each iteration):", "",
                   "| proxy | seed | gold max (at KL) | gold at end (at KL) | turns down | a | b | R² | fit peak d |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for p in result["proxies"]:
             for run in p["rl"]["seeds"]:
-                t, f = run["turn"], run["fit"]
-                lines.append(f"| {p['name']} | {run['seed']} | {t['peak_gold']:+.3f} ({t['peak_kl']:.1f}) | "
-                             f"{t['end_gold']:+.3f} ({t['end_kl']:.1f}) | {'yes' if t['turns_down'] else 'no'} | "
-                             f"{f['a']:.3f} | {f['b']:.3f} | {f['r2']:.3f} | {f['peak_d']:.3g} |")
+                lines.append(f"| {p['name']} | {run['seed']} | {turn_and_fit_cells(run)}")
     lines += ["", f"Wall time: {result['wall_s'] / 60:.1f} min. Settings: `{json.dumps(result['args'])}`"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
