@@ -74,7 +74,8 @@ class _TokenLogProb(torch.autograd.Function):
             lse = logits[..., 0] - log_p[..., 0]  # (B, T) logsumexp(z): z_v - log p_v at any v
             p = log_p.exp_()  # (B, T, V) in place: log_p is not read again
             if want_entropy:  # H = logsumexp(z) - sum_v p_v z_v
-                ent = lse - torch.einsum("...v,...v->...", p, logits)  # (B, T)
+                # a reduction, not einsum: that lowers to a (1, V) @ (V, 1) bmm per row, 4-5x slower here
+                ent = lse - torch.linalg.vecdot(p, logits)  # (B, T)
                 ctx.mark_non_differentiable(ent)
             ctx.save_for_backward(p, tokens)
         return logp, ent
