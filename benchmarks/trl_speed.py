@@ -26,7 +26,10 @@ TRL is never a dependency of textenv: it runs only in its own subprocess, when a
 
 Beside each pair it prints the GEMM floor of the setting (benchmarks/gemm_floor.py), timed in this process
 between the runs: the matrix multiplies every implementation must do, at this machine's measured GEMM speed.
-TRL's time over the floor is the largest speed-up over TRL that equal FLOPs allow here.
+TRL's time over the floor is the largest speed-up over TRL that equal FLOPs allow here, and twice the floor over
+TRL's time the share of the floor's speed that x2 takes. Given 1 and E epochs (the default 1 and 4), it prints what
+each epoch past the first costs, ours, TRL's and the floor's, and the most x TRL at E epochs if every extra epoch ran
+at its floor and our first as measured: where that is under 2, no kernel work on the update reaches x2 there.
 """
 
 from __future__ import annotations
@@ -190,7 +193,18 @@ def main() -> None:
                                 "trl_version": out.get("trl_version_used")})
             results.append({"algo": algo, "epochs": epochs, "gemm_floor_s": floors, "textenv": ours, "trl": trl})
             print(summary_line(algo, epochs, floors, ours, trl), flush=True)
+        medians = {r["epochs"]: medians_of(r) for r in results if r["algo"] == algo and r["trl"]}
+        for epochs in sorted(medians):
+            if 1 in medians and epochs > 1:
+                print(extra_epochs_line(algo, extra_epochs(medians[1], medians[epochs])), flush=True)
     print(json.dumps({"bench": "trl_speed", "args": vars(args), "results": results}))
+
+
+def medians_of(result: dict) -> dict:
+    """One setting's medians over its repeats, as `extra_epochs` takes them."""
+    med = lambda runs: statistics.median(r["sec_per_iter_median"] for r in runs)  # noqa: E731
+    return {"epochs": result["epochs"], "ours": med(result["textenv"]), "trl": med(result["trl"]),
+            "floor": statistics.median(result["gemm_floor_s"])}
 
 
 def summary_line(algo: str, epochs: int, floors: list[float], ours: list[dict], trl: list[dict]) -> str:
@@ -209,8 +223,29 @@ def summary_line(algo: str, epochs: int, floors: list[float], ours: list[dict], 
                  f"speed-up x{trl_sec / sec:.2f}, "
                  f"rollout x{med(ours, 'rollout_tokens_per_s') / med(trl, 'rollout_tokens_per_s'):.2f}, "
                  f"RSS x{med(ours, 'peak_rss_mib') / med(trl, 'peak_rss_mib'):.2f}, "
-                 f"most equal FLOPs allow x{trl_sec / floor:.2f}")
+                 f"most equal FLOPs allow x{trl_sec / floor:.2f}, x2 needs {2 * floor / trl_sec:.0%} of floor speed")
     return line
+
+
+def extra_epochs(one: dict, many: dict) -> dict:
+    """What each update epoch past the first costs, from a setting run at 1 and at E > 1 epochs: our seconds, TRL's
+    and the GEMM floor's per extra epoch (the s/iter difference over E - 1), and `bound`, the largest speed-up over
+    TRL at E epochs if our first epoch cost what it measured and every extra one ran at its floor. `one`, `many`:
+    {"epochs", "ours", "trl", "floor"}, each a median s/iter."""
+    E = many["epochs"]
+    if one["epochs"] != 1 or E <= 1:
+        raise ValueError(f"extra_epochs needs a 1-epoch and a more-epoch setting, got {one['epochs']} and {E}")
+    per = {side: (many[side] - one[side]) / (E - 1) for side in ("ours", "trl", "floor")}
+    return {**per, "epochs": E, "speedup": per["trl"] / per["ours"],
+            "floor_share": per["floor"] / per["ours"], "bound": many["trl"] / (one["ours"] + (E - 1) * per["floor"])}
+
+
+def extra_epochs_line(algo: str, split: dict) -> str:
+    E, s = split["epochs"], split
+    return (f"{algo} each epoch past the first (from 1 and {E}): textenv {s['ours']:.3f} s, "
+            f"TRL {s['trl']:.3f} s (x{s['speedup']:.2f}), floor {s['floor']:.3f} s "
+            f"({s['floor_share']:.0%} of floor speed) | at {E} epochs, with our first epoch as measured and every "
+            f"other at its floor: at most x{s['bound']:.2f}")
 
 
 if __name__ == "__main__":
