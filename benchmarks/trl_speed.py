@@ -240,8 +240,9 @@ def extra_epochs(one: dict, many: dict) -> dict:
             "floor_share": per["floor"] / per["ours"], "bound": many["trl"] / (one["ours"] + (E - 1) * per["floor"])}
 
 
-def extra_epochs_line(algo: str, split: dict) -> str:
-    E, s = split["epochs"], split
+def extra_epochs_line(algo: str, s: dict) -> str:
+    """`extra_epochs`' figures as the line the benchmark prints."""
+    E = s["epochs"]
     return (f"{algo} each epoch past the first (from 1 and {E}): textenv {s['ours']:.3f} s, "
             f"TRL {s['trl']:.3f} s (x{s['speedup']:.2f}), floor {s['floor']:.3f} s "
             f"({s['floor_share']:.0%} of floor speed) | at {E} epochs, with our first epoch as measured and every "
